@@ -73,3 +73,18 @@ def tiny_llama(vocab_size: int, attn: str = "sdpa", seed: int = 0, **overrides):
         tie_word_embeddings=False, **overrides,
     )
     return LlamaForCausalLM._from_config(config, attn_implementation=attn).eval()
+
+
+@pytest.fixture(scope="session")
+def counting_sdsat_dir(tmp_path_factory, count_tokenizer_dir, count_corpus):
+    """A tiny SDSAT model trained on the counting task (k_train=4): it drafts well, so speculative
+    decoding accepts many drafts and every rollback path runs."""
+    from models.train import train
+    from models.train_config import TrainConfig
+
+    out = tmp_path_factory.mktemp("counting_sdsat")
+    train(TrainConfig(model="tiny", tokenizer=str(count_tokenizer_dir), corpus=(str(count_corpus),),
+                      output_dir=str(out), seq_len=48, batch_size=8, sat_k=4, anchors_per_seq=8, lr=3e-3,
+                      warmup_steps=10, max_steps=300, eval_every=0, save_every=1000, num_threads=1),
+          progress=False)
+    return out / "final"

@@ -1,0 +1,127 @@
+"""Engine configuration, per-request sampling parameters and the speculation statistics schema.
+
+`SpecStats` is the one stats schema used everywhere (CLI, bench, service `usage.speculation`,
+metrics): forwards (target-model forwards, prefill included), iterations (draft-verify rounds),
+drafted, accepted (draft tokens accepted; the exact and bonus tokens are not drafts), emitted
+(output tokens) and accepted_per_position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from models.config import field as cfg_field
+from models.errors import InvalidRequestError
+
+Method = Literal["ar", "sdsat", "sdsat-fused", "prompt-lookup"]
+METHODS: tuple[str, ...] = ("ar", "sdsat", "sdsat-fused", "prompt-lookup")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    method: Method = cfg_field("sdsat", "default decoding method (a request may pick another)")
+    k: int = cfg_field(5, "default draft length per iteration (0 = plain decoding)")
+    max_batch: int = cfg_field(16, "KV slots: the most sequences decoded at once; more requests wait")
+    max_context: int = cfg_field(0, "context limit in tokens; 0 = the model's max_position_embeddings")
+    prefill_chunk: int = cfg_field(256, "prompt tokens prefilled per engine step (long prompts are chunked "
+                                        "so they do not stall other streams)")
+    max_k: int = cfg_field(16, "largest k a request may ask for")
+    load_policy: tuple[int, ...] = cfg_field(
+        (), "speculation under load: pairs batch_size,k meaning 'at batch size >= B use at most k' "
+            "(e.g. 4,3,8,0: k<=3 from 4 sequences, plain decoding from 8); empty = never reduce")
+    prompt_lookup_ngram: int = cfg_field(3, "prompt lookup: longest n-gram matched against the context")
+    dtype: Literal["float32", "bfloat16", "float16"] = cfg_field("float32", "compute dtype (fp32 on CPU)")
+    device: str = cfg_field("auto", "cpu, cuda, cuda:N, or auto")
+    attn_implementation: Literal["sdpa", "eager"] = cfg_field("sdpa", "transformers attention implementation")
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise InvalidRequestError(f"method must be one of {METHODS}, got {self.method!r}")
+        if not 0 <= self.k <= self.max_k:
+            raise InvalidRequestError(f"k must be in [0, {self.max_k}], got {self.k}")
+        if self.max_batch < 1 or self.prefill_chunk < 1:
+            raise InvalidRequestError("max_batch and prefill_chunk must be >= 1")
+        if len(self.load_policy) % 2:
+            raise InvalidRequestError("load_policy takes pairs: batch_size,k,...")
+
+    def k_under_load(self, k: int, batch_size: int) -> int:
+        """The policy: the tightest limit among pairs whose batch size has been reached."""
+        pairs = zip(self.load_policy[::2], self.load_policy[1::2], strict=True)
+        for min_batch, max_k in sorted(pairs):
+            if batch_size >= min_batch:
+                k = min(k, max_k)
+        return k
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    method: str | None = None  # None = the engine's default
+    k: int | None = None  # None = the engine's default
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise InvalidRequestError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InvalidRequestError(f"top_k must be >= 0, got {self.top_k}")
+        if self.k is not None and self.k < 0:
+            raise InvalidRequestError(f"k must be >= 0, got {self.k}")
+        if self.method is not None and self.method not in METHODS:
+            raise InvalidRequestError(f"method must be one of {METHODS}, got {self.method!r}")
+        if any(not s for s in self.stop):
+            raise InvalidRequestError("stop strings must be non-empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class SpecStats:
+    forwards: int = 0
+    iterations: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    emitted: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+
+    def record(self, drafted: int, accepted: int) -> None:
+        self.iterations += 1
+        self.drafted += drafted
+        self.accepted += accepted
+        if len(self.accepted_per_position) < drafted:
+            self.accepted_per_position.extend([0] * (drafted - len(self.accepted_per_position)))
+        for i in range(accepted):
+            self.accepted_per_position[i] += 1
+
+    def merge(self, other: SpecStats) -> None:
+        self.forwards += other.forwards
+        self.emitted += other.emitted
+        self.iterations += other.iterations
+        self.drafted += other.drafted
+        self.accepted += other.accepted
+        for i, n in enumerate(other.accepted_per_position):
+            if i >= len(self.accepted_per_position):
+                self.accepted_per_position.append(0)
+            self.accepted_per_position[i] += n
+
+    def to_dict(self) -> dict:
+        return {
+            "forwards": self.forwards, "iterations": self.iterations, "drafted": self.drafted,
+            "accepted": self.accepted, "emitted": self.emitted,
+            "accepted_per_position": list(self.accepted_per_position),
+            "acceptance_rate": self.accepted / self.drafted if self.drafted else 0.0,
+            "mean_accepted_per_iteration": self.accepted / self.iterations if self.iterations else 0.0,
+            "forwards_per_token": self.forwards / self.emitted if self.emitted else 0.0,
+        }

@@ -1,0 +1,276 @@
+"""The decoding engine: continuous batching of draft-then-verify over one slot KV cache.
+
+    engine = Engine.from_pretrained("models/checkpoints/sdsat-code-small", EngineConfig(method="sdsat", k=5))
+    result = engine.generate(prompt_ids, SamplingParams(max_new_tokens=64))
+    # or: engine.add_request(id, prompt_ids, params); while engine.has_work(): outputs = engine.step()
+
+Each `step()` admits waiting requests into free KV slots, prefills up to `prefill_chunk` prompt
+tokens (batched, so long prompts do not stall running streams) and runs one decoding iteration for
+every running sequence:
+
+    draft   -> drafts per sequence (prompt lookup: n-gram; sdsat: a [cur, S_1..S_k] forward)
+    verify  -> one batched forward over each sequence's [cur, d_1..d_k] (+ SAT blocks when fused)
+    accept  -> greedy match or exact speculative sampling, per sequence
+    commit  -> keep the KV of cur + accepted drafts (a length change), emit accepted + bonus
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+
+import torch
+
+from models.engine.config import EngineConfig, SamplingParams
+from models.engine.drafters import fused_block_rows, fused_layout, prompt_lookup
+from models.engine.kv_cache import SlotKVCache
+from models.engine.sampling import process_logits, sample_from, verify_greedy, verify_sampling
+from models.engine.sequence import RequestOutput, Sequence
+from models.errors import InvalidRequestError, PromptTooLongError
+from models.sat import SatSpec
+
+
+class Engine:
+    def __init__(self, model, tokenizer, sat: SatSpec | None, config: EngineConfig):
+        self.model, self.tokenizer, self.sat, self.config = model.eval(), tokenizer, sat, config
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.decoder, self.lm_head = model.get_decoder(), model.get_output_embeddings()
+        self.max_context = config.max_context or model.config.max_position_embeddings
+        headroom = max(config.prefill_chunk, (config.max_k + 1) ** 2)
+        self.cache = SlotKVCache.for_model(model.config, config.max_batch, self.max_context, headroom,
+                                           self.dtype, self.device)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # running[i] owns cache row i
+        self._ids = itertools.count()
+        self.batch_sizes: list[int] = []  # decode batch size of every iteration (for tests and metrics)
+
+    @classmethod
+    def from_pretrained(cls, directory, config: EngineConfig | None = None) -> Engine:
+        from models.checkpoint import DTYPES, load_model, load_tokenizer, resolve_device
+
+        config = config or EngineConfig()
+        model = load_model(directory, config.attn_implementation, DTYPES[config.dtype], resolve_device(config.device))
+        return cls(model, load_tokenizer(directory), SatSpec.maybe_load(directory), config)
+
+    # ---- requests -------------------------------------------------------------------------------
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
+        method = params.method or self.config.method
+        k = self.config.k if params.k is None else params.k
+        if not prompt_ids:
+            raise InvalidRequestError("the prompt is empty")
+        if len(prompt_ids) >= self.max_context:
+            raise PromptTooLongError(f"prompt has {len(prompt_ids)} tokens; the context limit is {self.max_context}")
+        if k > self.config.max_k:
+            raise InvalidRequestError(f"k must be <= {self.config.max_k}, got {k}")
+        if method.startswith("sdsat") and self.sat is None:
+            raise InvalidRequestError(f"method {method!r} needs an SDSAT model (sdsat.json); this one has none")
+        generator = None
+        if not params.greedy:
+            seed = params.seed if params.seed is not None else int(torch.randint(2**62, ()))
+            generator = torch.Generator().manual_seed(seed)
+        seq = Sequence(request_id or f"req-{next(self._ids)}", list(prompt_ids), params, method,
+                       0 if method == "ar" else k, self.tokenizer.eos_token_id, self.max_context, self.tokenizer,
+                       generator)
+        self.waiting.append(seq)
+        return seq.request_id
+
+    def cancel(self, request_id: str) -> bool:
+        """Stop a request and free its slot now. Returns whether it was found."""
+        for seq in [*self.waiting, *self.running]:
+            if seq.request_id == request_id and not seq.finished:
+                seq.cancel()
+                if seq in self.waiting:
+                    self.waiting.remove(seq)
+                else:
+                    self._release(seq)
+                return True
+        return False
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- the engine step ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        while self.waiting and len(self.running) < self.cache.slots:  # admission: a free KV slot
+            seq = self.waiting.popleft()
+            seq.slot = len(self.running)
+            self.cache.commit(seq.slot, 0)
+            self.running.append(seq)
+        prefilling = [s for s in self.running if s.prefilled < len(s.prompt_ids)]
+        decoding = [s for s in self.running if s.prefilled == len(s.prompt_ids) and not s.finished]
+        if prefilling:
+            self._prefill(prefilling)
+        if decoding:
+            self._iterate(decoding)
+        outputs = [out for s in list(self.running) if (out := s.take_output()) is not None]
+        for seq in [s for s in self.running if s.finished]:
+            self._release(seq)
+        return outputs
+
+    def _release(self, seq: Sequence) -> None:
+        """Free a finished sequence's slot; the last running sequence moves into it."""
+        last = self.running[-1]
+        if last is not seq:
+            self.cache.move(last.slot, seq.slot)
+            last.slot = seq.slot
+            self.running[seq.slot] = last
+        self.running.pop()
+
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        budget, chunks, owners = self.config.prefill_chunk, [], []
+        for seq in seqs:
+            if budget <= 0:
+                break
+            n = min(budget, len(seq.prompt_ids) - seq.prefilled)
+            chunks.append(seq.prompt_ids[seq.prefilled : seq.prefilled + n])
+            owners.append(seq)
+            budget -= n
+        logits = self._forward(owners, chunks, last_only=True)
+        for seq, chunk, row in zip(owners, chunks, logits, strict=True):
+            seq.prefilled += len(chunk)
+            self.cache.commit(seq.slot, seq.prefilled)
+            seq.stats.forwards += 1
+            if seq.prefilled == len(seq.prompt_ids):  # the prompt's last logits give the first token
+                seq.emit([self._sample_one(seq, row[-1])])
+
+    def _iterate(self, seqs: list[Sequence]) -> None:
+        batch_k = self.config.k_under_load(self.config.max_k, len(seqs))
+        self.batch_sizes.append(len(seqs))
+        for seq in seqs:
+            self._draft(seq, batch_k)
+        two_step = [s for s in seqs if s.method == "sdsat" and s.k_now > 0]
+        if two_step:
+            self._sdsat_draft_forward(two_step)
+        live = [s for s in seqs if not s.finished]
+        if live:
+            self._verify(live)
+
+    def _draft(self, seq: Sequence, batch_k: int) -> None:
+        """Decide this iteration's k and, for drafters that need no forward, the drafts."""
+        room = self.max_context - seq.context_len  # cache room left for the chunk
+        k = max(0, min(seq.k, batch_k, seq.remaining - 1, room - 1))
+        if seq.method == "sdsat":
+            k = max(0, min(k, seq.remaining - 2, room - 2))
+        seq.k_now = k
+        if seq.method == "prompt-lookup":
+            context = seq.prompt_ids + seq.output_ids
+            seq.drafts, seq.draft_probs = prompt_lookup(context, k, self.config.prompt_lookup_ngram), None
+        elif seq.method == "sdsat-fused":
+            seq.drafts = seq.drafts[:k]
+            seq.draft_probs = seq.draft_probs[:k] if seq.draft_probs is not None else None
+        elif seq.method == "ar" or k == 0:
+            seq.drafts, seq.draft_probs = [], None
+
+    def _sdsat_draft_forward(self, seqs: list[Sequence]) -> None:
+        """Two-step SDSAT, step 1: [cur, S_1..S_k] -> the exact next token and k SAT drafts."""
+        chunks = [[s.cur, *self.sat.slot_ids(s.k_now)] for s in seqs]
+        logits = self._forward(seqs, chunks)
+        for seq, row in zip(seqs, logits, strict=True):
+            seq.stats.forwards += 1
+            self.cache.commit(seq.slot, seq.context_len)  # keep cur, drop the SAT entries
+            exact = self._sample_one(seq, row[0])
+            self._set_drafts(seq, row[1 : 1 + seq.k_now])
+            seq.emit([exact])
+
+    def _verify(self, seqs: list[Sequence]) -> None:
+        chunks, layouts = [], []
+        for seq in seqs:
+            chain = [seq.cur, *seq.drafts]
+            if seq.method == "sdsat-fused" and seq.k_now > 0:
+                offsets, visible = fused_layout(len(seq.drafts), seq.k_now)
+                chunks.append(chain + self.sat.slot_ids(seq.k_now) * len(chain))
+                layouts.append((offsets, visible))
+            else:
+                chunks.append(chain)
+                layouts.append(None)
+        logits = self._forward(seqs, chunks, layouts)
+        for seq, row in zip(seqs, logits, strict=True):
+            n = len(seq.drafts)
+            accepted, emitted = self._accept(seq, row[: n + 1])
+            seq.stats.forwards += 1
+            seq.stats.record(n, accepted)
+            self.cache.commit(seq.slot, seq.context_len + accepted)  # cur + accepted drafts
+            if seq.method == "sdsat-fused" and seq.k_now > 0:
+                self._set_drafts(seq, row[fused_block_rows(n, seq.k_now, accepted)])
+            elif seq.method == "sdsat-fused":
+                seq.drafts, seq.draft_probs = [], None
+            seq.emit(emitted)
+
+    def _accept(self, seq: Sequence, target_logits: torch.Tensor) -> tuple[int, list[int]]:
+        drafts = torch.tensor(seq.drafts, dtype=torch.long)
+        if seq.params.greedy:
+            return verify_greedy(target_logits, drafts)
+        p = seq.params
+        target = process_logits(target_logits, p.temperature, p.top_p, p.top_k)
+        u = seq.uniforms(len(seq.drafts) + 1)
+        return verify_sampling(target, seq.draft_probs, drafts, u[:-1], u[-1])
+
+    def _set_drafts(self, seq: Sequence, sat_logits: torch.Tensor) -> None:
+        """Drafts from SAT slot logits [k, V]: argmax when greedy, else samples from q (kept)."""
+        if seq.params.greedy:
+            seq.drafts, seq.draft_probs = sat_logits.argmax(-1).tolist(), None
+            return
+        p = seq.params
+        q = process_logits(sat_logits, p.temperature, p.top_p, p.top_k)
+        seq.drafts, seq.draft_probs = sample_from(q, seq.uniforms(len(q))).tolist(), q
+
+    def _sample_one(self, seq: Sequence, logits: torch.Tensor) -> int:
+        if seq.params.greedy:
+            return int(logits.argmax())
+        p = seq.params
+        return int(sample_from(process_logits(logits, p.temperature, p.top_p, p.top_k), seq.uniforms(1)[0]))
+
+    # ---- the batched forward --------------------------------------------------------------------
+    def _forward(self, seqs: list[Sequence], chunks: list[list[int]], layouts=None, last_only=False):
+        """One model forward over new tokens of several sequences, written after each one's committed
+        KV. layouts[i] = (position offsets, local [T_i, T_i] visibility) or None for a causal chunk.
+        Returns per sequence its [T_i, V] logits (or [1, V] with last_only)."""
+        R, T = len(seqs), max(map(len, chunks))
+        start, kv_len = self.cache.write_at([s.slot for s in seqs], T)
+        ids = torch.zeros(R, T, dtype=torch.long)
+        offsets = torch.arange(T).repeat(R, 1)
+        local = torch.eye(T, dtype=torch.bool).repeat(R, 1, 1)  # padding sees itself only
+        for i, chunk in enumerate(chunks):
+            n = len(chunk)
+            ids[i, :n] = torch.tensor(chunk)
+            layout = layouts[i] if layouts else None
+            if layout is None:
+                local[i, :n, :n] = torch.ones(n, n, dtype=torch.bool).tril()
+            else:
+                offsets[i, :n] = torch.tensor(layout[0])
+                local[i, :n, :n] = layout[1]
+        visible = (torch.arange(kv_len)[None, None, :] < start[:, None, None]).repeat(1, T, 1)  # [R, T, L]
+        cols = (start[:, None] + torch.arange(T)[None, :])[:, None, :].expand(R, T, T)
+        visible.scatter_(2, cols, local)
+        mask = torch.zeros(R, 1, T, kv_len, dtype=self.dtype)
+        mask.masked_fill_(~visible[:, None], torch.finfo(self.dtype).min)
+        hidden = self.decoder(
+            input_ids=ids.to(self.device), position_ids=(start[:, None] + offsets).to(self.device),
+            attention_mask=mask.to(self.device), cache=self.cache, use_cache=True,
+        ).last_hidden_state  # [R, T, H]
+        if last_only:
+            lengths = torch.tensor([len(c) for c in chunks], device=self.device)
+            hidden = hidden[torch.arange(R, device=self.device), lengths - 1][:, None]
+            return list(self.lm_head(hidden).float().cpu())
+        logits = self.lm_head(hidden).float().cpu()  # [R, T, V]
+        return [logits[i, : len(c)] for i, c in enumerate(chunks)]
+
+    # ---- convenience ----------------------------------------------------------------------------
+    def generate(self, prompt_ids: list[int], params: SamplingParams | None = None) -> dict:
+        """Run one request to completion (other queued requests progress too)."""
+        return self.generate_batch([prompt_ids], params)[0]
+
+    def generate_batch(self, prompts: list[list[int]], params: SamplingParams | None = None) -> list[dict]:
+        params = params or SamplingParams()
+        ids = [self.add_request(p, params) for p in prompts]
+        results = {i: {"token_ids": [], "text": ""} for i in ids}
+        while any(not results[i].get("finished") for i in ids):
+            for out in self.step():
+                if out.request_id in results:
+                    r = results[out.request_id]
+                    r["token_ids"] += out.token_ids
+                    r["text"] += out.text
+                    r.update(finished=out.finished, finish_reason=out.finish_reason, stats=out.stats.to_dict())
+        return [results[i] for i in ids]

@@ -1,0 +1,131 @@
+"""Per-request state: tokens, stop conditions, incremental text, and speculation stats.
+
+Convention: the cache holds the prompt and every emitted token but the last one, `cur`, whose KV
+is written by the next forward. Emitted tokens go through `emit()`, which applies the stop
+conditions in order (EOS, max new tokens, context limit, stop strings) and drops what follows.
+Text is streamed without ever splitting a UTF-8 character, and text that might be the start of a
+stop string is held back until it is known not to be one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from models.engine.config import SamplingParams, SpecStats
+
+REPLACEMENT = "\ufffd"  # what a decoder yields for an incomplete UTF-8 sequence
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    text: str  # new text since the previous output of this request
+    token_ids: list[int]  # new tokens since the previous output
+    finished: bool
+    finish_reason: str | None  # "stop" (EOS or stop string), "length", "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
+    stats: SpecStats
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    method: str
+    k: int
+    eos_id: int | None
+    max_context: int
+    tokenizer: object
+    generator: torch.Generator | None = None
+    slot: int = -1
+    prefilled: int = 0  # prompt tokens whose KV is in the cache
+    output_ids: list[int] = field(default_factory=list)
+    drafts: list[int] = field(default_factory=list)  # pending drafts (sdsat-fused, two-step)
+    draft_probs: torch.Tensor | None = None  # [len(drafts), V] q, None for point-mass drafts
+    k_now: int = 0  # this iteration's draft length (after the load policy and the limits)
+    finished: bool = False
+    finish_reason: str | None = None
+    stopped_by_string: bool = False
+    text: str = ""
+    stats: SpecStats = field(default_factory=SpecStats)
+    _sent_tokens: int = 0
+    _sent_chars: int = 0
+
+    @property
+    def cur(self) -> int:
+        return self.output_ids[-1]
+
+    @property
+    def context_len(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def remaining(self) -> int:
+        """Tokens this sequence may still emit (max_new_tokens and the context limit)."""
+        return max(0, min(self.params.max_new_tokens - len(self.output_ids), self.max_context - self.context_len))
+
+    def uniforms(self, n: int) -> torch.Tensor:
+        return torch.rand(n, generator=self.generator)
+
+    def emit(self, tokens: list[int]) -> int:
+        """Append tokens until a stop condition; returns how many were kept."""
+        kept = 0
+        for token in tokens:
+            if self.finished:
+                break
+            self.output_ids.append(token)
+            kept += 1
+            if token == self.eos_id and not self.params.ignore_eos:
+                self._finish("stop")
+            elif self.params.stop and self._hit_stop_string():
+                self.stopped_by_string = True
+                self._finish("stop")
+            elif self.remaining == 0:
+                self._finish("length")
+        self.stats.emitted += kept
+        return kept
+
+    def cancel(self) -> None:
+        self._finish("cancelled")
+
+    def _finish(self, reason: str) -> None:
+        self.finished, self.finish_reason = True, reason
+
+    def _decode(self) -> str:
+        ids = self.output_ids
+        if ids and ids[-1] == self.eos_id and not self.params.ignore_eos:
+            ids = ids[:-1]
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def _hit_stop_string(self) -> bool:
+        text = self._decode()
+        # only the tail can hold a stop string completed by this token
+        tail_from = max(0, len(self.text) - max(map(len, self.params.stop)))
+        hits = [i for s in self.params.stop if (i := text.find(s, tail_from)) >= 0]
+        self.text = text[: min(hits)] if hits else text
+        return bool(hits)
+
+    def take_output(self) -> RequestOutput | None:
+        """What is new since the previous call (None if nothing is), for streaming."""
+        if not self.stopped_by_string:  # else the text already ends right before the stop string
+            self.text = self._decode()
+        safe = len(self.text)
+        if not self.finished:
+            while safe and self.text[safe - 1] == REPLACEMENT:  # an incomplete UTF-8 character
+                safe -= 1
+            if self.params.stop:  # hold back what could still become a stop string
+                safe = max(self._sent_chars, safe - (max(map(len, self.params.stop)) - 1))
+        new_tokens = self.output_ids[self._sent_tokens :]
+        if safe <= self._sent_chars and not new_tokens and not self.finished:
+            return None
+        out = RequestOutput(
+            self.request_id, self.text[self._sent_chars : safe], new_tokens, self.finished, self.finish_reason,
+            len(self.prompt_ids), len(self.output_ids), self.stats,
+        )
+        self._sent_chars = max(self._sent_chars, safe)
+        self._sent_tokens = len(self.output_ids)
+        return out
