@@ -72,6 +72,8 @@ def tokenize_documents(docs: list[str], tokenizer, fim_rate: float = 0.0, seed: 
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("the tokenizer has no EOS token to separate documents")
+    from models.tokenizer import encode_text
+
     rng = random.Random(seed)
     fim = None
     if fim_rate > 0:
@@ -83,7 +85,7 @@ def tokenize_documents(docs: list[str], tokenizer, fim_rate: float = 0.0, seed: 
         if fim is not None:
             ids.extend(maybe_fim(doc, tokenizer, rng, fim_rate, fim))
         else:
-            ids.extend(tokenizer(doc, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+            ids.extend(encode_text(tokenizer, doc))
         ids.append(eos)
     return torch.tensor(ids, dtype=torch.int32)
 

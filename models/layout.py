@@ -28,16 +28,16 @@ IGNORE = -100
 class SatBatch:
     input_ids: torch.Tensor  # [B, L] long, L = n + A*k
     position_ids: torch.Tensor  # [B, L] long
-    attention_mask: torch.Tensor  # [B, 1, L, L] float, 0 = visible, finfo.min = hidden
+    attention_mask: torch.Tensor | None  # [B, 1, L, L] float, 0 = visible, finfo.min = hidden;
+    # None for a plain batch without padding (the model's own causal mask, and its fast kernels)
     labels: torch.Tensor  # [B, L] long, IGNORE where no loss
     sat_slot: torch.Tensor  # [B, L] long, 0 for real tokens, i in 1..k for SAT slot i
 
     def model_inputs(self) -> dict:
-        return {
-            "input_ids": self.input_ids,
-            "position_ids": self.position_ids,
-            "attention_mask": self.attention_mask,
-        }
+        inputs = {"input_ids": self.input_ids, "position_ids": self.position_ids}
+        if self.attention_mask is not None:
+            inputs["attention_mask"] = self.attention_mask
+        return inputs
 
 
 def build_sat_batch(
@@ -78,7 +78,8 @@ def build_sat_batch(
     positions = torch.cat([ar_n[None, :].expand(B, n), sat_pos], dim=1)
     labels = torch.cat([std_labels, sat_labels], dim=1)
     sat_slot = torch.cat([torch.zeros(B, n, dtype=torch.long, device=device), slot[None, :].expand(B, -1)], 1)
-    mask = _sat_mask(real_valid, block_valid, p.clamp(min=0), block, slot, dtype)
+    plain = A == 0 and bool(real_valid.all())
+    mask = None if plain else _sat_mask(real_valid, block_valid, p.clamp(min=0), block, slot, dtype)
     return SatBatch(ids, positions, mask, labels, sat_slot)
 
 

@@ -21,7 +21,7 @@ MODEL_PRESETS: dict[str, dict] = {
         num_key_value_heads=2, max_position_embeddings=1024,
     ),
     "code-small": dict(
-        hidden_size=256, intermediate_size=704, num_hidden_layers=6, num_attention_heads=8,
+        hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
         num_key_value_heads=4, max_position_embeddings=2048,
     ),
 }

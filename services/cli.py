@@ -57,6 +57,83 @@ def add_train_parser(sub) -> None:
     p.set_defaults(func=cmd_train)
 
 
+def default_model_dir() -> str:
+    from models.recipe import SHIP_DIR
+
+    return str(SHIP_DIR)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from models.engine import Engine, EngineConfig, SamplingParams
+
+    engine = Engine.from_pretrained(args.model, EngineConfig(
+        method=args.method, k=args.k, max_k=max(16, args.k), device=args.device, dtype=args.dtype))
+    prompt_ids = engine.tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, stop=tuple(args.stop or ()))
+    result = engine.generate(prompt_ids, params)
+    payload = {"text": result["text"], "token_ids": result["token_ids"], "finish_reason": result["finish_reason"],
+               "stats": result["stats"]}
+    if args.json:
+        write_json(args.json, payload)
+    if args.json != "-":
+        print(args.prompt + result["text"])
+    return 0
+
+
+def add_generate_parser(sub) -> None:
+    from models.engine.config import METHODS
+
+    p = sub.add_parser("generate", help="generate a completion with the engine (no Ray)")
+    p.add_argument("--model", default=default_model_dir(), help="model directory (default: the embedded model)")
+    p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--method", choices=METHODS, default="sdsat", help="decoding method (default: sdsat)")
+    p.add_argument("--k", type=int, default=5, help="draft tokens per iteration (default: 5)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default: 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1)")
+    p.add_argument("--top-k", type=int, default=0, help="top-k sampling, 0 = off (default: 0)")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling (default: random)")
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto (default: auto)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--json", help="write {text, token_ids, finish_reason, stats} to PATH (- = stdout)")
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Write sdsat.json for an SDSAT checkpoint released without it (e.g. CodeLlama-SDSAT_L5_7B)."""
+    from pathlib import Path
+
+    from models.errors import ConfigError
+    from models.sat import SatSpec
+
+    directory = Path(args.model)
+    if not (directory / "config.json").is_file():
+        raise ConfigError(f"{directory} has no config.json: not a Hugging Face model directory")
+    config = json.loads((directory / "config.json").read_text())
+    bad = [i for i in args.sat_ids if not 0 <= i < config.get("vocab_size", 0)]
+    if bad:
+        raise ConfigError(f"SAT ids {bad} are outside the vocabulary (vocab_size {config.get('vocab_size')})")
+    spec = SatSpec(ids=tuple(args.sat_ids), k_train=args.k_train)
+    path = spec.save(directory)
+    write_json(args.json, {"path": str(path), **spec.to_dict()})
+    print(f"wrote {path}: SAT ids {list(spec.ids)}, k_train {spec.k_train}", file=sys.stderr)
+    return 0
+
+
+def add_convert_parser(sub) -> None:
+    p = sub.add_parser("convert", help="add SAT metadata (sdsat.json) to an existing SDSAT checkpoint",
+                       description="Released SDSAT checkpoints carry no SAT metadata. For CodeLlama-SDSAT_L5_7B: "
+                                   "sdsat convert --model DIR --sat-ids 32011 --k-train 5")
+    p.add_argument("--model", required=True, help="Hugging Face model directory")
+    p.add_argument("--sat-ids", type=int, nargs="+", required=True,
+                   help="the SAT id (repeated) or the k_train distinct ids (diverse)")
+    p.add_argument("--k-train", type=int, required=True, help="SAT block size the model was trained with")
+    p.add_argument("--json", help="write the metadata to PATH (- = stdout)")
+    p.set_defaults(func=cmd_convert)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     print("sdsat serve: the Ray Serve service is not built yet (see the project's issues).", file=sys.stderr)
     return 1
@@ -66,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdsat", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_parser(sub)
+    add_generate_parser(sub)
+    add_convert_parser(sub)
     sub.add_parser("serve", help="start the service (not built yet)").set_defaults(func=cmd_serve)
     return parser
 
@@ -79,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     except SdsatError as err:
         print(f"sdsat {args.command}: error: {err.message}", file=sys.stderr)
         return 2
+
 
 
 if __name__ == "__main__":
