@@ -134,9 +134,54 @@ def add_convert_parser(sub) -> None:
     p.set_defaults(func=cmd_convert)
 
 
+def load_serve_config(path: str | None) -> tuple[dict, dict]:
+    """(http_options, app args) from a Serve config YAML (the first application's args)."""
+    import yaml
+
+    if not path:
+        return {}, {}
+    data = yaml.safe_load(open(path)) or {}
+    apps = data.get("applications") or [{}]
+    return data.get("http_options") or {}, apps[0].get("args") or {}
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    print("sdsat serve: the Ray Serve service is not built yet (see the project's issues).", file=sys.stderr)
-    return 1
+    import time
+
+    import ray
+    from ray import serve
+
+    from services.app import build_app
+    from services.config import AppConfig
+
+    http, app_args = load_serve_config(args.config)
+    host, port = args.host or http.get("host", "127.0.0.1"), args.port or http.get("port", 8000)
+    app_config = AppConfig(**app_args)  # validate before starting anything
+    if not ray.is_initialized():
+        ray.init(address=args.address, object_store_memory=None if args.address else args.object_store_mb * 2**20,
+                 include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": host, "port": port, "request_timeout_s": http.get("request_timeout_s")})
+    serve.run(build_app(app_config), name="sdsat", route_prefix="/", blocking=False)
+    print(f"SDSAT service ready at http://{host}:{port}  (OpenAI API under /v1; Ctrl-C stops it)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("shutting down", file=sys.stderr)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+def add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="start the Ray Serve service (router + autoscaled decoders)")
+    p.add_argument("--config", default="infra/serve_config.yaml", help="Serve config YAML (default: %(default)s)")
+    p.add_argument("--host", default=None, help="listen address (default: the config's, else 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="listen port (default: the config's, else 8000)")
+    p.add_argument("--address", default=None, help="join a running Ray cluster (e.g. auto) instead of starting one")
+    p.add_argument("--object-store-mb", type=int, default=512, help="object store cap of a local Ray (MiB)")
+    p.set_defaults(func=cmd_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_generate_parser(sub)
     add_convert_parser(sub)
-    sub.add_parser("serve", help="start the service (not built yet)").set_defaults(func=cmd_serve)
+    add_serve_parser(sub)
     return parser
 
 

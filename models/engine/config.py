@@ -65,6 +65,7 @@ class SamplingParams:
     method: str | None = None  # None = the engine's default
     k: int | None = None  # None = the engine's default
     ignore_eos: bool = False
+    logprobs: int | None = None  # report the chosen token's log-prob and the top-N alternatives
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -79,6 +80,8 @@ class SamplingParams:
             raise InvalidRequestError(f"k must be >= 0, got {self.k}")
         if self.method is not None and self.method not in METHODS:
             raise InvalidRequestError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise InvalidRequestError(f"logprobs must be in [0, 20], got {self.logprobs}")
         if any(not s for s in self.stop):
             raise InvalidRequestError("stop strings must be non-empty")
 

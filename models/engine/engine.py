@@ -133,7 +133,7 @@ class Engine:
             self.cache.commit(seq.slot, seq.prefilled)
             seq.stats.forwards += 1
             if seq.prefilled == len(seq.prompt_ids):  # the prompt's last logits give the first token
-                seq.emit([self._sample_one(seq, row[-1])])
+                seq.emit([self._sample_one(seq, row[-1])], row[-1:])
 
     def _iterate(self, seqs: list[Sequence]) -> None:
         batch_k = self.config.k_under_load(self.config.max_k, len(seqs))
@@ -172,7 +172,7 @@ class Engine:
             self.cache.commit(seq.slot, seq.context_len)  # keep cur, drop the SAT entries
             exact = self._sample_one(seq, row[0])
             self._set_drafts(seq, row[1 : 1 + seq.k_now])
-            seq.emit([exact])
+            seq.emit([exact], row[:1])
 
     def _verify(self, seqs: list[Sequence]) -> None:
         chunks, layouts = [], []
@@ -196,7 +196,7 @@ class Engine:
                 self._set_drafts(seq, row[fused_block_rows(n, seq.k_now, accepted)])
             elif seq.method == "sdsat-fused":
                 seq.drafts, seq.draft_probs = [], None
-            seq.emit(emitted)
+            seq.emit(emitted, row[: len(emitted)])
 
     def _accept(self, seq: Sequence, target_logits: torch.Tensor) -> tuple[int, list[int]]:
         drafts = torch.tensor(seq.drafts, dtype=torch.long)
@@ -272,5 +272,5 @@ class Engine:
                     r = results[out.request_id]
                     r["token_ids"] += out.token_ids
                     r["text"] += out.text
-                    r.update(finished=out.finished, finish_reason=out.finish_reason, stats=out.stats.to_dict())
+                    r.update(finished=out.finished, finish_reason=out.finish_reason, stats=out.stats)
         return [results[i] for i in ids]

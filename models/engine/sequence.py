@@ -27,7 +27,8 @@ class RequestOutput:
     finish_reason: str | None  # "stop" (EOS or stop string), "length", "cancelled"
     prompt_tokens: int
     completion_tokens: int
-    stats: SpecStats
+    stats: dict  # a snapshot of SpecStats.to_dict()
+    logprobs: list[dict] | None = None  # per new token: {"token_id", "logprob", "top": [[id, logprob], ...]}
 
 
 @dataclass
@@ -52,6 +53,7 @@ class Sequence:
     stopped_by_string: bool = False
     text: str = ""
     stats: SpecStats = field(default_factory=SpecStats)
+    logprobs: list[dict] = field(default_factory=list)
     _sent_tokens: int = 0
     _sent_chars: int = 0
 
@@ -71,9 +73,12 @@ class Sequence:
     def uniforms(self, n: int) -> torch.Tensor:
         return torch.rand(n, generator=self.generator)
 
-    def emit(self, tokens: list[int]) -> int:
-        """Append tokens until a stop condition; returns how many were kept."""
+    def emit(self, tokens: list[int], logits: torch.Tensor | None = None) -> int:
+        """Append tokens until a stop condition; returns how many were kept. logits: [len(tokens), V],
+        the target logits each token was chosen from (for reported log-probabilities)."""
         kept = 0
+        if self.params.logprobs is not None and logits is not None:
+            self._record_logprobs(tokens, logits)
         for token in tokens:
             if self.finished:
                 break
@@ -87,7 +92,15 @@ class Sequence:
             elif self.remaining == 0:
                 self._finish("length")
         self.stats.emitted += kept
+        del self.logprobs[len(self.output_ids) :]
         return kept
+
+    def _record_logprobs(self, tokens: list[int], logits: torch.Tensor) -> None:
+        logp = torch.log_softmax(logits.float(), dim=-1)  # the model's own distribution, before sampling filters
+        top = logp.topk(self.params.logprobs, dim=-1) if self.params.logprobs else None
+        for i, token in enumerate(tokens):
+            alts = [[int(t), float(v)] for v, t in zip(top.values[i], top.indices[i], strict=True)] if top else []
+            self.logprobs.append({"token_id": token, "logprob": float(logp[i, token]), "top": alts})
 
     def cancel(self) -> None:
         self._finish("cancelled")
@@ -124,7 +137,8 @@ class Sequence:
             return None
         out = RequestOutput(
             self.request_id, self.text[self._sent_chars : safe], new_tokens, self.finished, self.finish_reason,
-            len(self.prompt_ids), len(self.output_ids), self.stats,
+            len(self.prompt_ids), len(self.output_ids), self.stats.to_dict(),
+            self.logprobs[self._sent_tokens :] if self.params.logprobs is not None else None,
         )
         self._sent_chars = max(self._sent_chars, safe)
         self._sent_tokens = len(self.output_ids)

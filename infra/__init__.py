@@ -1,0 +1,1 @@
+"""Infrastructure: settings, the Redis prefix cache, telemetry and the Serve configuration."""

@@ -1,0 +1,67 @@
+"""Service configuration: the typed arguments of the app builder (and of infra/serve_config.yaml).
+
+One pydantic model per deployment, a description per field, unknown keys rejected. The engine's
+own options live in `models.engine.EngineConfig`; `DecoderConfig.engine` overrides them by name.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+def default_model_dir() -> str:
+    from models.recipe import SHIP_DIR
+
+    return str(SHIP_DIR)
+
+
+class DecoderConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model_dir: str = Field(default_factory=default_model_dir, description="SDSAT model directory (HF format)")
+    model_name: str = Field("sdsat-code-small", description="the name clients pass as `model`")
+    engine: dict = Field(default_factory=dict, description="EngineConfig overrides (method, k, max_batch, "
+                                                           "max_context, prefill_chunk, load_policy, ...)")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: one GPU per replica when the cluster has GPUs, else CPU (resolved at deploy time)")
+    num_cpus: float = Field(0.5, description="CPUs reserved per CPU replica (fractional so several fit on 2 cores)")
+    cpu_threads: int = Field(1, description="torch threads per replica on CPU (0 = torch's default)")
+    min_replicas: int = Field(1, ge=0, description="autoscaling lower bound")
+    max_replicas: int = Field(2, ge=1, description="autoscaling upper bound")
+    initial_replicas: int | None = Field(None, description="replicas at deploy time (default: min_replicas)")
+    target_ongoing_requests: float = Field(
+        4.0, gt=0, description="autoscaling target of in-flight requests per replica (set explicitly: Ray's LLM "
+                               "defaults never trigger scaling for a small model)")
+    upscale_delay_s: float = Field(5.0, ge=0, description="sustained load before adding a replica")
+    downscale_delay_s: float = Field(30.0, ge=0, description="sustained idleness before removing a replica")
+    metrics_interval_s: float = Field(1.0, gt=0, description="how often replicas report load to the autoscaler")
+    max_ongoing_requests: int = Field(32, ge=1, description="requests a replica accepts at once (its engine "
+                                                            "batches up to engine.max_batch, the rest wait inside)")
+    max_queued_requests: int = Field(64, ge=-1, description="requests queued in callers beyond that; more get "
+                                                            "429 with Retry-After (-1 = unbounded)")
+    graceful_shutdown_timeout_s: float = Field(60.0, description="downscale/redeploy: in-flight requests get this "
+                                                                 "long to finish")
+
+
+class RouterConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    num_cpus: float = Field(0.1, description="CPUs reserved by the router (tokenization only)")
+    replicas: int = Field(1, ge=1, description="router replicas")
+    request_timeout_s: float = Field(120.0, gt=0, description="server-side limit per request: 504 past it")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with 429 (backpressure)")
+    max_body_bytes: int = Field(1_000_000, ge=1, description="larger request bodies get 413")
+    max_tokens_limit: int = Field(2048, ge=1, description="largest max_tokens a request may ask for")
+    max_queued_requests: int = Field(256, ge=-1, description="HTTP requests queued at the router beyond its "
+                                                             "max_ongoing_requests; more get 429")
+    max_ongoing_requests: int = Field(256, ge=1, description="requests a router replica handles at once")
+
+
+class AppConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    decoder: DecoderConfig = Field(default_factory=DecoderConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    redis_url: str | None = Field(None, description="Redis for the prefix KV cache (default: $REDIS_URL)")

@@ -1,0 +1,113 @@
+"""Runs an engine's step loop on its own thread and serves it to asyncio code.
+
+The engine is single-threaded: only the runner thread touches it. Callers submit requests and
+cancellations through a command queue; each request's outputs come back on its own asyncio queue
+(via `call_soon_threadsafe`), so an async Serve replica streams them while the loop keeps batching.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from models.engine import Engine, RequestOutput, SamplingParams
+from models.errors import SdsatError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Submit:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    sink: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+
+
+class EngineRunner:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._commands: queue.Queue = queue.Queue()
+        self._sinks: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}
+        self._stopped = threading.Event()
+        self.steps = 0
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    # ---- async side ------------------------------------------------------------------------------
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams
+                       ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; leaving the iteration early (or being cancelled) cancels it."""
+        sink: asyncio.Queue = asyncio.Queue()
+        self._commands.put(_Submit(request_id, prompt_ids, params, sink, asyncio.get_running_loop()))
+        finished = False
+        try:
+            while True:
+                item = await sink.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self._commands.put(("cancel", request_id))
+
+    def load(self) -> dict:
+        return {"running": len(self.engine.running), "waiting": len(self.engine.waiting),
+                "queued_commands": self._commands.qsize()}
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._commands.put(("stop", None))
+        self._thread.join(timeout=10)
+
+    # ---- engine thread ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            block = not self.engine.has_work()
+            try:
+                while True:  # drain commands; wait for one only when idle
+                    self._handle(self._commands.get(block=block, timeout=0.5 if block else None))
+                    block = False
+            except queue.Empty:
+                pass
+            if self.engine.has_work():
+                self._step()
+
+    def _handle(self, command) -> None:
+        if isinstance(command, _Submit):
+            try:
+                self.engine.add_request(command.prompt_ids, command.params, command.request_id)
+                self._sinks[command.request_id] = (command.sink, command.loop)
+            except SdsatError as err:
+                command.loop.call_soon_threadsafe(command.sink.put_nowait, err)
+        elif command[0] == "cancel":
+            self.engine.cancel(command[1])
+            self._sinks.pop(command[1], None)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as err:  # a bug or OOM: fail the requests in flight, keep the replica alive
+            log.exception("engine step failed")
+            for request_id, (sink, loop) in list(self._sinks.items()):
+                loop.call_soon_threadsafe(sink.put_nowait, SdsatError(f"engine failure: {type(err).__name__}"))
+                self.engine.cancel(request_id)
+            self._sinks.clear()
+            return
+        self.steps += 1
+        for out in outputs:
+            target = self._sinks.get(out.request_id)
+            if target is None:
+                continue
+            sink, loop = target
+            loop.call_soon_threadsafe(sink.put_nowait, out)
+            if out.finished:
+                del self._sinks[out.request_id]
