@@ -71,7 +71,8 @@ class Decoder:
 
     def stats(self) -> dict:
         """Engine counters for tests and debugging: decode batch sizes, load."""
-        return {"batch_sizes": list(self.engine.batch_sizes), "steps": self.runner.steps, **self.runner.load(),
+        return {"batch_sizes": list(self.engine.batch_sizes), "steps": self.runner.steps,
+                "cancelled": self.engine.cancelled, **self.runner.load(),
                 "replica": serve.get_replica_context().replica_id.unique_id}
 
     def __del__(self):

@@ -44,6 +44,7 @@ class Engine:
         self.running: list[Sequence] = []  # running[i] owns cache row i
         self._ids = itertools.count()
         self.batch_sizes: list[int] = []  # decode batch size of every iteration (for tests and metrics)
+        self.cancelled = 0
 
     @classmethod
     def from_pretrained(cls, directory, config: EngineConfig | None = None) -> Engine:
@@ -80,6 +81,7 @@ class Engine:
         for seq in [*self.waiting, *self.running]:
             if seq.request_id == request_id and not seq.finished:
                 seq.cancel()
+                self.cancelled += 1
                 if seq in self.waiting:
                     self.waiting.remove(seq)
                 else:

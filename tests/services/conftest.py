@@ -30,7 +30,7 @@ def ray_session():
 
 def app_args(model_dir, **decoder) -> dict:
     base = {"model_dir": str(model_dir), "model_name": "counting", "num_cpus": 0.5, "cpu_threads": 1,
-            "min_replicas": 1, "max_replicas": 1, "engine": {"method": "sdsat", "k": 4, "max_context": 256}}
+            "min_replicas": 1, "max_replicas": 1, "engine": {"method": "sdsat", "k": 4, "max_context": 1024}}
     base.update(decoder)
     return {"decoder": base, "router": {"num_cpus": 0.1, "request_timeout_s": 60}}
 
