@@ -21,7 +21,7 @@ def cluster_has_gpus() -> bool:
     return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
 
 
-def decoder_options(cfg: DecoderConfig, use_gpu: bool) -> dict:
+def decoder_options(cfg: DecoderConfig, use_gpu: bool, retry_after_s: int) -> dict:
     return {
         "ray_actor_options": {"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": cfg.num_cpus},
         "autoscaling_config": {
@@ -33,6 +33,7 @@ def decoder_options(cfg: DecoderConfig, use_gpu: bool) -> dict:
         },
         "max_ongoing_requests": cfg.max_ongoing_requests,
         "max_queued_requests": cfg.max_queued_requests,
+        "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=retry_after_s),
         "graceful_shutdown_timeout_s": cfg.graceful_shutdown_timeout_s,
         "graceful_shutdown_wait_loop_s": 1.0,
         "health_check_period_s": 5.0,
@@ -43,7 +44,8 @@ def build_app(args: dict | AppConfig | None = None):
     cfg = args if isinstance(args, AppConfig) else AppConfig(**(args or {}))
     use_gpu = cfg.decoder.device == "cuda" or (cfg.decoder.device == "auto" and cluster_has_gpus())
     decoder_cfg = cfg.decoder.model_copy(update={"device": "cuda" if use_gpu else "cpu"})
-    decoder = Decoder.options(**decoder_options(decoder_cfg, use_gpu)).bind(decoder_cfg.model_dump())
+    options = decoder_options(decoder_cfg, use_gpu, cfg.router.retry_after_s)
+    decoder = Decoder.options(**options).bind(decoder_cfg.model_dump())
     router = Router.options(
         num_replicas=cfg.router.replicas,
         ray_actor_options={"num_cpus": cfg.router.num_cpus},

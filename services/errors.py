@@ -48,9 +48,14 @@ def error_from_item(item: dict) -> SdsatError:
     return err
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    from ray.serve.exceptions import BackPressureError
+def backpressure_response() -> JSONResponse:
+    # Serve installs its own (plain-text) handler for BackPressureError on ingress apps, so the
+    # router catches it at the call site and answers with this body instead.
+    return error_response(429, "the server is overloaded; retry later", "rate_limit_error", "overloaded",
+                          headers={"Retry-After": str(BackpressureRetry.after_s)})
 
+
+def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(SdsatError)
     async def _sdsat(_: Request, err: SdsatError):
         kind = "invalid_request_error" if 400 <= err.status < 500 else err.code
@@ -67,11 +72,6 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, err: StarletteHTTPException):
         kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
         return error_response(err.status_code, str(err.detail), kind)
-
-    @app.exception_handler(BackPressureError)
-    async def _backpressure(_: Request, err: BackPressureError):
-        return error_response(429, "the server is overloaded; retry later", "rate_limit_error", "overloaded",
-                              headers={"Retry-After": str(BackpressureRetry.after_s)})
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, err: Exception):

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from models.errors import InvalidRequestError, SdsatError
@@ -24,6 +25,7 @@ from services.errors import (
     BackpressureRetry,
     BodyLimitMiddleware,
     ModelNotFoundError,
+    backpressure_response,
     error_from_item,
     error_response,
     install_error_handlers,
@@ -124,6 +126,8 @@ class Router:
         except TimeoutError:
             stream.cancel()
             return error_response(504, "the request timed out", "timeout")
+        except BackPressureError:  # every decoder replica is full and so is the queue
+            return backpressure_response()
         for item in items:
             if "error" in item:
                 raise error_from_item(item)

@@ -2,15 +2,8 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from svc_helpers import app_args, free_port
 
 
 @pytest.fixture(scope="session")
@@ -26,13 +19,6 @@ def ray_session():
     yield port
     serve.shutdown()
     ray.shutdown()
-
-
-def app_args(model_dir, **decoder) -> dict:
-    base = {"model_dir": str(model_dir), "model_name": "counting", "num_cpus": 0.5, "cpu_threads": 1,
-            "min_replicas": 1, "max_replicas": 1, "engine": {"method": "sdsat", "k": 4, "max_context": 1024}}
-    base.update(decoder)
-    return {"decoder": base, "router": {"num_cpus": 0.1, "request_timeout_s": 60}}
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,19 @@
+"""Helpers shared by the service tests."""
+
+from __future__ import annotations
+
+import socket
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def app_args(model_dir, **decoder) -> dict:
+    """AppConfig arguments for the tiny counting model on CPU (1 replica unless overridden)."""
+    base = {"model_dir": str(model_dir), "model_name": "counting", "num_cpus": 0.5, "cpu_threads": 1,
+            "min_replicas": 1, "max_replicas": 1, "engine": {"method": "sdsat", "k": 4, "max_context": 1024}}
+    base.update(decoder)
+    return {"decoder": base, "router": {"num_cpus": 0.1, "request_timeout_s": 60}}
