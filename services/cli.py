@@ -134,6 +134,53 @@ def add_convert_parser(sub) -> None:
     p.set_defaults(func=cmd_convert)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from services import bench
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.toy:  # the tiny counting model of the tests, on counting prompts
+        from models.toy import counting_documents, train_counting_sdsat
+
+        model = str(train_counting_sdsat(args.toy))
+        prompts = [" ".join(d.split()[:6]) for d in counting_documents(args.limit, 6, seed=123)]
+    else:
+        model = args.model
+        prompts = bench.humaneval_prompts(args.limit) + bench.stdlib_snippets(args.heldout_snippets)
+    report = bench.run_bench(model, prompts, args.max_new_tokens, [int(k) for k in args.ks.split(",")], args.reps,
+                             args.methods.split(","), progress=not args.no_progress)
+    write_json(args.json, report)
+    if args.plot:
+        bench.plot(report, args.plot)
+    if args.json != "-":
+        for row in report["results"]:
+            acc = row["mean_accepted_per_iteration"]
+            print(f"{row['method']:>16} k={row['k']:<2} {row['tokens_per_s']:8.1f} tok/s  x{row['speedup_vs_ar']:.2f}"
+                  f"  acc/iter={acc if acc is None else round(acc, 2)}  identical={row['identical_fraction']:.2f}")
+    return 0
+
+
+def add_bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="measure ar / sdsat / sdsat-fused / prompt-lookup / transformers generate",
+                       description="Speed of every decoding method on one model in one run (see services/bench.py).")
+    p.add_argument("--model", default=default_model_dir(), help="model directory (default: the embedded model)")
+    p.add_argument("--toy", metavar="DIR", help="use (training it first if needed) the tiny counting model in DIR")
+    p.add_argument("--limit", type=int, default=48, help="HumanEval prompts (first N; default: 48)")
+    p.add_argument("--heldout-snippets", type=int, default=16, help="held-out stdlib snippets (default: 16)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per prompt (default: 128)")
+    p.add_argument("--ks", default="1,2,3,4,5,6,7,8", help="k sweep (default: 1..8)")
+    p.add_argument("--reps", type=int, default=3, help="interleaved repetitions (default: 3)")
+    p.add_argument("--methods", default="sdsat,sdsat-fused,prompt-lookup,hf-generate,hf-prompt-lookup",
+                   help="methods besides ar (default: all)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own)")
+    p.add_argument("--json", help="write the report to PATH (- = stdout)")
+    p.add_argument("--plot", help="write a PNG of speed-up and acceptance against k")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=cmd_bench)
+
+
 def load_serve_config(path: str | None) -> tuple[dict, dict]:
     """(http_options, app args) from a Serve config YAML (the first application's args)."""
     import yaml
@@ -190,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_generate_parser(sub)
     add_convert_parser(sub)
+    add_bench_parser(sub)
     add_serve_parser(sub)
     return parser
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import counting_documents
 
 from models.config import build_config
 from models.errors import ConfigError, DataError, SatVocabularyError
 from models.sat import SatSpec
+from models.toy import counting_documents
 from models.train import train
 from models.train_config import TrainConfig
 

