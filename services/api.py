@@ -44,6 +44,7 @@ class _Common(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     speculation: Speculation | None = None
+    ignore_eos: bool = Field(False, description="extension: keep generating past EOS (benchmarks)")
     user: str | None = Field(None, max_length=256)
     # accepted at their neutral values only
     frequency_penalty: float = 0.0

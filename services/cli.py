@@ -181,6 +181,33 @@ def add_bench_parser(sub) -> None:
     p.set_defaults(func=cmd_bench)
 
 
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from services.bench import humaneval_prompts
+    from services.bench_serve import run_bench_serve
+
+    report = run_bench_serve(args.url, humaneval_prompts(args.limit), [int(c) for c in args.concurrency.split(",")],
+                             args.runs, args.per_client, args.max_tokens,
+                             {"sdsat": None, "ar": {"method": "ar"}})
+    write_json(args.json, report)
+    if args.json != "-":
+        for row in report["results"]:
+            print(f"{row['method']:>6} c={row['concurrency']:<3} median {row['median_latency_s']:.2f}s "
+                  f"p99 {row['p99_latency_s']:.2f}s ttft {row['median_ttft_s']:.3f}s {row['tokens_per_s']:.1f} tok/s")
+    return 0
+
+
+def add_bench_serve_parser(sub) -> None:
+    p = sub.add_parser("bench-serve", help="latency/throughput of a running service: SDSAT vs plain decoding")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="service base URL (default: %(default)s)")
+    p.add_argument("--concurrency", default="1,4,16", help="concurrent clients (default: %(default)s)")
+    p.add_argument("--runs", type=int, default=3, help="runs per setting, reported as medians (default: 3)")
+    p.add_argument("--per-client", type=int, default=4, help="requests per client per run (default: 4)")
+    p.add_argument("--max-tokens", type=int, default=128, help="tokens per request (default: 128)")
+    p.add_argument("--limit", type=int, default=48, help="HumanEval prompts used (default: 48)")
+    p.add_argument("--json", help="write the report to PATH (- = stdout)")
+    p.set_defaults(func=cmd_bench_serve)
+
+
 def load_serve_config(path: str | None) -> tuple[dict, dict]:
     """(http_options, app args) from a Serve config YAML (the first application's args)."""
     import yaml
@@ -238,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_parser(sub)
     add_convert_parser(sub)
     add_bench_parser(sub)
+    add_bench_serve_parser(sub)
     add_serve_parser(sub)
     return parser
 

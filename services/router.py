@@ -107,7 +107,8 @@ class Router:
         spec = body.speculation
         params = {"max_new_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p,
                   "top_k": body.top_k, "seed": body.seed, "stop": tuple(body.stop or ()), "logprobs": logprobs,
-                  "method": spec.method if spec else None, "k": spec.k if spec else None}
+                  "method": spec.method if spec else None, "k": spec.k if spec else None,
+                  "ignore_eos": body.ignore_eos}
         return {"request_id": new_id("req"), "prompt_ids": prompt_ids, "params": params}
 
     async def _respond(self, body, prompt_ids: list[int], formatter):
