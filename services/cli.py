@@ -149,8 +149,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         model = args.model
         prompts = bench.humaneval_prompts(args.limit) + bench.stdlib_snippets(args.heldout_snippets)
-    report = bench.run_bench(model, prompts, args.max_new_tokens, [int(k) for k in args.ks.split(",")], args.reps,
-                             args.methods.split(","), progress=not args.no_progress)
+    ks = [int(k) for k in args.ks.split(",")]
+    if args.batch_sweep:
+        runs = [("ar", 0)] + [(m, k) for m in args.methods.split(",") if m in ("sdsat", "sdsat-fused") for k in ks]
+        sizes = [int(b) for b in args.batch_sweep.split(",")]
+        report = bench.batch_sweep(model, prompts, sizes, runs, args.max_new_tokens, not args.no_progress)
+        write_json(args.json, report)
+        for row in report["rows"] if args.json != "-" else []:
+            print(f"batch {row['batch']:>3} {row['method']:>12} k={row['k']}  {row['tokens_per_s']:8.1f} tok/s"
+                  f"  x{row['vs_ar']:.2f} vs ar")
+        return 0
+    report = bench.run_bench(model, prompts, args.max_new_tokens, ks, args.reps, args.methods.split(","),
+                             progress=not args.no_progress)
     write_json(args.json, report)
     if args.plot:
         bench.plot(report, args.plot)
@@ -175,6 +185,8 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--methods", default="sdsat,sdsat-fused,prompt-lookup,hf-generate,hf-prompt-lookup",
                    help="methods besides ar (default: all)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own)")
+    p.add_argument("--batch-sweep", metavar="SIZES",
+                   help="instead: aggregate tokens/s at these batch sizes (e.g. 1,2,4,8,16) per method and k")
     p.add_argument("--json", help="write the report to PATH (- = stdout)")
     p.add_argument("--plot", help="write a PNG of speed-up and acceptance against k")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")

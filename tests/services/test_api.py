@@ -1,14 +1,18 @@
 """The OpenAI-compatible API on a real Ray Serve app (CPU, the tiny counting SDSAT model)."""
 
 import asyncio
+import functools
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import httpx
 import pytest
 from ray import serve
 
-from models.engine import Engine, EngineConfig, SamplingParams
-
+ROOT = Path(__file__).resolve().parents[2]
 PROMPT = "3 4 5"
 
 
@@ -19,10 +23,15 @@ def client(service):
     return OpenAI(base_url=service + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
+@functools.cache
 def _engine_text(model_dir, prompt: str, n: int) -> str:
-    engine = Engine.from_pretrained(model_dir, EngineConfig(method="ar", max_context=256))
-    ids = engine.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    return engine.generate(ids, SamplingParams(max_new_tokens=n))["text"]
+    """What `sdsat generate` prints for the prompt (greedy, plain decoding)."""
+    proc = subprocess.run([sys.executable, "-m", "services.cli", "generate", "--model", str(model_dir), "--prompt",
+                           prompt, "--method", "ar", "--max-new-tokens", str(n), "--json", "-"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout)["text"]
 
 
 def test_completion_matches_engine_greedy(client, counting_sdsat_dir):
