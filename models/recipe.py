@@ -34,7 +34,7 @@ BASE = TrainConfig(
 )
 SDSAT = TrainConfig(
     sat_k=5, data_source="self-distill", distill_sequences=4096, distill_context=128, distill_new_tokens=128,
-    anchors_per_seq=48, seq_len=512, batch_size=8, max_steps=2400, lr=5e-4, warmup_steps=50, eval_every=400,
+    anchors_per_seq=48, seq_len=512, batch_size=8, max_steps=1800, lr=5e-4, warmup_steps=50, eval_every=400,
     eval_batches=8, save_every=100, log_every=20, num_threads=2,
 )
 

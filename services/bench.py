@@ -160,6 +160,50 @@ def summarize(runs, prompts, times, outputs, stats, n, engine, ks, model_dir) ->
     }
 
 
+def cache_comparison(model_dir: str, k: int = 5, context: int = 256, iters: int = 60) -> dict:
+    """Cost of one draft-verify step, a (k+1)-token forward then a rollback of k entries, with the
+    engine's preallocated slot cache and with transformers' DynamicCache (`crop`)."""
+    from transformers import DynamicCache
+
+    from models.engine import Engine, EngineConfig, SamplingParams
+
+    engine = Engine.from_pretrained(model_dir, EngineConfig(method="ar", k=0, max_batch=1, max_k=k))
+    prompt = [1 + i % 200 for i in range(context)]
+    chunk = [7] * (k + 1)
+
+    def median_ms(step) -> float:
+        samples = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            step()
+            samples.append(time.perf_counter() - t0)
+        return 1e3 * statistics.median(samples)
+
+    with torch.inference_mode():
+        engine.add_request(prompt, SamplingParams(max_new_tokens=10_000, ignore_eos=True))
+        while not engine.running or engine.running[0].prefilled < context:
+            engine.step()
+        seq = engine.running[0]
+        length = int(engine.cache.length[seq.slot])
+
+        def slot_step():
+            engine._forward([seq], [chunk])
+            engine.cache.commit(seq.slot, length + 1)  # keep one token, drop k
+            engine.cache.commit(seq.slot, length)
+
+        cache = DynamicCache(config=engine.model.config)
+        engine.model(torch.tensor([prompt]), cache=cache, use_cache=True)
+        ids = torch.tensor([chunk])
+
+        def dynamic_step():
+            engine.model(ids, cache=cache, use_cache=True)
+            cache.crop(-k)  # keep one token, drop k (transformers 5: a negative count removes)
+            cache.crop(-1)
+
+        return {"k": k, "context": context, "slot_cache_ms": median_ms(slot_step),
+                "dynamic_cache_ms": median_ms(dynamic_step)}
+
+
 def batch_sweep(model_dir: str, prompts: list[str], batch_sizes: list[int], runs: list[tuple[str, int]],
                 max_new_tokens: int, progress: bool = True) -> dict:
     """Aggregate tokens/s of the engine with `b` sequences decoded together, per method and k: the

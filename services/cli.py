@@ -150,6 +150,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         model = args.model
         prompts = bench.humaneval_prompts(args.limit) + bench.stdlib_snippets(args.heldout_snippets)
     ks = [int(k) for k in args.ks.split(",")]
+    if args.cache_compare:
+        report = {"cache_comparison": [bench.cache_comparison(model, k) for k in ks]}
+        write_json(args.json or "-", report)
+        return 0
     if args.batch_sweep:
         runs = [("ar", 0)] + [(m, k) for m in args.methods.split(",") if m in ("sdsat", "sdsat-fused") for k in ks]
         sizes = [int(b) for b in args.batch_sweep.split(",")]
@@ -185,6 +189,8 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--methods", default="sdsat,sdsat-fused,prompt-lookup,hf-generate,hf-prompt-lookup",
                    help="methods besides ar (default: all)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own)")
+    p.add_argument("--cache-compare", action="store_true",
+                   help="instead: one draft-verify step with the slot cache vs transformers' DynamicCache")
     p.add_argument("--batch-sweep", metavar="SIZES",
                    help="instead: aggregate tokens/s at these batch sizes (e.g. 1,2,4,8,16) per method and k")
     p.add_argument("--json", help="write the report to PATH (- = stdout)")
