@@ -187,3 +187,26 @@ def test_random_model_near_ties_only(count_tokenizer):
             i = next(j for j, (a, b) in enumerate(zip(ref, got, strict=True)) if a != b)
             top2 = model(torch.tensor([prompt + ref[:i]])).logits[0, -1].topk(2).values
             assert float(top2[0] - top2[1]) < 1e-4, (i, ref, got)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_other_llama_family_models(family, count_tokenizer):
+    """The engine drives other Llama-family architectures unchanged (speculative == plain == HF)."""
+    import transformers
+
+    config_cls = {"mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config}[family]
+    model_cls = {"mistral": transformers.MistralForCausalLM, "qwen2": transformers.Qwen2ForCausalLM}[family]
+    torch.manual_seed(0)
+    config = config_cls(vocab_size=30, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = model_cls._from_config(config, attn_implementation="sdpa").eval()
+    sat = SatSpec(ids=(29,), k_train=3)
+    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    prompt = [3, 4, 5, 6]
+    outs = {m: Engine(model, count_tokenizer, sat, EngineConfig(method=m, k=3, max_context=128))
+            .generate(prompt, params)["token_ids"] for m in ("ar", "sdsat", "sdsat-fused", "prompt-lookup")}
+    reference = list(prompt)  # greedy by full forwards, no cache at all
+    with torch.no_grad():
+        for _ in range(16):
+            reference.append(int(model(torch.tensor([reference])).logits[0, -1].argmax()))
+    assert all(o == reference[4:] for o in outs.values()), outs
