@@ -24,6 +24,7 @@ import torch
 from models.engine.config import EngineConfig, SamplingParams
 from models.engine.drafters import fused_block_rows, fused_layout, prompt_lookup
 from models.engine.kv_cache import SlotKVCache
+from models.engine.prefix import read_blocks, write_blocks
 from models.engine.sampling import process_logits, sample_from, verify_greedy, verify_sampling
 from models.engine.sequence import RequestOutput, Sequence
 from models.errors import InvalidRequestError, PromptTooLongError
@@ -31,8 +32,9 @@ from models.sat import SatSpec
 
 
 class Engine:
-    def __init__(self, model, tokenizer, sat: SatSpec | None, config: EngineConfig):
+    def __init__(self, model, tokenizer, sat: SatSpec | None, config: EngineConfig, prefix_store=None):
         self.model, self.tokenizer, self.sat, self.config = model.eval(), tokenizer, sat, config
+        self.prefix_store = prefix_store  # a models.engine.prefix.PrefixStore, or None
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.decoder, self.lm_head = model.get_decoder(), model.get_output_embeddings()
@@ -55,7 +57,8 @@ class Engine:
         return cls(model, load_tokenizer(directory), SatSpec.maybe_load(directory), config)
 
     # ---- requests -------------------------------------------------------------------------------
-    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                    tenant: str = "default") -> str:
         method = params.method or self.config.method
         k = self.config.k if params.k is None else params.k
         if not prompt_ids:
@@ -72,7 +75,7 @@ class Engine:
             generator = torch.Generator().manual_seed(seed)
         seq = Sequence(request_id or f"req-{next(self._ids)}", list(prompt_ids), params, method,
                        0 if method == "ar" else k, self.tokenizer.eos_token_id, self.max_context, self.tokenizer,
-                       generator)
+                       generator, tenant=tenant)
         self.waiting.append(seq)
         return seq.request_id
 
@@ -100,6 +103,8 @@ class Engine:
             seq.slot = len(self.running)
             self.cache.commit(seq.slot, 0)
             self.running.append(seq)
+            if self.prefix_store is not None:
+                self._load_prefix(seq)
         prefilling = [s for s in self.running if s.prefilled < len(s.prompt_ids)]
         decoding = [s for s in self.running if s.prefilled == len(s.prompt_ids) and not s.finished]
         if prefilling:
@@ -135,7 +140,24 @@ class Engine:
             self.cache.commit(seq.slot, seq.prefilled)
             seq.stats.forwards += 1
             if seq.prefilled == len(seq.prompt_ids):  # the prompt's last logits give the first token
+                if self.prefix_store is not None:
+                    self._offer_prefix(seq)
                 seq.emit([self._sample_one(seq, row[-1])], row[-1:])
+
+    def _load_prefix(self, seq: Sequence) -> None:
+        """Start a sequence from the longest cached prefix of its prompt (at least one token is left
+        to prefill: its logits give the first output token)."""
+        size = self.prefix_store.block_size
+        blocks = self.prefix_store.lookup(seq.prompt_ids, seq.tenant)[: (len(seq.prompt_ids) - 1) // size]
+        if blocks:
+            seq.prefilled = seq.cached_tokens = write_blocks(self.cache, seq.slot, blocks, size)
+
+    def _offer_prefix(self, seq: Sequence) -> None:
+        size = self.prefix_store.block_size
+        first, last = seq.cached_tokens // size, len(seq.prompt_ids) // size
+        if last > first:
+            self.prefix_store.offer(seq.prompt_ids, read_blocks(self.cache, seq.slot, first, last, size), first,
+                                    seq.tenant)
 
     def _iterate(self, seqs: list[Sequence]) -> None:
         batch_k = self.config.k_under_load(self.config.max_k, len(seqs))

@@ -28,6 +28,7 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int
     stats: dict  # a snapshot of SpecStats.to_dict()
+    cached_tokens: int  # prompt tokens served from the prefix cache
     logprobs: list[dict] | None = None  # per new token: {"token_id", "logprob", "top": [[id, logprob], ...]}
 
 
@@ -42,6 +43,8 @@ class Sequence:
     max_context: int
     tokenizer: object
     generator: torch.Generator | None = None
+    tenant: str = "default"  # namespaces the prefix cache
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     slot: int = -1
     prefilled: int = 0  # prompt tokens whose KV is in the cache
     output_ids: list[int] = field(default_factory=list)
@@ -137,7 +140,7 @@ class Sequence:
             return None
         out = RequestOutput(
             self.request_id, self.text[self._sent_chars : safe], new_tokens, self.finished, self.finish_reason,
-            len(self.prompt_ids), len(self.output_ids), self.stats.to_dict(),
+            len(self.prompt_ids), len(self.output_ids), self.stats.to_dict(), self.cached_tokens,
             self.logprobs[self._sent_tokens :] if self.params.logprobs is not None else None,
         )
         self._sent_chars = max(self._sent_chars, safe)
