@@ -10,7 +10,7 @@ GPU when the cluster has GPUs and a fraction of a CPU otherwise, so one config s
 from __future__ import annotations
 
 import ray
-from ray.serve.config import BackpressureConfig
+from ray.serve.config import BackpressureConfig, RequestRouterConfig
 
 from services.config import AppConfig, DecoderConfig
 from services.decoder import Decoder
@@ -22,7 +22,10 @@ def cluster_has_gpus() -> bool:
 
 
 def decoder_options(cfg: DecoderConfig, use_gpu: bool, retry_after_s: int) -> dict:
+    routing = {"request_router_config": RequestRouterConfig(
+        request_router_class="infra.affinity_router:PrefixAffinityRouter")} if cfg.affinity_routing else {}
     return {
+        **routing,
         "ray_actor_options": {"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": cfg.num_cpus},
         "autoscaling_config": {
             "min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,

@@ -43,6 +43,14 @@ class DecoderConfig(BaseModel):
                                                             "429 with Retry-After (-1 = unbounded)")
     graceful_shutdown_timeout_s: float = Field(60.0, description="downscale/redeploy: in-flight requests get this "
                                                                  "long to finish")
+    prefix_cache: bool = Field(True, description="reuse prompt-prefix KV (in-replica LRU, plus Redis when reachable)")
+    prefix_block_size: int = Field(16, ge=1, description="tokens per cached prefix block")
+    prefix_local_mb: int = Field(256, ge=1, description="in-replica prefix cache size (MiB)")
+    prefix_ttl_s: int = Field(3600, ge=1, description="Redis TTL of prefix blocks (bound memory with Redis maxmemory)")
+    redis_timeout_s: float = Field(0.05, gt=0, description="per Redis call; slower means a cache miss")
+    redis_url: str | None = Field(None, description="Redis for shared prefix KV (default: $REDIS_URL, else "
+                                                    "redis://127.0.0.1:6379/0); may carry a password, rediss:// = TLS")
+    affinity_routing: bool = Field(True, description="route requests sharing a prompt prefix to the same replica")
 
 
 class RouterConfig(BaseModel):
@@ -64,4 +72,3 @@ class AppConfig(BaseModel):
 
     decoder: DecoderConfig = Field(default_factory=DecoderConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
-    redis_url: str | None = Field(None, description="Redis for the prefix KV cache (default: $REDIS_URL)")

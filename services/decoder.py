@@ -9,6 +9,7 @@ ready (and Serve routes to it) only after the model is loaded and warmed.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import AsyncIterator
 
@@ -18,6 +19,7 @@ from models.errors import SdsatError
 from services.config import DecoderConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+log = logging.getLogger("ray.serve")
 
 
 def engine_from_config(cfg: DecoderConfig):
@@ -33,10 +35,34 @@ def engine_from_config(cfg: DecoderConfig):
     return Engine.from_pretrained(cfg.model_dir, build_config(EngineConfig, overrides=overrides))
 
 
+def prefix_cache_from_config(cfg: DecoderConfig, engine):
+    """The replica's prefix KV cache: an in-replica LRU, plus Redis when reachable (says which at start)."""
+    import torch
+
+    from infra.prefix_cache import PrefixCache, model_fingerprint
+    from models.engine.prefix import block_shape
+
+    url = cfg.redis_url or os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+    secret = os.environ.get("SDSAT_CACHE_SECRET")
+    if not secret:
+        log.warning("SDSAT_CACHE_SECRET is not set: prefix-cache keys and signatures use a development secret")
+        secret = "sdsat-development-secret"
+    cache = PrefixCache(model_fingerprint(cfg.model_dir), secret.encode(),
+                        block_shape(engine.model.config, cfg.prefix_block_size), torch.float32,
+                        block_size=cfg.prefix_block_size, redis_url=url, ttl_s=cfg.prefix_ttl_s,
+                        timeout_s=cfg.redis_timeout_s, local_bytes=cfg.prefix_local_mb * 2**20)
+    if cache.redis_reachable():
+        log.info("prefix cache: in-replica LRU + Redis at %s", url.split("@")[-1])
+    else:
+        log.warning("prefix cache: Redis at %s unreachable; using the in-replica cache alone", url.split("@")[-1])
+    return cache
+
+
 def output_item(out) -> dict:
     return {"text": out.text, "token_ids": out.token_ids, "finished": out.finished,
             "finish_reason": out.finish_reason, "prompt_tokens": out.prompt_tokens,
-            "completion_tokens": out.completion_tokens, "speculation": out.stats, "logprobs": out.logprobs}
+            "completion_tokens": out.completion_tokens, "cached_tokens": out.cached_tokens,
+            "speculation": out.stats, "logprobs": out.logprobs}
 
 
 def error_item(err: SdsatError) -> dict:
@@ -51,17 +77,21 @@ class Decoder:
 
         self.config = DecoderConfig(**config)
         self.engine = engine_from_config(self.config)
+        self.prefix_cache = prefix_cache_from_config(self.config, self.engine) if self.config.prefix_cache else None
+        self.engine.prefix_store = self.prefix_cache
         self.engine.generate([1, 2, 3], SamplingParams(max_new_tokens=4))  # warm-up before taking traffic
         self.engine.batch_sizes.clear()
         self.runner = EngineRunner(self.engine)
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
 
     async def generate(self, request: dict) -> AsyncIterator[dict]:
         from models.engine import SamplingParams
 
         try:
             params = SamplingParams(**request["params"])
-            async for out in self.runner.generate(request["request_id"], request["prompt_ids"], params):
-                yield output_item(out)
+            tenant = request.get("tenant", "default")
+            async for out in self.runner.generate(request["request_id"], request["prompt_ids"], params, tenant):
+                yield {**output_item(out), "replica": self.replica_id}
         except SdsatError as err:
             yield error_item(err)
 
@@ -72,8 +102,8 @@ class Decoder:
     def stats(self) -> dict:
         """Engine counters for tests and debugging: decode batch sizes, load."""
         return {"batch_sizes": list(self.engine.batch_sizes), "steps": self.runner.steps,
-                "cancelled": self.engine.cancelled, **self.runner.load(),
-                "replica": serve.get_replica_context().replica_id.unique_id}
+                "cancelled": self.engine.cancelled, **self.runner.load(), "replica": self.replica_id,
+                "prefix_cache": self.prefix_cache.counters.as_dict() if self.prefix_cache else None}
 
     def __del__(self):
         runner = getattr(self, "runner", None)

@@ -25,6 +25,7 @@ class _Submit:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
+    tenant: str
     sink: asyncio.Queue
     loop: asyncio.AbstractEventLoop
 
@@ -40,11 +41,11 @@ class EngineRunner:
         self._thread.start()
 
     # ---- async side ------------------------------------------------------------------------------
-    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams
-                       ) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                       tenant: str = "default") -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs; leaving the iteration early (or being cancelled) cancels it."""
         sink: asyncio.Queue = asyncio.Queue()
-        self._commands.put(_Submit(request_id, prompt_ids, params, sink, asyncio.get_running_loop()))
+        self._commands.put(_Submit(request_id, prompt_ids, params, tenant, sink, asyncio.get_running_loop()))
         finished = False
         try:
             while True:
@@ -84,7 +85,7 @@ class EngineRunner:
     def _handle(self, command) -> None:
         if isinstance(command, _Submit):
             try:
-                self.engine.add_request(command.prompt_ids, command.params, command.request_id)
+                self.engine.add_request(command.prompt_ids, command.params, command.request_id, command.tenant)
                 self._sinks[command.request_id] = (command.sink, command.loop)
             except SdsatError as err:
                 command.loop.call_soon_threadsafe(command.sink.put_nowait, err)

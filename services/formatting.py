@@ -23,7 +23,9 @@ def chat_prompt(messages) -> str:
 
 
 def _usage(item: dict) -> dict:
-    return usage(item["prompt_tokens"], item["completion_tokens"], item["speculation"])
+    out = usage(item["prompt_tokens"], item["completion_tokens"], item["speculation"])
+    out["prompt_tokens_details"] = {"cached_tokens": item.get("cached_tokens", 0)}
+    return out
 
 
 class _Formatter:

@@ -17,6 +17,7 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from infra.affinity_router import affinity_key
 from models.errors import InvalidRequestError, SdsatError
 from services import formatting as fmt
 from services.api import ChatRequest, CompletionRequest, new_id
@@ -109,7 +110,8 @@ class Router:
                   "top_k": body.top_k, "seed": body.seed, "stop": tuple(body.stop or ()), "logprobs": logprobs,
                   "method": spec.method if spec else None, "k": spec.k if spec else None,
                   "ignore_eos": body.ignore_eos}
-        return {"request_id": new_id("req"), "prompt_ids": prompt_ids, "params": params}
+        return {"request_id": new_id("req"), "prompt_ids": prompt_ids, "params": params, "tenant": "default",
+                "affinity_key": affinity_key(prompt_ids)}
 
     async def _respond(self, body, prompt_ids: list[int], formatter):
         request = self._decoder_request(body, prompt_ids, formatter.logprobs)
