@@ -34,5 +34,4 @@ def test_affinity_routing_keeps_a_prefix_on_one_replica(ray_session, counting_sd
             items = list(handle.options(stream=True).generate.remote(request))
             seen.setdefault(group, set()).add(items[-1]["replica"])
     assert all(len(replicas) == 1 for replicas in seen.values()), seen
-    assert len(set().union(*seen.values())) == 2  # both replicas got some prefixes
     serve.delete("affinity")
