@@ -205,7 +205,7 @@ def cache_comparison(model_dir: str, k: int = 5, context: int = 256, iters: int 
 
 
 def batch_sweep(model_dir: str, prompts: list[str], batch_sizes: list[int], runs: list[tuple[str, int]],
-                max_new_tokens: int, progress: bool = True) -> dict:
+                max_new_tokens: int, reps: int = 3, progress: bool = True) -> dict:
     """Aggregate tokens/s of the engine with `b` sequences decoded together, per method and k: the
     measurement behind the speculation-under-load policy (EngineConfig.load_policy)."""
     from tqdm.auto import tqdm
@@ -215,19 +215,24 @@ def batch_sweep(model_dir: str, prompts: list[str], batch_sizes: list[int], runs
     engine = Engine.from_pretrained(model_dir, EngineConfig(method="ar", k=0, max_batch=max(batch_sizes)))
     encoded = [engine.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     engine.generate_batch(encoded[:2], SamplingParams(max_new_tokens=8, ignore_eos=True))  # warm-up
-    rows = []
-    for b in tqdm(batch_sizes, desc="batch sweep", disable=not progress):
-        batch = [encoded[i % len(encoded)] for i in range(b)]
-        for method, k in runs:
-            params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True, method=method, k=k)
-            t0 = time.perf_counter()
-            engine.generate_batch(batch, params)
-            rows.append({"batch": b, "method": method, "k": k,
-                         "tokens_per_s": b * max_new_tokens / (time.perf_counter() - t0)})
+    times: dict[tuple, list[float]] = {}
+    bar = tqdm(total=reps * len(batch_sizes) * len(runs), desc="batch sweep", disable=not progress)
+    for _ in range(reps):  # interleaved repetitions, medians: the machine is shared and noisy
+        for b in batch_sizes:
+            batch = [encoded[i % len(encoded)] for i in range(b)]
+            for method, k in runs:
+                params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True, method=method, k=k)
+                t0 = time.perf_counter()
+                engine.generate_batch(batch, params)
+                times.setdefault((b, method, k), []).append(time.perf_counter() - t0)
+                bar.update(1)
+    bar.close()
+    rows = [{"batch": b, "method": m, "k": k, "tokens_per_s": b * max_new_tokens / statistics.median(t)}
+            for (b, m, k), t in times.items()]
     plain = {r["batch"]: r["tokens_per_s"] for r in rows if r["method"] == "ar"}
     for r in rows:
         r["vs_ar"] = r["tokens_per_s"] / plain[r["batch"]]
-    return {"model": model_dir, "max_new_tokens": max_new_tokens, "rows": rows}
+    return {"model": model_dir, "max_new_tokens": max_new_tokens, "reps": reps, "rows": rows}
 
 
 def plot(report: dict, path: str) -> None:

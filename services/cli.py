@@ -157,7 +157,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.batch_sweep:
         runs = [("ar", 0)] + [(m, k) for m in args.methods.split(",") if m in ("sdsat", "sdsat-fused") for k in ks]
         sizes = [int(b) for b in args.batch_sweep.split(",")]
-        report = bench.batch_sweep(model, prompts, sizes, runs, args.max_new_tokens, not args.no_progress)
+        report = bench.batch_sweep(model, prompts, sizes, runs, args.max_new_tokens, args.reps, not args.no_progress)
         write_json(args.json, report)
         for row in report["rows"] if args.json != "-" else []:
             print(f"batch {row['batch']:>3} {row['method']:>12} k={row['k']}  {row['tokens_per_s']:8.1f} tok/s"
