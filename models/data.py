@@ -106,6 +106,16 @@ def cached_stream(cache_dir: Path, name: str, docs: list[str], tokenizer, fim_ra
     return stream
 
 
+def shuffled_indices(start: int, count: int, n: int, seed: int) -> list[int]:
+    """Items start..start+count-1 of an endless order of n items, reshuffled (seeded) every epoch."""
+    out = []
+    for i in range(start, start + count):
+        epoch, j = divmod(i, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        out.append(int(perm[j]))
+    return out
+
+
 @dataclass
 class Batch:
     input_ids: torch.Tensor  # [B, n] long, right-padded with pad_id
@@ -128,13 +138,7 @@ class WindowDataset:
 
     def rows(self, start: int, count: int) -> torch.Tensor:
         """Rows start..start+count-1 of the infinite epoch-by-epoch shuffled order."""
-        n = len(self.windows)
-        out = []
-        for i in range(start, start + count):
-            epoch, j = divmod(i, n)
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
-            out.append(self.windows[perm[j]])
-        return torch.stack(out)
+        return self.windows[shuffled_indices(start, count, len(self.windows), self.seed)]
 
     def batch(self, start: int, count: int) -> Batch:
         ids = self.rows(start, count)
@@ -156,12 +160,7 @@ class DistillDataset:
         return len(self.sequences)
 
     def batch(self, start: int, count: int) -> Batch:
-        n = len(self.sequences)
-        idx = []
-        for i in range(start, start + count):
-            epoch, j = divmod(i, n)
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
-            idx.append(int(perm[j]))
+        idx = shuffled_indices(start, count, len(self.sequences), self.seed)
         ids, lengths = self.sequences[idx].long(), self.lengths[idx].long()
         ctx = torch.full((count,), self.context, dtype=torch.long)
         return Batch(ids, lengths, ctx - 1, ctx)

@@ -58,9 +58,9 @@ def add_train_parser(sub) -> None:
 
 
 def default_model_dir() -> str:
-    from models.recipe import SHIP_DIR
+    from services.config import default_model_dir as configured_default
 
-    return str(SHIP_DIR)
+    return configured_default()
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -15,6 +15,13 @@ from __future__ import annotations
 import torch
 
 
+def kv_dims(config) -> tuple[int, int]:
+    """(kv_heads, head_dim) of a transformers model config (GQA and explicit head_dim included)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return kv_heads, head_dim
+
+
 class SlotKVCache:
     """Duck-types the part of `transformers.Cache` that attention layers call: `update()`."""
 
@@ -33,8 +40,7 @@ class SlotKVCache:
 
     @classmethod
     def for_model(cls, config, slots: int, capacity: int, headroom: int, dtype, device) -> SlotKVCache:
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        kv_heads, head_dim = kv_dims(config)
         return cls(config.num_hidden_layers, slots, kv_heads, head_dim, capacity, headroom, dtype, device)
 
     @property

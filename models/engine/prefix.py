@@ -13,6 +13,8 @@ from typing import Protocol
 
 import torch
 
+from models.engine.kv_cache import kv_dims
+
 
 class PrefixStore(Protocol):
     block_size: int
@@ -26,8 +28,7 @@ class PrefixStore(Protocol):
 
 def block_shape(config, block_size: int) -> tuple[int, ...]:
     """[layers, 2 (key, value), kv_heads, block_size, head_dim] of one block of a model's KV."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    kv_heads, head_dim = kv_dims(config)
     return (config.num_hidden_layers, 2, kv_heads, block_size, head_dim)
 
 
