@@ -166,6 +166,35 @@ class DistillDataset:
         return Batch(ids, lengths, ctx - 1, ctx)
 
 
+class MixedDataset:
+    """Self-distilled rows plus a fixed share of corpus windows in every micro-batch.
+
+    The windows get real-token loss over their whole length and no SAT blocks (ground-truth SAT
+    labels teach little acceptance), so the SAT phase keeps training the language model itself.
+    """
+
+    def __init__(self, distill: DistillDataset, windows: WindowDataset, corpus_fraction: float):
+        self.distill, self.windows, self.fraction = distill, windows, corpus_fraction
+
+    def __len__(self) -> int:
+        return len(self.distill)
+
+    def batch(self, start: int, count: int) -> Batch:
+        n_corpus = min(count - 1, round(count * self.fraction))
+        micro = start // count  # starts are multiples of the micro-batch size
+        d = self.distill.batch(micro * (count - n_corpus), count - n_corpus)
+        if n_corpus == 0:
+            return d
+        w = self.windows.batch(micro * n_corpus, n_corpus)
+        width = max(d.input_ids.shape[1], w.input_ids.shape[1])
+
+        def pad(ids: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.pad(ids, (0, width - ids.shape[1]), value=self.distill.pad_id)
+
+        return Batch(torch.cat([pad(d.input_ids), pad(w.input_ids)]), torch.cat([d.lengths, w.lengths]),
+                     torch.cat([d.anchor_from, w.lengths]), torch.cat([d.std_until, w.std_until]))
+
+
 @torch.no_grad()
 def generate_distill_data(model, windows: WindowDataset, cfg, pad_id: int, eos_id: int, suppress_ids):
     """Greedy continuations of `cfg.distill_sequences` random corpus contexts (batched generate)."""

@@ -32,6 +32,7 @@ from models.config import to_yaml
 from models.data import (
     Batch,
     DistillDataset,
+    MixedDataset,
     WindowDataset,
     cached_stream,
     corpus_documents,
@@ -49,7 +50,7 @@ FINAL = "final"
 
 @dataclass
 class TrainData:
-    train: WindowDataset | DistillDataset
+    train: WindowDataset | DistillDataset | MixedDataset
     heldout: WindowDataset | None
 
 
@@ -101,6 +102,8 @@ def prepare_data(cfg: TrainConfig, model, tokenizer, sat: SatSpec | None, out: P
         torch.save({"sequences": seqs, "lengths": lens, "context": cfg.distill_context}, path)
     data = torch.load(path)
     distill = DistillDataset(data["sequences"], data["lengths"], data["context"], tokenizer.pad_token_id, cfg.seed)
+    if cfg.distill_mix > 0:
+        return TrainData(MixedDataset(distill, windows, cfg.distill_mix), heldout)
     return TrainData(distill, heldout)
 
 

@@ -68,6 +68,8 @@ class TrainConfig:
     distill_context: int = field(128, "self-distill: real corpus tokens before each continuation")
     distill_new_tokens: int = field(128, "self-distill: greedy tokens generated per sequence")
     distill_batch_size: int = field(64, "self-distill: sequences generated per batch")
+    distill_mix: float = field(0.0, "self-distill: fraction of each micro-batch taken from corpus windows "
+                                    "(real-token loss over the whole window, no SAT blocks) to keep LM quality")
     fim_rate: float = field(0.0, "fraction of documents turned into fill-in-the-middle samples (needs FIM tokens)")
     # Optimisation
     seq_len: int = field(256, "tokens per training sequence")
@@ -96,7 +98,8 @@ class TrainConfig:
             (self.sat_k >= 0, f"sat_k must be >= 1 for SDSAT training (0 = plain), got {self.sat_k}"),
             (self.seq_len >= 2 and self.batch_size >= 1 and self.grad_accum >= 1, "seq_len >= 2, batch sizes >= 1"),
             (self.max_steps >= 1 and self.lr > 0, "max_steps >= 1 and lr > 0"),
-            (0.0 <= self.heldout_fraction < 1.0 and 0.0 <= self.fim_rate <= 1.0, "fractions must lie in [0, 1)"),
+            (0.0 <= self.heldout_fraction < 1.0 and 0.0 <= self.fim_rate <= 1.0 and 0.0 <= self.distill_mix < 1.0,
+             "fractions must lie in [0, 1)"),
             (self.anchors_per_seq >= 1 or self.plain, "anchors_per_seq must be >= 1 in SDSAT mode"),
             (self.data_source == "corpus" or not self.plain, "self-distill data needs SAT mode (sat_k >= 1)"),
         ]

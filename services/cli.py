@@ -226,6 +226,35 @@ def add_bench_serve_parser(sub) -> None:
     p.set_defaults(func=cmd_bench_serve)
 
 
+def cmd_bench_prefix(args: argparse.Namespace) -> int:
+    from services.bench_prefix import run_bench_prefix
+
+    report = run_bench_prefix(args.model, args.prefix_tokens, args.reps, args.modes.split(","), args.threads,
+                              args.write_back_wait, progress=not args.no_progress)
+    write_json(args.json, report)
+    if args.json != "-":
+        for mode in ("engine", "service"):
+            for row in report.get(mode, {}).get("rows", []):
+                print(f"{mode:>8} {row['case']:>10}  ttft {row['median_ttft_s'] * 1000:7.1f} ms  "
+                      f"x{row['vs_cold']:.2f} vs cold  hit rate {row['hit_rate']:.2f}")
+    return 0
+
+
+def add_bench_prefix_parser(sub) -> None:
+    p = sub.add_parser("bench-prefix", help="time to first token with the prefix KV cache: cold, warm-local, "
+                                            "warm from Redis", description="See services/bench_prefix.py.")
+    p.add_argument("--model", default=default_model_dir(), help="model directory (default: the embedded model)")
+    p.add_argument("--prefix-tokens", type=int, default=1000, help="shared prefix length (default: %(default)s)")
+    p.add_argument("--reps", type=int, default=5, help="repetitions, reported as medians (default: %(default)s)")
+    p.add_argument("--modes", default="engine,service", help="engine and/or service (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per engine (default: %(default)s)")
+    p.add_argument("--write-back-wait", type=float, default=1.0,
+                   help="service mode: seconds left for replica A's asynchronous write-back (default: %(default)s)")
+    p.add_argument("--json", help="write the report to PATH (- = stdout)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=cmd_bench_prefix)
+
+
 def load_serve_config(path: str | None) -> tuple[dict, dict]:
     """(http_options, app args) from a Serve config YAML (the first application's args)."""
     import yaml
@@ -284,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_convert_parser(sub)
     add_bench_parser(sub)
     add_bench_serve_parser(sub)
+    add_bench_prefix_parser(sub)
     add_serve_parser(sub)
     return parser
 

@@ -296,5 +296,6 @@ class Engine:
                     r = results[out.request_id]
                     r["token_ids"] += out.token_ids
                     r["text"] += out.text
-                    r.update(finished=out.finished, finish_reason=out.finish_reason, stats=out.stats)
+                    r.update(finished=out.finished, finish_reason=out.finish_reason, stats=out.stats,
+                             cached_tokens=out.cached_tokens)
         return [results[i] for i in ids]
