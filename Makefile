@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup serve test redis lint bench model constraints clean
+.PHONY: setup serve test redis lint bench model constraints clean loadtest
 
 setup: $(STAMP)
 
@@ -34,6 +34,23 @@ test: setup redis
 
 lint: setup
 	$(BIN)/ruff check .
+
+# Headless Locust run against a running service (e.g. `make serve` in another shell); writes Locust's
+# CSVs and HTML report, summary.json and loadtest.png to RESULTS. PROMPTS: a JSONL file of {"prompt"}
+# lines (default: HumanEval). The report is written even when requests failed; the exit status is Locust's.
+URL ?= http://127.0.0.1:8000
+USERS ?= 8
+SPAWN_RATE ?= 2
+DURATION ?= 60s
+MAX_TOKENS ?= 64
+PROMPTS ?=
+RESULTS ?= results/loadtest
+loadtest: setup
+	mkdir -p $(RESULTS)
+	$(BIN)/locust -f loadtests/locustfile.py --headless --host $(URL) -u $(USERS) -r $(SPAWN_RATE) -t $(DURATION) \
+		--max-tokens $(MAX_TOKENS) $(if $(PROMPTS),--prompts-file $(PROMPTS)) --only-summary \
+		--csv $(RESULTS)/locust --csv-full-history --html $(RESULTS)/report.html; \
+	status=$$?; $(BIN)/python -m loadtests.report --csv-prefix $(RESULTS)/locust --out $(RESULTS) && exit $$status
 
 clean:
 	rm -rf $(VENV) .pytest_cache

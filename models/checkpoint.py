@@ -55,18 +55,22 @@ def new_model(config, attn_implementation: str = "sdpa", seed: int = 0):
 
 def save_checkpoint(directory: str | Path, model, tokenizer, sat: SatSpec | None,
                     files: dict[str, str] | None = None, dtype: torch.dtype | None = None,
-                    trainer_state: dict | None = None) -> Path:
-    """Write a complete checkpoint atomically: into a temporary sibling, then rename over the target."""
+                    trainer_state: dict | None = None, state_dict: dict | None = None) -> Path:
+    """Write a complete checkpoint atomically: into a temporary sibling, then rename over the target.
+    `state_dict` replaces the model's own weights (a sharded model passes its gathered full state)."""
     target = Path(directory)
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     to_save = model
-    if dtype is not None and dtype != next(model.parameters()).dtype:
+    if state_dict is not None:
+        if dtype is not None:
+            state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    elif dtype is not None and dtype != next(model.parameters()).dtype:
         import copy
 
         to_save = copy.deepcopy(model).to(dtype)
-    to_save.save_pretrained(tmp)
+    to_save.save_pretrained(tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     if sat is not None:
         sat.save(tmp)

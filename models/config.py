@@ -87,6 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         tp = hints[f.name]
         choices = typing.get_args(tp) if typing.get_origin(tp) is Literal else None
         shown = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+        flag = {"nargs": "?", "const": True} if tp is bool else {}  # `--fsdp` alone means `--fsdp true`
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
@@ -94,6 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
             choices=choices,
             metavar=None if choices else f.name.upper(),
             help=f"{f.metadata.get('help', '')} (default: {shown})",
+            **flag,
         )
 
 

@@ -136,25 +136,42 @@ class SatLoss:
     sat_tokens: int
 
 
+def _label_weights(batch: SatBatch, slot_decay: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[B, L] each: real-token targets (bool), SAT targets (bool), SAT slot weights (float, 0 elsewhere)."""
+    has_label = batch.labels != IGNORE
+    is_std = has_label & (batch.sat_slot == 0)
+    is_sat = has_label & (batch.sat_slot > 0)
+    return is_std, is_sat, torch.where(is_sat, slot_decay ** (batch.sat_slot - 1).clamp(min=0).float(), 0.0)
+
+
+def loss_denominators(batch: SatBatch, slot_decay: float = 1.0) -> torch.Tensor:
+    """[2] float64: the batch's real-token count and summed SAT slot weight, what `sdsat_loss` divides by.
+    Summed over every micro-batch of a step (on every worker) they make the step's loss one mean over its
+    tokens, whatever way the micro-batches are split between gradient accumulation and workers."""
+    is_std, _, slot_w = _label_weights(batch, slot_decay)
+    return torch.stack([is_std.sum().double(), slot_w.sum().double()])
+
+
 def sdsat_loss(
     logits: torch.Tensor,  # [B, L, V]
     batch: SatBatch,
     sat_lambda: float = 1.0,
     slot_decay: float = 1.0,  # weight of slot i is slot_decay**(i-1)
     std_weight: float = 1.0,  # 0 for the SAT-only warm-up stage
+    denominators: torch.Tensor | None = None,  # [2] from loss_denominators, summed over a step; default: this batch
 ) -> SatLoss:
-    """loss = std_weight * CE(real positions) + sat_lambda * CE(SAT positions), per-slot decay."""
+    """loss = std_weight * CE(real positions) + sat_lambda * CE(SAT positions), per-slot decay.
+    `std` and `sat` are this batch's means; `total` divides the CE sums by `denominators`."""
     ce = F.cross_entropy(logits.float().transpose(1, 2), batch.labels, ignore_index=IGNORE, reduction="none")
-    has_label = batch.labels != IGNORE
-    is_std = has_label & (batch.sat_slot == 0)
-    is_sat = has_label & (batch.sat_slot > 0)
-    slot_w = torch.where(is_sat, slot_decay ** (batch.sat_slot - 1).clamp(min=0).float(), 0.0)
+    is_std, is_sat, slot_w = _label_weights(batch, slot_decay)
     n_std, n_sat = int(is_std.sum()), int(is_sat.sum())
-    std = (ce * is_std).sum() / max(n_std, 1) if n_std else ce.new_tensor(float("nan"))
-    sat = (ce * slot_w).sum() / slot_w.sum() if n_sat else ce.new_tensor(float("nan"))
+    std_sum, sat_sum = (ce * is_std).sum(), (ce * slot_w).sum()
+    std = std_sum / n_std if n_std else ce.new_tensor(float("nan"))
+    sat = sat_sum / slot_w.sum() if n_sat else ce.new_tensor(float("nan"))
+    d_std, d_sat = (n_std, slot_w.sum()) if denominators is None else (float(d) for d in denominators)
     total = ce.new_zeros(())
     if n_std and std_weight:
-        total = total + std_weight * std
+        total = total + std_weight * std_sum / d_std
     if n_sat and sat_lambda:
-        total = total + sat_lambda * sat
+        total = total + sat_lambda * sat_sum / d_sat
     return SatLoss(total, std.detach(), sat.detach(), n_std, n_sat)

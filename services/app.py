@@ -48,7 +48,7 @@ def build_app(args: dict | AppConfig | None = None):
     use_gpu = cfg.decoder.device == "cuda" or (cfg.decoder.device == "auto" and cluster_has_gpus())
     decoder_cfg = cfg.decoder.model_copy(update={"device": "cuda" if use_gpu else "cpu"})
     options = decoder_options(decoder_cfg, use_gpu, cfg.router.retry_after_s)
-    decoder = Decoder.options(**options).bind(decoder_cfg.model_dump())
+    decoder = Decoder.options(**options).bind(decoder_cfg.model_dump(), cfg.telemetry.model_dump())
     router = Router.options(
         num_replicas=cfg.router.replicas,
         ray_actor_options={"num_cpus": cfg.router.num_cpus},

@@ -2,14 +2,16 @@
 
     sdsat train --model tiny --tokenizer TOK --corpus code/ --max-steps 30 --output-dir runs/x
     sdsat train --config train.yaml --max-steps 100
+    sdsat train --config train.yaml --workers 2            # data-parallel on Ray Train
 
-Subcommands import their heavy dependencies lazily, so `sdsat train` never loads Ray. Every command
-that writes results takes `--json PATH` (`-` = stdout).
+Subcommands import their heavy dependencies lazily, so `sdsat train` loads Ray only with --workers.
+Every command that writes results takes `--json PATH` (`-` = stdout).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -30,12 +32,21 @@ def write_json(path: str | None, payload: dict) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from models.config import config_from_args
-    from models.train import train
+    from models.config import build_config, config_from_args
     from models.train_config import TrainConfig
+    from services.train_ray import ScaleConfig
 
     cfg = config_from_args(TrainConfig, args)
-    metrics = train(cfg, progress=not args.no_progress)
+    scale = build_config(ScaleConfig, overrides={f.name: getattr(args, f.name)
+                                                 for f in dataclasses.fields(ScaleConfig)})
+    if scale.workers:
+        from services.train_ray import fit_ray
+
+        metrics = fit_ray(cfg, scale, progress=not args.no_progress)
+    else:
+        from models.train import train
+
+        metrics = train(cfg, progress=not args.no_progress)
     write_json(args.json, metrics)
     return 0
 
@@ -43,17 +54,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 def add_train_parser(sub) -> None:
     from models.config import add_arguments
     from models.train_config import TrainConfig
+    from services.train_ray import ScaleConfig
 
     p = sub.add_parser(
         "train", help="fine-tune a causal LM into an SDSAT model (or train a plain LM with --sat-k 0)",
         description="Fine-tune a Hugging Face causal LM with SAT blocks (SDSAT), or train a plain causal LM "
                     "(--sat-k 0). Options override a YAML --config; unknown keys are errors. A run resumes "
-                    "from OUTPUT_DIR/checkpoint-last when present; the final model is in OUTPUT_DIR/final.",
+                    "from OUTPUT_DIR/checkpoint-last when present; the final model is in OUTPUT_DIR/final. "
+                    "--workers N runs the same training data-parallel on N Ray Train workers.",
     )
     p.add_argument("--config", help="YAML file of options (keys as below, with underscores)")
     p.add_argument("--json", help="write final metrics as JSON to PATH (- = stdout)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_arguments(p, TrainConfig)
+    add_arguments(p.add_argument_group("scaling out with Ray Train (not read from --config)"), ScaleConfig)
     p.set_defaults(func=cmd_train)
 
 
@@ -305,6 +319,114 @@ def add_serve_parser(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+def decoder_from_args(args: argparse.Namespace):
+    """The engine of `batch` and `eval` actors, configured as the service's decoder (unset = its default)."""
+    from services.config import DecoderConfig
+
+    engine = {k: v for k, v in {"method": args.method, "k": args.k, "max_batch": args.batch_size}.items()
+              if v is not None}
+    given = {"num_cpus": args.num_cpus, "cpu_threads": args.threads}
+    return DecoderConfig(model_dir=args.model, engine=engine, device=args.device,
+                         **{k: v for k, v in given.items() if v is not None})
+
+
+def add_engine_job_arguments(p) -> None:
+    """Options shared by `batch` and `eval`: the model, its engine actors and the Ray cluster."""
+    from models.engine.config import METHODS
+    from services.config import DecoderConfig
+
+    fields = DecoderConfig.model_fields
+    p.add_argument("--model", default=default_model_dir(), help="model directory (default: the embedded model)")
+    p.add_argument("--replicas", type=int, default=1, help="engine actors (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="rows per actor call, also the engine's KV slots (default: %(default)s)")
+    p.add_argument("--method", choices=METHODS, default=None, help="decoding method (default: the engine's)")
+    p.add_argument("--k", type=int, default=None, help="draft tokens per iteration (default: the engine's)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: one GPU per actor when the cluster has GPUs, else CPU (default: %(default)s)")
+    p.add_argument("--num-cpus", type=float, default=None,
+                   help=f"CPUs reserved per CPU actor (default: {fields['num_cpus'].default})")
+    p.add_argument("--threads", type=int, default=None,
+                   help=f"torch threads per CPU actor (default: {fields['cpu_threads'].default})")
+    p.add_argument("--address", default=None, help="join a running Ray cluster (e.g. auto) instead of starting one")
+    p.add_argument("--object-store-mb", type=int, default=256, help="object store cap of a local Ray (MiB)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--json", help="write the summary to PATH (- = stdout)")
+
+
+def batch_job_from_args(args: argparse.Namespace, input_path: str, output: str, errors: str | None = None):
+    from services.batch import BatchJob
+
+    return BatchJob(input=input_path, output=output, errors=errors, decoder=decoder_from_args(args),
+                    replicas=args.replicas, batch_size=args.batch_size, address=args.address,
+                    object_store_mb=args.object_store_mb, progress=not args.no_progress)
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from services.batch import run_batch
+
+    summary = run_batch(batch_job_from_args(args, args.input, args.output, args.errors))
+    write_json(args.json, summary)
+    if args.json != "-":
+        print(f"{summary['written']} rows written to {summary['output']} ({summary['already_done']} done before), "
+              f"{summary['errors']} errors in {summary['errors_file']}; "
+              f"{summary['completion_tokens']} tokens, {summary['tokens_per_s']:.1f} tok/s", file=sys.stderr)
+    return 0
+
+
+def add_batch_parser(sub) -> None:
+    p = sub.add_parser(
+        "batch", help="generate completions for a JSONL file of prompts with Ray Data (resumable)",
+        description='Each input line is {"id", "prompt", ...} with optional max_tokens, temperature, top_p, top_k, '
+                    'seed, stop, speculation, ignore_eos (greedy by default). Output lines are {"id", "completion", '
+                    '"finish_reason", "usage", "speculation"}. A re-run skips ids already in the output, so a killed '
+                    'job resumes where it stopped. See services/batch.py.')
+    p.add_argument("--input", required=True, help="JSONL file of prompts")
+    p.add_argument("--output", required=True, help="JSONL file of results (appended to; resumed from)")
+    p.add_argument("--errors", default=None,
+                   help="JSONL report of malformed lines and rejected rows (default: OUTPUT with suffix .errors.jsonl)")
+    add_engine_job_arguments(p)
+    p.set_defaults(func=cmd_batch)
+
+
+def cmd_eval_humaneval(args: argparse.Namespace) -> int:
+    from services.humaneval import run_humaneval
+    from services.sandbox import SandboxLimits
+
+    limits = SandboxLimits(timeout_s=args.timeout, cpu_s=args.cpu_s, memory_mb=args.memory_mb)
+    report = run_humaneval(batch_job_from_args(args, "", args.output), args.limit, args.max_tokens, limits,
+                           args.workers)
+    write_json(args.json, report)
+    if args.json != "-":
+        gen = report["generation"]
+        print(f"pass@1 {report['pass@1']:.4f} ({report['passed']}/{report['problems']})  "
+              f"{gen['tokens_per_s']:.1f} tok/s (engine {gen['engine_tokens_per_s']:.1f})  "
+              f"accepted/iteration {report['mean_accepted_per_iteration']:.2f}  -> {report['results']}")
+    return 0
+
+
+def add_eval_parser(sub) -> None:
+    from services.sandbox import SandboxLimits
+
+    p = sub.add_parser("eval", help="functional-correctness benchmarks of a model (HumanEval)")
+    benchmarks = p.add_subparsers(dest="benchmark", required=True)
+    h = benchmarks.add_parser("humaneval", help="pass@1 on HumanEval: a batch job, then each sample's tests in a "
+                                                "sandboxed subprocess", description="See services/humaneval.py.")
+    h.add_argument("--limit", type=int, default=20, help="first N problems, 0 = all 164 (default: %(default)s)")
+    h.add_argument("--max-tokens", type=int, default=256, help="tokens per completion at most (default: %(default)s)")
+    h.add_argument("--output", default="humaneval.jsonl",
+                   help="per-problem results; completions go to OUTPUT.completions.jsonl (default: %(default)s)")
+    h.add_argument("--workers", type=int, default=2, help="tests run at once (default: %(default)s)")
+    h.add_argument("--timeout", type=float, default=SandboxLimits.timeout_s,
+                   help="wall-clock seconds per sample (default: %(default)s)")
+    h.add_argument("--cpu-s", type=int, default=SandboxLimits.cpu_s,
+                   help="CPU seconds per sample (default: %(default)s)")
+    h.add_argument("--memory-mb", type=int, default=SandboxLimits.memory_mb,
+                   help="address-space limit per sample in MiB (default: %(default)s)")
+    add_engine_job_arguments(h)
+    h.set_defaults(func=cmd_eval_humaneval)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdsat", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -315,6 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_serve_parser(sub)
     add_bench_prefix_parser(sub)
     add_serve_parser(sub)
+    add_batch_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 

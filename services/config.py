@@ -67,8 +67,16 @@ class RouterConfig(BaseModel):
     max_ongoing_requests: int = Field(256, ge=1, description="requests a router replica handles at once")
 
 
+class TelemetryConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    otlp_endpoint: str | None = Field(None, description="OTLP/HTTP collector for traces (default: "
+                                                        "$OTEL_EXPORTER_OTLP_ENDPOINT; neither = tracing off)")
+
+
 class AppConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     decoder: DecoderConfig = Field(default_factory=DecoderConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)

@@ -17,6 +17,7 @@ from ray import serve
 
 from models.errors import SdsatError
 from services.config import DecoderConfig
+from services.telemetry import end_span, speculation_attributes
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 log = logging.getLogger("ray.serve")
@@ -69,11 +70,23 @@ def error_item(err: SdsatError) -> dict:
     return {"error": {"status": err.status, "code": err.code, "message": err.message}}
 
 
+def trace_phases(tracing, parent, timings: dict[str, int]) -> None:
+    """Child spans of `generate` for the engine's phases, timed by the engine itself."""
+    marks = [("queue", "queued", "admitted"), ("prefix_cache.lookup", "admitted", "prefix_lookup"),
+             ("prefill", "prefix_lookup" if "prefix_lookup" in timings else "admitted", "prefill"),
+             ("decode", "prefill", "finished")]
+    for name, start, end in marks:
+        if start in timings and end in timings:
+            end_span(tracing.start(name, parent, start_time=timings[start]), end_time=timings[end])
+
+
 @serve.deployment
 class Decoder:
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, telemetry: dict | None = None):
         from models.engine import SamplingParams
+        from services.config import TelemetryConfig
         from services.engine_runner import EngineRunner
+        from services.telemetry import DecoderMetrics, Tracing
 
         self.config = DecoderConfig(**config)
         self.engine = engine_from_config(self.config)
@@ -81,19 +94,40 @@ class Decoder:
         self.engine.prefix_store = self.prefix_cache
         self.engine.generate([1, 2, 3], SamplingParams(max_new_tokens=4))  # warm-up before taking traffic
         self.engine.batch_sizes.clear()
-        self.runner = EngineRunner(self.engine)
+        self.tracing = Tracing("sdsat-decoder", TelemetryConfig(**(telemetry or {})).otlp_endpoint)
+        self.metrics = DecoderMetrics(self.config.model_name)
+        self.runner = EngineRunner(self.engine, lambda e: self.metrics.engine_step(len(e.running), len(e.waiting)))
         self.replica_id = serve.get_replica_context().replica_id.unique_id
 
     async def generate(self, request: dict) -> AsyncIterator[dict]:
         from models.engine import SamplingParams
 
+        span = self.tracing.start("generate", self.tracing.extract(request.get("trace")),
+                                  attributes={"sdsat.replica": self.replica_id})
+        error = None
         try:
             params = SamplingParams(**request["params"])
             tenant = request.get("tenant", "default")
             async for out in self.runner.generate(request["request_id"], request["prompt_ids"], params, tenant):
+                if out.finished:
+                    self._finished(out, span)
                 yield {**output_item(out), "replica": self.replica_id}
         except SdsatError as err:
+            error = err.message
             yield error_item(err)
+        finally:
+            end_span(span, error=error)
+
+    def _finished(self, out, span) -> None:
+        self.metrics.request_finished(out.stats)
+        if self.prefix_cache is not None:
+            self.metrics.cache_counters(self.prefix_cache.counters.as_dict())
+        if span is not None:
+            trace_phases(self.tracing, span, out.timings or {})
+            span.set_attributes({"gen_ai.usage.input_tokens": out.prompt_tokens,
+                                 "gen_ai.usage.output_tokens": out.completion_tokens,
+                                 "sdsat.cached_tokens": out.cached_tokens, **{
+                                     k: v for k, v in speculation_attributes(out.stats).items() if v is not None}})
 
     def ready(self) -> dict:
         return {"ready": True, "model": self.config.model_name, "max_context": self.engine.max_context,
@@ -101,11 +135,18 @@ class Decoder:
 
     def stats(self) -> dict:
         """Engine counters for tests and debugging: decode batch sizes, load."""
+        from services.telemetry import telemetry_threads
+
         return {"batch_sizes": list(self.engine.batch_sizes), "steps": self.runner.steps,
                 "cancelled": self.engine.cancelled, **self.runner.load(), "replica": self.replica_id,
-                "prefix_cache": self.prefix_cache.counters.as_dict() if self.prefix_cache else None}
+                "prefix_cache": self.prefix_cache.counters.as_dict() if self.prefix_cache else None,
+                "telemetry": {"tracing": self.tracing.enabled, "spans_started": self.tracing.spans_started,
+                              "threads": telemetry_threads()}}
 
     def __del__(self):
         runner = getattr(self, "runner", None)
         if runner is not None:
             runner.stop()
+        tracing = getattr(self, "tracing", None)
+        if tracing is not None:
+            tracing.shutdown()

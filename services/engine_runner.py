@@ -11,7 +11,7 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from models.engine import Engine, RequestOutput, SamplingParams
@@ -31,8 +31,8 @@ class _Submit:
 
 
 class EngineRunner:
-    def __init__(self, engine: Engine):
-        self.engine = engine
+    def __init__(self, engine: Engine, on_step: Callable[[Engine], None] | None = None):
+        self.engine, self.on_step = engine, on_step  # on_step: called after each engine step (metrics)
         self._commands: queue.Queue = queue.Queue()
         self._sinks: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}
         self._stopped = threading.Event()
@@ -104,6 +104,8 @@ class EngineRunner:
             self._sinks.clear()
             return
         self.steps += 1
+        if self.on_step is not None:
+            self.on_step(self.engine)
         for out in outputs:
             target = self._sinks.get(out.request_id)
             if target is None:

@@ -9,10 +9,12 @@ that disconnects mid-stream cancels its generation, which frees its batch slot i
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from opentelemetry.trace import SpanKind
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
@@ -31,15 +33,64 @@ from services.errors import (
     error_response,
     install_error_handlers,
 )
+from services.telemetry import RouterMetrics, Tracing, end_span, speculation_attributes
 
 
 def _sse_data(payload: dict) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
+class RequestTimer:
+    """One request's latency metrics: TTFT at its first tokens, inter-token gaps per chunk, the total at the end."""
+
+    def __init__(self, route: str, model: str, metrics):
+        self.t0 = self.last = time.perf_counter()
+        self.tags, self.metrics, self.first = {"model": model, "route": route}, metrics, None
+
+    def item(self, item: dict) -> None:
+        n = len(item.get("token_ids") or ())
+        if not n:
+            return
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = now
+            self.metrics.ttft.observe(now - self.t0, self.tags)
+        else:
+            self.metrics.itl.observe((now - self.last) / n, self.tags)
+        self.last = now
+
+    def done(self, last: dict, span, k: int | None) -> None:
+        self.metrics.latency.observe(time.perf_counter() - self.t0, self.tags)
+        model = {"model": self.tags["model"]}
+        self.metrics.input_tokens.inc(last["prompt_tokens"], model)
+        if last["completion_tokens"]:
+            self.metrics.output_tokens.inc(last["completion_tokens"], model)
+        end_span(span, {"gen_ai.usage.input_tokens": last["prompt_tokens"],
+                        "gen_ai.usage.output_tokens": last["completion_tokens"],
+                        "gen_ai.response.finish_reasons": [last.get("finish_reason") or "stop"],
+                        **speculation_attributes(last.get("speculation"), k)})
+
+
 app = FastAPI(title="SDSAT serving", description="OpenAI-compatible completions with SDSAT speculative decoding")
 install_error_handlers(app)
 app.add_middleware(BodyLimitMiddleware)
+
+
+@app.middleware("http")
+async def count_requests(request: Request, call_next):
+    """Requests by route template (never the raw path: bounded label values) and status."""
+    from services.telemetry import ROUTER_STATE  # set by Router.__init__ (Serve runs a copy of `app`)
+
+    status = 500
+    try:
+        response = await call_next(request)
+        status = response.status_code
+        return response
+    finally:
+        if "metrics" in ROUTER_STATE:
+            route = getattr(request.scope.get("route"), "path", "unmatched")
+            ROUTER_STATE["metrics"].requests.inc(1, {"model": ROUTER_STATE["model"], "route": route,
+                                                      "status": str(status)})
 
 
 @serve.deployment
@@ -52,6 +103,11 @@ class Router:
         self.decoder = decoder
         self.tokenizer = load_tokenizer(self.config.decoder.model_dir)
         self.model_name = self.config.decoder.model_name
+        self.tracing = Tracing("sdsat-router", self.config.telemetry.otlp_endpoint)
+        self.metrics = RouterMetrics()
+        import services.telemetry
+
+        services.telemetry.ROUTER_STATE.update(metrics=self.metrics, model=self.model_name)
         BodyLimitMiddleware.max_bytes = self.config.router.max_body_bytes
         BackpressureRetry.after_s = self.config.router.retry_after_s
 
@@ -72,29 +128,37 @@ class Router:
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0,
                                             "owned_by": "sdsat-serving"}]}
 
+    @app.get("/metrics")
+    async def metrics(self):
+        """Prometheus text: the sdsat families of every replica on every alive node (see services.telemetry)."""
+        from services.telemetry import gather_metrics
+
+        return PlainTextResponse(await gather_metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
     @app.post("/v1/completions")
-    async def completions(self, body: CompletionRequest):
+    async def completions(self, body: CompletionRequest, request: Request):
         from models.fim import fim_prompt
         from models.tokenizer import encode_text
 
-        self._check_model(body.model)
-        if body.suffix is not None:
+        def tokenize() -> list[int]:
+            if body.suffix is None:
+                return encode_text(self.tokenizer, body.prompt)
             try:
-                prompt_ids = fim_prompt(body.prompt, body.suffix, self.tokenizer)
+                return fim_prompt(body.prompt, body.suffix, self.tokenizer)
             except SdsatError:
                 raise InvalidRequestError("suffix (fill-in-the-middle) needs a model with FIM tokens") from None
-        else:
-            prompt_ids = encode_text(self.tokenizer, body.prompt)
-        return await self._respond(body, prompt_ids, fmt.CompletionFormatter(self.tokenizer, body.logprobs))
+
+        formatter = fmt.CompletionFormatter(self.tokenizer, body.logprobs)
+        return await self._handle(request, "/v1/completions", "text_completion", body, tokenize, formatter)
 
     @app.post("/v1/chat/completions")
-    async def chat(self, body: ChatRequest):
+    async def chat(self, body: ChatRequest, request: Request):
         from models.tokenizer import encode_text
 
-        self._check_model(body.model)
-        prompt_ids = encode_text(self.tokenizer, fmt.chat_prompt(body.messages))
         top = body.top_logprobs if body.logprobs else None
-        return await self._respond(body, prompt_ids, fmt.ChatFormatter(self.tokenizer, top))
+        formatter = fmt.ChatFormatter(self.tokenizer, top)
+        return await self._handle(request, "/v1/chat/completions", "chat", body,
+                                  lambda: encode_text(self.tokenizer, fmt.chat_prompt(body.messages)), formatter)
 
     # ---- shared request path ---------------------------------------------------------------------
     def _check_model(self, model: str | None) -> None:
@@ -113,50 +177,86 @@ class Router:
         return {"request_id": new_id("req"), "prompt_ids": prompt_ids, "params": params, "tenant": "default",
                 "affinity_key": affinity_key(prompt_ids)}
 
-    async def _respond(self, body, prompt_ids: list[int], formatter):
+    async def _handle(self, request: Request, route: str, operation: str, body, tokenize, formatter):
+        """Trace, tokenize, generate, format; every exit ends the request's span and records its metrics."""
+        span = self.tracing.start(f"POST {route}", self.tracing.extract(dict(request.headers)), SpanKind.SERVER, {
+            "gen_ai.operation.name": operation, "gen_ai.request.model": self.model_name,
+            "gen_ai.request.max_tokens": body.max_tokens or getattr(body, "max_completion_tokens", None),
+            "gen_ai.request.temperature": body.temperature}) if self.tracing.enabled else None
+        timer = RequestTimer(route, self.model_name, self.metrics)
+        try:
+            self._check_model(body.model)
+            tok = self.tracing.start("tokenize", span)
+            prompt_ids = tokenize()
+            end_span(tok, {"gen_ai.usage.input_tokens": len(prompt_ids)})
+            return await self._respond(body, prompt_ids, formatter, span, timer)
+        except BaseException as err:
+            end_span(span, error=type(err).__name__)
+            raise
+
+    async def _respond(self, body, prompt_ids: list[int], formatter, span, timer: RequestTimer):
         request = self._decoder_request(body, prompt_ids, formatter.logprobs)
+        request["trace"] = self.tracing.inject(span)
+        route = self.tracing.start("route", span)
         stream = self.decoder.options(stream=True).generate.remote(request)
         deadline = asyncio.get_running_loop().time() + self.config.router.request_timeout_s
         try:  # the first item decides the status: errors and backpressure are not 200s
             async with asyncio.timeout_at(deadline):
                 first = await anext(stream)
+                end_span(route, {"sdsat.replica": first.get("replica")})
                 if "error" in first:
                     raise error_from_item(first)
+                timer.item(first)
                 if body.stream:
-                    sse = self._sse(first, stream, formatter, body.include_usage, deadline)
+                    sse = self._sse(first, stream, formatter, body.include_usage, deadline, span, timer)
                     return StreamingResponse(sse, media_type="text/event-stream")
-                items = [first] + [item async for item in stream]
+                items = [first]
+                async for item in stream:
+                    timer.item(item)
+                    items.append(item)
         except TimeoutError:
             stream.cancel()
+            end_span(span, error="timeout")
             return error_response(504, "the request timed out", "timeout")
         except BackPressureError:  # every decoder replica is full and so is the queue
+            end_span(span, error="backpressure")
             return backpressure_response()
         for item in items:
             if "error" in item:
                 raise error_from_item(item)
+        timer.done(items[-1], span, request["params"]["k"])
         return JSONResponse(formatter.whole(items, self.model_name))
 
-    async def _sse(self, first: dict, stream, formatter, include_usage: bool, deadline: float) -> AsyncIterator[str]:
-        response_id, last = new_id("cmpl"), None
+    async def _sse(self, first: dict, stream, formatter, include_usage: bool, deadline: float, span,
+                   timer: RequestTimer) -> AsyncIterator[str]:
+        response_id, last, error = new_id("cmpl"), None, None
 
         async def items():
             yield first
             async for item in stream:
+                timer.item(item)
                 yield item
 
         try:
             async with asyncio.timeout_at(deadline):
                 async for item in items():
                     if "error" in item:
+                        error = item["error"].get("message", "error")
                         yield _sse_data({"error": item["error"]})
                         break
                     for chunk in formatter.chunks(item, response_id, self.model_name):
                         yield _sse_data(chunk)
                     last = item
         except TimeoutError:
+            error = "timeout"
             yield _sse_data({"error": {"message": "the request timed out", "type": "timeout", "code": 504}})
         finally:
             stream.cancel()  # a no-op when finished; on client disconnect it frees the engine slot
+            if error is None and last is not None and last.get("finished"):
+                timer.done(last, span, None)
+            else:
+                end_span(span, error=error or "cancelled")
         if include_usage and last is not None:
             yield _sse_data(formatter.usage_chunk(last, response_id, self.model_name))
         yield "data: [DONE]\n\n"
+

@@ -17,6 +17,7 @@ every running sequence:
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
 
 import torch
@@ -45,7 +46,7 @@ class Engine:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # running[i] owns cache row i
         self._ids = itertools.count()
-        self.batch_sizes: list[int] = []  # decode batch size of every iteration (for tests and metrics)
+        self.batch_sizes: deque[int] = deque(maxlen=100_000)  # decode batch sizes of recent iterations (tests)
         self.cancelled = 0
 
     @classmethod
@@ -103,8 +104,10 @@ class Engine:
             seq.slot = len(self.running)
             self.cache.commit(seq.slot, 0)
             self.running.append(seq)
+            seq.timings["admitted"] = time.time_ns()
             if self.prefix_store is not None:
                 self._load_prefix(seq)
+                seq.timings["prefix_lookup"] = time.time_ns()
         prefilling = [s for s in self.running if s.prefilled < len(s.prompt_ids)]
         decoding = [s for s in self.running if s.prefilled == len(s.prompt_ids) and not s.finished]
         if prefilling:
@@ -143,6 +146,7 @@ class Engine:
                 if self.prefix_store is not None:
                     self._offer_prefix(seq)
                 seq.emit([self._sample_one(seq, row[-1])], row[-1:])
+                seq.timings["prefill"] = time.time_ns()
 
     def _load_prefix(self, seq: Sequence) -> None:
         """Start a sequence from the longest cached prefix of its prompt (at least one token is left

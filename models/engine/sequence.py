@@ -9,6 +9,7 @@ stop string is held back until it is known not to be one.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +31,7 @@ class RequestOutput:
     stats: dict  # a snapshot of SpecStats.to_dict()
     cached_tokens: int  # prompt tokens served from the prefix cache
     logprobs: list[dict] | None = None  # per new token: {"token_id", "logprob", "top": [[id, logprob], ...]}
+    timings: dict[str, int] | None = None  # on the last output: phase -> time.time_ns() (see Sequence.timings)
 
 
 @dataclass
@@ -57,6 +59,8 @@ class Sequence:
     text: str = ""
     stats: SpecStats = field(default_factory=SpecStats)
     logprobs: list[dict] = field(default_factory=list)
+    # when each phase ended (time.time_ns(), for tracing): queued, admitted, prefix_lookup, prefill, finished
+    timings: dict[str, int] = field(default_factory=lambda: {"queued": time.time_ns()})
     _sent_tokens: int = 0
     _sent_chars: int = 0
 
@@ -138,10 +142,13 @@ class Sequence:
         new_tokens = self.output_ids[self._sent_tokens :]
         if safe <= self._sent_chars and not new_tokens and not self.finished:
             return None
+        if self.finished:
+            self.timings.setdefault("finished", time.time_ns())
         out = RequestOutput(
             self.request_id, self.text[self._sent_chars : safe], new_tokens, self.finished, self.finish_reason,
             len(self.prompt_ids), len(self.output_ids), self.stats.to_dict(), self.cached_tokens,
             self.logprobs[self._sent_tokens :] if self.params.logprobs is not None else None,
+            dict(self.timings) if self.finished else None,
         )
         self._sent_chars = max(self._sent_chars, safe)
         self._sent_tokens = len(self.output_ids)

@@ -10,7 +10,7 @@ from models.recipe import SHIP_DIR
 
 # Set from the measured value on this prompt set (see the README's performance section): a regression
 # in training, the layout or the engine shows up as a drop below it.
-ACCEPTED_PER_ITERATION_FLOOR = 0.6  # measured 1.17 at k=5 on 24 bench prompts (sdsat bench, quick run)
+ACCEPTED_PER_ITERATION_FLOOR = 0.8  # measured 1.02 on this fixed set (4 HumanEval prompts, 48 tokens, k=5)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ def ray_session():
     import ray
 
     ray.init(num_cpus=4, object_store_memory=128 * 2**20, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}})
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}},
+             _system_config={"metrics_report_interval_ms": 1000})  # metrics tests wait on the export
     from ray import serve
 
     port = free_port()
