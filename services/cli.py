@@ -1,4 +1,4 @@
-"""The `sdsat` command line: training, generation, benchmarks and serving.
+"""The `sdsat` command line: training, generation, benchmarks, serving, batch jobs and evaluation.
 
     sdsat train --model tiny --tokenizer TOK --corpus code/ --max-steps 30 --output-dir runs/x
     sdsat train --config train.yaml --max-steps 100

@@ -8,6 +8,7 @@ cancellations through a command queue; each request's outputs come back on its o
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
@@ -30,6 +31,12 @@ class _Submit:
     loop: asyncio.AbstractEventLoop
 
 
+def merge_outputs(a: RequestOutput, b: RequestOutput) -> RequestOutput:
+    """Two consecutive outputs of one request as one (new text, tokens and logprobs appended)."""
+    logprobs = None if a.logprobs is None and b.logprobs is None else (a.logprobs or []) + (b.logprobs or [])
+    return dataclasses.replace(b, text=a.text + b.text, token_ids=a.token_ids + b.token_ids, logprobs=logprobs)
+
+
 class EngineRunner:
     def __init__(self, engine: Engine, on_step: Callable[[Engine], None] | None = None):
         self.engine, self.on_step = engine, on_step  # on_step: called after each engine step (metrics)
@@ -46,12 +53,19 @@ class EngineRunner:
         """Stream a request's outputs; leaving the iteration early (or being cancelled) cancels it."""
         sink: asyncio.Queue = asyncio.Queue()
         self._commands.put(_Submit(request_id, prompt_ids, params, tenant, sink, asyncio.get_running_loop()))
-        finished = False
+        finished, pending = False, None
         try:
             while True:
-                item = await sink.get()
+                item = pending if pending is not None else await sink.get()
+                pending = None
                 if isinstance(item, BaseException):
                     raise item
+                while not item.finished and not sink.empty():  # the consumer fell behind: send one message
+                    nxt = sink.get_nowait()
+                    if isinstance(nxt, BaseException):
+                        pending = nxt
+                        break
+                    item = merge_outputs(item, nxt)
                 yield item
                 if item.finished:
                     finished = True
