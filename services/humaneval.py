@@ -45,6 +45,7 @@ def check_program(problem: dict, completion: str) -> str:
 
 
 def write_requests(problems: list[dict], path: Path, max_tokens: int) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         for p in problems:
             f.write(json.dumps({"id": p["task_id"], "prompt": model_prompt(p), "max_tokens": max_tokens,
