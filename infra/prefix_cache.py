@@ -34,6 +34,9 @@ import torch
 log = logging.getLogger(__name__)
 
 MAGIC, VERSION = b"SDKV", 1
+# Socket reads of 1 MiB (redis-py reads 64 KiB at a time by default): a ~1,000-token prefix is a few MB,
+# and every read hands the GIL back and forth with the replica's other threads.
+READ_SIZE = 2**20
 HEADER = struct.Struct("<4sBB5I")
 DTYPES = {1: torch.float32, 2: torch.bfloat16, 3: torch.float16}
 DTYPE_CODES = {v: k for k, v in DTYPES.items()}
@@ -115,7 +118,8 @@ class PrefixCache:
         if redis_url:
             import redis
 
-            self.redis = redis.Redis.from_url(redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+            self.redis = redis.Redis.from_url(redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                              socket_read_size=READ_SIZE)
         self._writes: queue.Queue = queue.Queue(maxsize=1024)
         self._writer = threading.Thread(target=self._write_loop, name="prefix-cache-writer", daemon=True)
         self._writer.start()
