@@ -12,7 +12,7 @@ from __future__ import annotations
 import ray
 from ray.serve.config import BackpressureConfig, RequestRouterConfig
 
-from services.config import AppConfig, DecoderConfig
+from services.config import ApiKeyConfig, AppConfig, DecoderConfig
 from services.decoder import Decoder
 from services.router import Router
 
@@ -44,16 +44,25 @@ def decoder_options(cfg: DecoderConfig, use_gpu: bool, retry_after_s: int) -> di
 
 
 def build_app(args: dict | AppConfig | None = None):
+    from services.access import keys_from_env
+
     cfg = args if isinstance(args, AppConfig) else AppConfig(**(args or {}))
+    env_keys = keys_from_env()  # raw keys from the environment become digests here, before any deployment sees them
+    if env_keys:
+        cfg = cfg.model_copy(update={"router": cfg.router.model_copy(
+            update={"api_keys": [*cfg.router.api_keys, *(ApiKeyConfig(**k) for k in env_keys)]})})
+    logging_config = {"encoding": cfg.router.log_encoding}
     use_gpu = cfg.decoder.device == "cuda" or (cfg.decoder.device == "auto" and cluster_has_gpus())
     decoder_cfg = cfg.decoder.model_copy(update={"device": "cuda" if use_gpu else "cpu"})
     options = decoder_options(decoder_cfg, use_gpu, cfg.router.retry_after_s)
-    decoder = Decoder.options(**options).bind(decoder_cfg.model_dump(), cfg.telemetry.model_dump())
+    decoder = Decoder.options(**options, logging_config=logging_config).bind(
+        decoder_cfg.model_dump(), cfg.telemetry.model_dump())
     router = Router.options(
         num_replicas=cfg.router.replicas,
         ray_actor_options={"num_cpus": cfg.router.num_cpus},
         max_ongoing_requests=cfg.router.max_ongoing_requests,
         max_queued_requests=cfg.router.max_queued_requests,
         backpressure_config=BackpressureConfig(status_code=429, retry_after_s=cfg.router.retry_after_s),
+        logging_config=logging_config,
     )
     return router.bind(decoder, cfg.model_dump())

@@ -19,6 +19,7 @@ import statistics
 import time
 
 import torch
+import transformers
 
 HF_METHODS = ("hf-generate", "hf-prompt-lookup")
 
@@ -83,9 +84,17 @@ def _run_hf(model, ids: list[int], method: str, k: int, n: int) -> tuple[list[in
     extra = {"prompt_lookup_num_tokens": k} if method == "hf-prompt-lookup" else {}
     x = torch.tensor([ids], device=model.device)
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
-                             do_sample=False, pad_token_id=0, **extra)
+    # EOS is an ordinary token here, as in the engine's ignore_eos runs: `min_new_tokens` would instead mask
+    # it and change the greedy output whenever EOS is the argmax. eos_token_id=None means "the model's", so
+    # an id that never occurs switches stopping off (transformers warns about it: silenced).
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        with torch.inference_mode():
+            out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
+                                 eos_token_id=-1, pad_token_id=0, **extra)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
     return out[0, len(ids):].tolist(), {}, time.perf_counter() - t0
 
 

@@ -53,6 +53,16 @@ class DecoderConfig(BaseModel):
     affinity_routing: bool = Field(True, description="route requests sharing a prompt prefix to the same replica")
 
 
+class ApiKeyConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tenant: str = Field(..., min_length=1, max_length=128, description="who the key belongs to (prefix-cache salt)")
+    key_sha256: str = Field(..., pattern="^[0-9a-f]{64}$", description="SHA-256 hex digest of the key (never the key)")
+    requests_per_minute: int | None = Field(None, ge=1, description="this key's limit (default: the router's)")
+    tokens_per_minute: int | None = Field(None, ge=1, description="prompt + max_tokens per minute (default: the "
+                                                                  "router's)")
+
+
 class RouterConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -65,6 +75,12 @@ class RouterConfig(BaseModel):
     max_queued_requests: int = Field(256, ge=-1, description="HTTP requests queued at the router beyond its "
                                                              "max_ongoing_requests; more get 429")
     max_ongoing_requests: int = Field(256, ge=1, description="requests a router replica handles at once")
+    api_keys: list[ApiKeyConfig] = Field(default_factory=list, description="API keys (none = open API); "
+                                         "$SDSAT_API_KEYS=tenant:key,... adds keys, hashed at deploy time")
+    requests_per_minute: int | None = Field(None, ge=1, description="default per-key request limit (None = off)")
+    tokens_per_minute: int | None = Field(None, ge=1, description="default per-key token limit (None = off)")
+    log_encoding: Literal["JSON", "TEXT"] = Field("JSON", description="Serve log format of the deployments")
+    log_prompts: bool = Field(False, description="put prompts into the request log lines (off: never logged)")
 
 
 class TelemetryConfig(BaseModel):

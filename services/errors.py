@@ -58,6 +58,9 @@ def backpressure_response() -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(SdsatError)
     async def _sdsat(_: Request, err: SdsatError):
+        if err.status == 429:  # rate limits: OpenAI's type, and when to come back
+            return error_response(429, err.message, "rate_limit_error", err.code,
+                                  headers={"Retry-After": str(getattr(err, "retry_after_s", 1))})
         kind = "invalid_request_error" if 400 <= err.status < 500 else err.code
         return error_response(err.status, err.message, kind, err.code)
 

@@ -9,19 +9,23 @@ that disconnects mid-stream cancels its generation, which frees its batch slot i
 
 import asyncio
 import json
+import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from opentelemetry.trace import SpanKind
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from infra.affinity_router import affinity_key
 from models.errors import InvalidRequestError, SdsatError
 from services import formatting as fmt
+from services.access import ApiKeys, AuthenticationError, KeyEntry, RateLimiter
 from services.api import ChatRequest, CompletionRequest, new_id
 from services.config import AppConfig
 from services.errors import (
@@ -34,6 +38,23 @@ from services.errors import (
     install_error_handlers,
 )
 from services.telemetry import RouterMetrics, Tracing, end_span, speculation_attributes
+
+
+def trace_id(span, headers: dict) -> str:
+    """The request's trace id for log lines: its span's, else an incoming W3C traceparent's, else a new one."""
+    if span is not None:
+        return format(span.get_span_context().trace_id, "032x")
+    parts = headers.get("traceparent", "").split("-")
+    if len(parts) == 4 and len(parts[1]) == 32 and parts[1] != "0" * 32:
+        try:
+            int(parts[1], 16)
+            return parts[1].lower()
+        except ValueError:
+            pass
+    return uuid.uuid4().hex
+
+
+REPLICA_DIED = "the decoder replica serving this request failed; retry the request"
 
 
 def _sse_data(payload: dict) -> str:
@@ -77,6 +98,22 @@ app.add_middleware(BodyLimitMiddleware)
 
 
 @app.middleware("http")
+async def authenticate(request: Request, call_next):
+    """With API keys on, every /v1/ request needs one, checked before its body is even read."""
+    from services.telemetry import ROUTER_STATE
+
+    keys = ROUTER_STATE.get("keys")
+    path, root = request.url.path, request.scope.get("root_path", "")  # root_path: the app's route prefix
+    path = path[len(root):] if root and path.startswith(root) else path
+    if keys is not None and keys.enabled and path.startswith("/v1/"):
+        try:
+            request.state.api_key = keys.authenticate(request.headers.get("authorization"))
+        except AuthenticationError as err:
+            return error_response(401, err.message, "invalid_request_error", err.code)
+    return await call_next(request)
+
+
+@app.middleware("http")
 async def count_requests(request: Request, call_next):
     """Requests by route template (never the raw path: bounded label values) and status."""
     from services.telemetry import ROUTER_STATE  # set by Router.__init__ (Serve runs a copy of `app`)
@@ -107,9 +144,20 @@ class Router:
         self.metrics = RouterMetrics()
         import services.telemetry
 
-        services.telemetry.ROUTER_STATE.update(metrics=self.metrics, model=self.model_name)
         BodyLimitMiddleware.max_bytes = self.config.router.max_body_bytes
         BackpressureRetry.after_s = self.config.router.retry_after_s
+        rc = self.config.router
+
+        def per_replica(limit: int | None) -> int | None:  # each router replica enforces its share
+            return None if limit is None else max(1, limit // rc.replicas)
+
+        self.keys = ApiKeys([KeyEntry(k.tenant, bytes.fromhex(k.key_sha256),
+                                      per_replica(k.requests_per_minute or rc.requests_per_minute),
+                                      per_replica(k.tokens_per_minute or rc.tokens_per_minute))
+                             for k in rc.api_keys])
+        self.limiter = RateLimiter()
+        services.telemetry.ROUTER_STATE.update(metrics=self.metrics, model=self.model_name, keys=self.keys)
+        self.log = logging.getLogger("ray.serve")
 
     @app.get("/health")
     async def health(self) -> dict:
@@ -165,7 +213,7 @@ class Router:
         if model and model != self.model_name:
             raise ModelNotFoundError(f"model {model!r} does not exist; this server serves {self.model_name!r}")
 
-    def _decoder_request(self, body, prompt_ids: list[int], logprobs: int | None) -> dict:
+    def _decoder_request(self, body, prompt_ids: list[int], logprobs: int | None, tenant: str) -> dict:
         max_tokens = body.max_tokens or body.max_completion_tokens or self.config.router.max_tokens_limit
         if max_tokens > self.config.router.max_tokens_limit:
             raise InvalidRequestError(f"max_tokens must be <= {self.config.router.max_tokens_limit}")
@@ -174,28 +222,57 @@ class Router:
                   "top_k": body.top_k, "seed": body.seed, "stop": tuple(body.stop or ()), "logprobs": logprobs,
                   "method": spec.method if spec else None, "k": spec.k if spec else None,
                   "ignore_eos": body.ignore_eos}
-        return {"request_id": new_id("req"), "prompt_ids": prompt_ids, "params": params, "tenant": "default",
+        return {"request_id": new_id("req"), "prompt_ids": prompt_ids, "params": params, "tenant": tenant,
                 "affinity_key": affinity_key(prompt_ids)}
 
     async def _handle(self, request: Request, route: str, operation: str, body, tokenize, formatter):
-        """Trace, tokenize, generate, format; every exit ends the request's span and records its metrics."""
-        span = self.tracing.start(f"POST {route}", self.tracing.extract(dict(request.headers)), SpanKind.SERVER, {
+        """Authenticate, trace, tokenize, rate-limit, generate, format; every exit ends the request's span,
+        records its metrics and writes one structured log line."""
+        headers = dict(request.headers)
+        span = self.tracing.start(f"POST {route}", self.tracing.extract(headers), SpanKind.SERVER, {
             "gen_ai.operation.name": operation, "gen_ai.request.model": self.model_name,
             "gen_ai.request.max_tokens": body.max_tokens or getattr(body, "max_completion_tokens", None),
             "gen_ai.request.temperature": body.temperature}) if self.tracing.enabled else None
+        record = {"route": route, "trace_id": trace_id(span, headers), "tenant": None}
         timer = RequestTimer(route, self.model_name, self.metrics)
         try:
+            key = getattr(request.state, "api_key", None)
+            record["tenant"] = key.tenant if key else "default"
             self._check_model(body.model)
             tok = self.tracing.start("tokenize", span)
             prompt_ids = tokenize()
             end_span(tok, {"gen_ai.usage.input_tokens": len(prompt_ids)})
-            return await self._respond(body, prompt_ids, formatter, span, timer)
+            if self.config.router.log_prompts:
+                record["prompt"] = getattr(body, "prompt", None) or [m.content for m in body.messages]
+            request_body = self._decoder_request(body, prompt_ids, formatter.logprobs, record["tenant"])
+            record.update(request_id=request_body["request_id"], prompt_tokens=len(prompt_ids))
+            if key is not None:
+                max_new = request_body["params"]["max_new_tokens"]
+                self.limiter.admit(key.tenant, request_body["request_id"], len(prompt_ids) + max_new,
+                                   key.requests_per_minute, key.tokens_per_minute)
+                record["charge"] = (key.tenant, max_new)
+            return await self._respond(body, request_body, formatter, span, timer, record)
         except BaseException as err:
             end_span(span, error=type(err).__name__)
+            self._finish(record, getattr(err, "status", 500), None)
             raise
 
-    async def _respond(self, body, prompt_ids: list[int], formatter, span, timer: RequestTimer):
-        request = self._decoder_request(body, prompt_ids, formatter.logprobs)
+    def _finish(self, record: dict, status: int, last: dict | None) -> None:
+        """The request's log line (JSON under Serve's logging config), and the refund of tokens it did not use."""
+        if record.pop("done", False):
+            return
+        record["done"] = True
+        charge = record.pop("charge", None)
+        if charge is not None:
+            used = last["completion_tokens"] if last else 0
+            self.limiter.refund(charge[0], record["request_id"], charge[1] - used)
+        if last is not None:
+            record.update(completion_tokens=last["completion_tokens"], finish_reason=last.get("finish_reason"),
+                          replica=last.get("replica"))
+        extra = {k: v for k, v in record.items() if k != "done"}
+        self.log.info("request %s %s", record["route"], status, extra={"sdsat": dict(extra, status=status)})
+
+    async def _respond(self, body, request: dict, formatter, span, timer: RequestTimer, record: dict):
         request["trace"] = self.tracing.inject(span)
         route = self.tracing.start("route", span)
         stream = self.decoder.options(stream=True).generate.remote(request)
@@ -208,7 +285,7 @@ class Router:
                     raise error_from_item(first)
                 timer.item(first)
                 if body.stream:
-                    sse = self._sse(first, stream, formatter, body.include_usage, deadline, span, timer)
+                    sse = self._sse(first, stream, formatter, body.include_usage, deadline, span, timer, record)
                     return StreamingResponse(sse, media_type="text/event-stream")
                 items = [first]
                 async for item in stream:
@@ -217,18 +294,25 @@ class Router:
         except TimeoutError:
             stream.cancel()
             end_span(span, error="timeout")
+            self._finish(record, 504, None)
             return error_response(504, "the request timed out", "timeout")
         except BackPressureError:  # every decoder replica is full and so is the queue
             end_span(span, error="backpressure")
+            self._finish(record, 429, None)
             return backpressure_response()
+        except RayActorError:  # the decoder replica died mid-request; Serve replaces it, the client may retry
+            end_span(span, error="replica_died")
+            self._finish(record, 503, None)
+            return error_response(503, REPLICA_DIED, "service_unavailable")
         for item in items:
             if "error" in item:
                 raise error_from_item(item)
         timer.done(items[-1], span, request["params"]["k"])
+        self._finish(record, 200, items[-1])
         return JSONResponse(formatter.whole(items, self.model_name))
 
     async def _sse(self, first: dict, stream, formatter, include_usage: bool, deadline: float, span,
-                   timer: RequestTimer) -> AsyncIterator[str]:
+                   timer: RequestTimer, record: dict) -> AsyncIterator[str]:
         response_id, last, error = new_id("cmpl"), None, None
 
         async def items():
@@ -250,12 +334,17 @@ class Router:
         except TimeoutError:
             error = "timeout"
             yield _sse_data({"error": {"message": "the request timed out", "type": "timeout", "code": 504}})
+        except RayActorError:
+            error = "replica_died"
+            yield _sse_data({"error": {"message": REPLICA_DIED, "type": "service_unavailable", "code": 503}})
         finally:
             stream.cancel()  # a no-op when finished; on client disconnect it frees the engine slot
             if error is None and last is not None and last.get("finished"):
                 timer.done(last, span, None)
             else:
                 end_span(span, error=error or "cancelled")
+            record["stream_error"] = error
+            self._finish(record, 200, last)
         if include_usage and last is not None:
             yield _sse_data(formatter.usage_chunk(last, response_id, self.model_name))
         yield "data: [DONE]\n\n"
