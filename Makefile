@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup serve test redis lint bench model constraints clean loadtest
+.PHONY: setup serve test redis lint bench model constraints clean loadtest soak
 
 setup: $(STAMP)
 
@@ -51,6 +51,25 @@ loadtest: setup
 		--max-tokens $(MAX_TOKENS) $(if $(PROMPTS),--prompts-file $(PROMPTS)) --only-summary \
 		--csv $(RESULTS)/locust --csv-full-history --html $(RESULTS)/report.html; \
 	status=$$?; $(BIN)/python -m loadtests.report --csv-prefix $(RESULTS)/locust --out $(RESULTS) && exit $$status
+
+# Soak: starts the service (local Ray, serve_config.yaml, the embedded model), runs Locust at moderate load
+# for DURATION while sampling every Serve replica's RSS, stops the service and writes RESULTS/soak.json
+# (requests, failures, E2E/TTFT p50/p99, RSS per replica, checks) and rss.png; exits 1 when a check fails:
+# a failed request, E2E p99 over P99_S seconds, or a replica's RSS more than 10% above its value at the end of
+# the warm-up (WARMUP_S: 180 s, the time the decoder's 256 MiB prefix LRU takes to fill under this load).
+# URL=... soaks a running service instead; its replicas are found through Ray (RAY_ADDRESS, else the local one).
+soak: URL =
+soak: USERS = 4
+soak: SPAWN_RATE = 1
+soak: DURATION = 10m
+soak: RESULTS = infra/bench/soak
+P99_S ?= 30
+soak: WARMUP_S = 180
+soak: setup redis
+	$(BIN)/python -m loadtests.soak $(if $(URL),--url $(URL) --ray-address auto) \
+		--users $(USERS) --spawn-rate $(SPAWN_RATE) --duration $(DURATION) --max-tokens $(MAX_TOKENS) \
+		$(if $(PROMPTS),--prompts-file $(PROMPTS)) $(if $(WARMUP_S),--warmup-s $(WARMUP_S)) --max-p99-s $(P99_S) \
+		--out $(RESULTS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,14 +1,17 @@
 """Loading and saving SDSAT checkpoints in Hugging Face format.
 
 A checkpoint directory holds what `save_pretrained` writes for the model and the tokenizer, plus
-`sdsat.json` (SAT ids, k_train) and, for trained models, `train_config.yaml`. Loading never touches
-a model hub: directories are local, and `HF_HUB_OFFLINE=1` is set before transformers loads.
+`sdsat.json` (SAT ids, k_train), for trained models `train_config.yaml`, and optionally an MLP
+speculator in `speculator/` (models/speculator.py). Loading never touches a model hub: directories
+are local, and `HF_HUB_OFFLINE=1` is set before transformers loads.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -58,10 +61,6 @@ def save_checkpoint(directory: str | Path, model, tokenizer, sat: SatSpec | None
                     trainer_state: dict | None = None, state_dict: dict | None = None) -> Path:
     """Write a complete checkpoint atomically: into a temporary sibling, then rename over the target.
     `state_dict` replaces the model's own weights (a sharded model passes its gathered full state)."""
-    target = Path(directory)
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     to_save = model
     if state_dict is not None:
         if dtype is not None:
@@ -70,14 +69,26 @@ def save_checkpoint(directory: str | Path, model, tokenizer, sat: SatSpec | None
         import copy
 
         to_save = copy.deepcopy(model).to(dtype)
-    to_save.save_pretrained(tmp, state_dict=state_dict)
-    tokenizer.save_pretrained(tmp)
-    if sat is not None:
-        sat.save(tmp)
-    for name, text in (files or {}).items():
-        (tmp / name).write_text(text)
-    if trainer_state is not None:
-        torch.save(trainer_state, tmp / TRAINER_STATE)
+    with replacing(directory) as tmp:
+        to_save.save_pretrained(tmp, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
+        if sat is not None:
+            sat.save(tmp)
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / TRAINER_STATE)
+    return Path(directory)
+
+
+@contextmanager
+def replacing(directory: str | Path) -> Iterator[Path]:
+    """Write a directory atomically: fill the yielded temporary sibling; on success it replaces `directory`."""
+    target = Path(directory)
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
     if target.exists():
         old = target.with_name(target.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -86,4 +97,3 @@ def save_checkpoint(directory: str | Path, model, tokenizer, sat: SatSpec | None
         shutil.rmtree(old)
     else:
         tmp.rename(target)
-    return target

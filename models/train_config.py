@@ -110,3 +110,64 @@ class TrainConfig:
     @property
     def plain(self) -> bool:
         return self.sat_k == 0
+
+
+@dataclass(frozen=True)
+class SpeculatorTrainConfig:
+    """`sdsat train-speculator`: an MLP speculator for a frozen base model (models/train_speculator.py)."""
+
+    # What to train
+    model: str = field("", "base model directory (Hugging Face format); it stays frozen")
+    corpus: tuple[str, ...] = field((), "training corpus, as for `sdsat train`; comma-separated")
+    output_dir: str = field("runs/speculator", "checkpoints, log.jsonl and the data cache")
+    save_to: str = field("", "where the final speculator goes; empty = MODEL/speculator, beside the base "
+                             "checkpoint, where the engine finds it")
+    resume: bool = field(True, "resume from output_dir/checkpoint-last when present (false: start over)")
+    n_predict: int = field(3, "heads = the most tokens drafted per iteration (the paper: 3-4, 7 for a code model)")
+    inner_dim: int = field(0, "speculator state size; 0 = the base model's hidden size")
+    tie_weights: bool = field(False, "one set of weights for every head after the first projection "
+                                     "(fewer parameters when there are many heads)")
+    # Data: stage 1 = teacher forcing on corpus windows, stage 2 = the base model's own continuations
+    seq_len: int = field(256, "tokens per stage-1 training window")
+    stage2_fraction: float = field(0.3, "share of the steps (the last ones) trained on the base model's own greedy "
+                                        "continuations, which greedy verification accepts, instead of the corpus")
+    distill_sequences: int = field(256, "stage 2: generated sequences (once, cached in output_dir/cache)")
+    distill_context: int = field(64, "stage 2: corpus tokens before each continuation")
+    distill_new_tokens: int = field(192, "stage 2: greedy tokens generated per sequence")
+    distill_batch_size: int = field(32, "stage 2: sequences generated per batch")
+    # Optimisation: only the speculator learns, so a higher rate than fine-tuning the base model
+    batch_size: int = field(8, "sequences per step")
+    max_steps: int = field(1000, "optimizer steps, both stages")
+    lr: float = field(1e-3, "peak learning rate (AdamW)")
+    min_lr_ratio: float = field(0.1, "cosine schedule decays to lr * min_lr_ratio")
+    warmup_steps: int = field(50, "linear learning-rate warm-up steps")
+    weight_decay: float = field(0.1, "AdamW weight decay on matrices (not on norms)")
+    grad_clip: float = field(1.0, "max gradient norm; 0 disables clipping")
+    seed: int = field(0, "seed for initialisation, data order and the stage-2 contexts")
+    # Runtime
+    device: str = field("auto", "cpu, cuda, cuda:N, or auto (cuda when available)")
+    dtype: Literal["float32", "bfloat16", "float16"] = field("float32", "the base model's compute dtype "
+                                                                        "(the speculator trains in fp32)")
+    num_threads: int = field(0, "torch CPU threads; 0 keeps torch's default")
+    save_every: int = field(100, "write checkpoint-last every N steps")
+    log_every: int = field(10, "append a line to output_dir/log.jsonl every N steps")
+
+    def __post_init__(self):
+        checks = [
+            (bool(self.model), "--model (the base model directory) is required"),
+            (self.n_predict >= 1 and self.inner_dim >= 0, "n_predict must be >= 1 and inner_dim >= 0"),
+            (self.seq_len >= self.n_predict + 2, f"seq_len must be >= n_predict + 2, got {self.seq_len}"),
+            (self.stage2_fraction == 0 or 0 < self.distill_context <= self.seq_len,
+             "distill_context must be in [1, seq_len]"),
+            (self.stage2_fraction == 0 or self.distill_new_tokens >= self.n_predict + 1,
+             "distill_new_tokens must be >= n_predict + 1"),
+            (0.0 <= self.stage2_fraction <= 1.0, "stage2_fraction must lie in [0, 1]"),
+            (self.batch_size >= 1 and self.max_steps >= 1 and self.lr > 0, "batch_size, max_steps >= 1, lr > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    @property
+    def stage1_steps(self) -> int:
+        return self.max_steps - round(self.max_steps * self.stage2_fraction)

@@ -3,13 +3,15 @@
     sdsat bench --json bench.json --plot bench.png                 # full run (48 HumanEval + 16 stdlib)
     sdsat bench --limit 4 --max-new-tokens 32 --ks 1,3,5 --reps 1  # a quick look
 
-Methods: `ar` (the baseline), `sdsat` and `sdsat-fused` for each k, `prompt-lookup`, and
-transformers' own `generate` (greedy, and with `prompt_lookup_num_tokens`) as outside references.
+Methods: `ar` (the baseline), `sdsat`, `sdsat-fused` and `mlp` (only for a model with a speculator)
+for each k, `prompt-lookup`, and transformers' own `generate` (greedy, and with
+`prompt_lookup_num_tokens`) as outside references.
 Every method generates exactly `max_new_tokens` tokens per prompt (EOS ignored), so lengths are
 equal by construction; `identical_fraction` is the share of prompts whose tokens equal `ar`'s.
 Repetitions are interleaved (rep -> prompt -> method), timings are per (method, prompt) medians.
 Also measured: r(w) = time(forward of w new tokens) / time(1-token forward) at a 256-token
-context, the two-step ceiling (2+k)/(2 r(k+1)) and the fused one (1+k)/r((k+1)^2).
+context, the two-step ceiling (2+k)/(2 r(k+1)), the fused one (1+k)/r((k+1)^2) and the mlp one
+(1+k)/r(k+1) (the speculator's own cost left out).
 """
 
 from __future__ import annotations
@@ -22,6 +24,12 @@ import torch
 import transformers
 
 HF_METHODS = ("hf-generate", "hf-prompt-lookup")
+K_SWEPT = ("sdsat", "sdsat-fused", "mlp")  # methods benchmarked at every k of the sweep
+
+
+def available(engine, method: str) -> bool:
+    """mlp needs a speculator beside the model; the other methods run on any model."""
+    return method != "mlp" or engine.speculator is not None
 
 
 def humaneval_prompts(n: int) -> list[str]:
@@ -108,9 +116,9 @@ def run_bench(model_dir: str, prompts: list[str], max_new_tokens: int, ks: list[
     tok = engine.tokenizer
     encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     runs = [("ar", 0)]
-    for m in methods:
-        if m in ("sdsat", "sdsat-fused"):
-            runs += [(m, k) for k in ks]
+    for m in [m for m in methods if available(engine, m)]:
+        if m in K_SWEPT:  # mlp drafts at most one token per head: larger k would repeat k = n_predict
+            runs += [(m, k) for k in ks if m != "mlp" or k <= engine.speculator.n_predict]
         elif m in ("prompt-lookup", "hf-prompt-lookup"):
             runs += [(m, k) for k in ks if k in (3, 5, 8)] or [(m, ks[-1])]
         elif m != "ar":
@@ -156,9 +164,9 @@ def summarize(runs, prompts, times, outputs, stats, n, engine, ks, model_dir) ->
                "acceptance_rate": d.get("acceptance_rate"), "forwards_per_token": d.get("forwards_per_token"),
                "accepted_per_position": d.get("accepted_per_position"),
                "ms_per_iteration": 1e3 * total / d["iterations"] if d.get("iterations") else None}
-        if r[0] in ("sdsat", "sdsat-fused") and d:
+        if r[0] in K_SWEPT and d:
             acc, r2, rf = d["mean_accepted_per_iteration"], ratios[r[1] + 1], ratios[(r[1] + 1) ** 2]
-            row["ceiling"] = (2 + acc) / (2 * r2) if r[0] == "sdsat" else (1 + acc) / rf
+            row["ceiling"] = {"sdsat": (2 + acc) / (2 * r2), "sdsat-fused": (1 + acc) / rf, "mlp": (1 + acc) / r2}[r[0]]
         results.append(row)
     return {
         "model": model_dir, "machine": f"{platform.machine()} {platform.processor() or ''} "
@@ -222,6 +230,7 @@ def batch_sweep(model_dir: str, prompts: list[str], batch_sizes: list[int], runs
     from models.engine import Engine, EngineConfig, SamplingParams
 
     engine = Engine.from_pretrained(model_dir, EngineConfig(method="ar", k=0, max_batch=max(batch_sizes)))
+    runs = [(m, k) for m, k in runs if available(engine, m)]
     encoded = [engine.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     engine.generate_batch(encoded[:2], SamplingParams(max_new_tokens=8, ignore_eos=True))  # warm-up
     times: dict[tuple, list[float]] = {}
@@ -251,7 +260,7 @@ def plot(report: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for method, style in (("sdsat", "o-"), ("sdsat-fused", "s-"), ("prompt-lookup", "^--")):
+    for method, style in (("sdsat", "o-"), ("sdsat-fused", "s-"), ("mlp", "d-"), ("prompt-lookup", "^--")):
         rows = [r for r in report["results"] if r["method"] == method]
         if rows:
             ax1.plot([r["k"] for r in rows], [r["speedup_vs_ar"] for r in rows], style, label=method)

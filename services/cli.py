@@ -3,6 +3,7 @@
     sdsat train --model tiny --tokenizer TOK --corpus code/ --max-steps 30 --output-dir runs/x
     sdsat train --config train.yaml --max-steps 100
     sdsat train --config train.yaml --workers 2            # data-parallel on Ray Train
+    sdsat train-speculator --model runs/sdsat/final --corpus code/ --max-steps 2000   # the `mlp` drafter
 
 Subcommands import their heavy dependencies lazily, so `sdsat train` loads Ray only with --workers.
 Every command that writes results takes `--json PATH` (`-` = stdout).
@@ -69,6 +70,35 @@ def add_train_parser(sub) -> None:
     add_arguments(p, TrainConfig)
     add_arguments(p.add_argument_group("scaling out with Ray Train (not read from --config)"), ScaleConfig)
     p.set_defaults(func=cmd_train)
+
+
+def cmd_train_speculator(args: argparse.Namespace) -> int:
+    from models.config import config_from_args
+    from models.train_config import SpeculatorTrainConfig
+    from models.train_speculator import train_speculator
+
+    metrics = train_speculator(config_from_args(SpeculatorTrainConfig, args), progress=not args.no_progress)
+    write_json(args.json, metrics)
+    return 0
+
+
+def add_train_speculator_parser(sub) -> None:
+    from models.config import add_arguments
+    from models.train_config import SpeculatorTrainConfig
+
+    p = sub.add_parser(
+        "train-speculator", help="train an MLP speculator for a frozen base model (decoding method `mlp`)",
+        description="Train the combined token/embedding (MLP) speculator of a frozen base model: teacher forcing "
+                    "on the corpus, then the model's own greedy continuations for the last --stage2-fraction of "
+                    "the steps. A run resumes from OUTPUT_DIR/checkpoint-last when present; the speculator is "
+                    "saved to MODEL/speculator (or --save-to), where `sdsat generate --method mlp` and the "
+                    "service find it. Options override a YAML --config; unknown keys are errors.",
+    )
+    p.add_argument("--config", help="YAML file of options (keys as below, with underscores)")
+    p.add_argument("--json", help="write final metrics as JSON to PATH (- = stdout)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_arguments(p, SpeculatorTrainConfig)
+    p.set_defaults(func=cmd_train_speculator)
 
 
 def default_model_dir() -> str:
@@ -169,7 +199,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         write_json(args.json or "-", report)
         return 0
     if args.batch_sweep:
-        runs = [("ar", 0)] + [(m, k) for m in args.methods.split(",") if m in ("sdsat", "sdsat-fused") for k in ks]
+        runs = [("ar", 0)] + [(m, k) for m in args.methods.split(",") if m in bench.K_SWEPT for k in ks]
         sizes = [int(b) for b in args.batch_sweep.split(",")]
         report = bench.batch_sweep(model, prompts, sizes, runs, args.max_new_tokens, args.reps, not args.no_progress)
         write_json(args.json, report)
@@ -191,7 +221,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def add_bench_parser(sub) -> None:
-    p = sub.add_parser("bench", help="measure ar / sdsat / sdsat-fused / prompt-lookup / transformers generate",
+    p = sub.add_parser("bench", help="measure ar / sdsat / sdsat-fused / mlp / prompt-lookup / transformers generate",
                        description="Speed of every decoding method on one model in one run (see services/bench.py).")
     p.add_argument("--model", default=default_model_dir(), help="model directory (default: the embedded model)")
     p.add_argument("--toy", metavar="DIR", help="use (training it first if needed) the tiny counting model in DIR")
@@ -200,8 +230,8 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per prompt (default: 128)")
     p.add_argument("--ks", default="1,2,3,4,5,6,7,8", help="k sweep (default: 1..8)")
     p.add_argument("--reps", type=int, default=3, help="interleaved repetitions (default: 3)")
-    p.add_argument("--methods", default="sdsat,sdsat-fused,prompt-lookup,hf-generate,hf-prompt-lookup",
-                   help="methods besides ar (default: all)")
+    p.add_argument("--methods", default="sdsat,sdsat-fused,mlp,prompt-lookup,hf-generate,hf-prompt-lookup",
+                   help="methods besides ar (default: all; mlp only for a model with a speculator)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own)")
     p.add_argument("--cache-compare", action="store_true",
                    help="instead: one draft-verify step with the slot cache vs transformers' DynamicCache")
@@ -280,24 +310,35 @@ def load_serve_config(path: str | None) -> tuple[dict, dict]:
     return data.get("http_options") or {}, apps[0].get("args") or {}
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    import time
-
+def start_service(config: str | None, host: str | None = None, port: int | None = None, address: str | None = None,
+                  object_store_mb: int = 512) -> str:
+    """Start the service as `sdsat serve` does (a local Ray unless `address` names a cluster, Serve, the app);
+    its base URL."""
     import ray
     from ray import serve
 
     from services.app import build_app
     from services.config import AppConfig
 
-    http, app_args = load_serve_config(args.config)
-    host, port = args.host or http.get("host", "127.0.0.1"), args.port or http.get("port", 8000)
+    http, app_args = load_serve_config(config)
+    host, port = host or http.get("host", "127.0.0.1"), port or http.get("port", 8000)
     app_config = AppConfig(**app_args)  # validate before starting anything
     if not ray.is_initialized():
-        ray.init(address=args.address, object_store_memory=None if args.address else args.object_store_mb * 2**20,
+        ray.init(address=address, object_store_memory=object_store_mb * 2**20 if address in (None, "local") else None,
                  include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": host, "port": port, "request_timeout_s": http.get("request_timeout_s")})
     serve.run(build_app(app_config), name="sdsat", route_prefix="/", blocking=False)
-    print(f"SDSAT service ready at http://{host}:{port}  (OpenAI API under /v1; Ctrl-C stops it)", flush=True)
+    return f"http://{host}:{port}"
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import time
+
+    import ray
+    from ray import serve
+
+    url = start_service(args.config, args.host, args.port, args.address, args.object_store_mb)
+    print(f"SDSAT service ready at {url}  (OpenAI API under /v1; Ctrl-C stops it)", flush=True)
     try:
         while True:
             time.sleep(3600)
@@ -431,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdsat", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_parser(sub)
+    add_train_speculator_parser(sub)
     add_generate_parser(sub)
     add_convert_parser(sub)
     add_bench_parser(sub)

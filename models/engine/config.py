@@ -14,8 +14,8 @@ from typing import Literal
 from models.config import field as cfg_field
 from models.errors import InvalidRequestError
 
-Method = Literal["ar", "sdsat", "sdsat-fused", "prompt-lookup"]
-METHODS: tuple[str, ...] = ("ar", "sdsat", "sdsat-fused", "prompt-lookup")
+Method = Literal["ar", "sdsat", "sdsat-fused", "prompt-lookup", "mlp"]
+METHODS: tuple[str, ...] = ("ar", "sdsat", "sdsat-fused", "prompt-lookup", "mlp")
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ Each `step()` admits waiting requests into free KV slots, prefills up to `prefil
 tokens (batched, so long prompts do not stall running streams) and runs one decoding iteration for
 every running sequence:
 
-    draft   -> drafts per sequence (prompt lookup: n-gram; sdsat: a [cur, S_1..S_k] forward)
+    draft   -> drafts per sequence (prompt lookup: n-gram; sdsat: a [cur, S_1..S_k] forward; mlp: the
+               speculator's chain from the state where cur was predicted)
     verify  -> one batched forward over each sequence's [cur, d_1..d_k] (+ SAT blocks when fused)
     accept  -> greedy match or exact speculative sampling, per sequence
     commit  -> keep the KV of cur + accepted drafts (a length change), emit accepted + bonus
@@ -30,14 +31,17 @@ from models.engine.sampling import process_logits, sample_from, verify_greedy, v
 from models.engine.sequence import RequestOutput, Sequence
 from models.errors import InvalidRequestError, PromptTooLongError
 from models.sat import SatSpec
+from models.speculator import MLPSpeculator
 
 
 class Engine:
-    def __init__(self, model, tokenizer, sat: SatSpec | None, config: EngineConfig, prefix_store=None):
+    def __init__(self, model, tokenizer, sat: SatSpec | None, config: EngineConfig, prefix_store=None,
+                 speculator: MLPSpeculator | None = None):
         self.model, self.tokenizer, self.sat, self.config = model.eval(), tokenizer, sat, config
         self.prefix_store = prefix_store  # a models.engine.prefix.PrefixStore, or None
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        self.speculator = speculator.to(self.device, self.dtype).eval() if speculator is not None else None
         self.decoder, self.lm_head = model.get_decoder(), model.get_output_embeddings()
         self.max_context = config.max_context or model.config.max_position_embeddings
         headroom = max(config.prefill_chunk, (config.max_k + 1) ** 2)
@@ -55,7 +59,8 @@ class Engine:
 
         config = config or EngineConfig()
         model = load_model(directory, config.attn_implementation, DTYPES[config.dtype], resolve_device(config.device))
-        return cls(model, load_tokenizer(directory), SatSpec.maybe_load(directory), config)
+        return cls(model, load_tokenizer(directory), SatSpec.maybe_load(directory), config,
+                   speculator=MLPSpeculator.maybe_load(directory))
 
     # ---- requests -------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
@@ -70,6 +75,8 @@ class Engine:
             raise InvalidRequestError(f"k must be <= {self.config.max_k}, got {k}")
         if method.startswith("sdsat") and self.sat is None:
             raise InvalidRequestError(f"method {method!r} needs an SDSAT model (sdsat.json); this one has none")
+        if method == "mlp" and self.speculator is None:
+            raise InvalidRequestError("method 'mlp' needs a model with a speculator (speculator/); this one has none")
         generator = None
         if not params.greedy:
             seed = params.seed if params.seed is not None else int(torch.randint(2**62, ()))
@@ -137,8 +144,8 @@ class Engine:
             chunks.append(seq.prompt_ids[seq.prefilled : seq.prefilled + n])
             owners.append(seq)
             budget -= n
-        logits = self._forward(owners, chunks, last_only=True)
-        for seq, chunk, row in zip(owners, chunks, logits, strict=True):
+        logits, hidden = self._forward(owners, chunks, last_only=True)
+        for seq, chunk, row, state in zip(owners, chunks, logits, hidden, strict=True):
             seq.prefilled += len(chunk)
             self.cache.commit(seq.slot, seq.prefilled)
             seq.stats.forwards += 1
@@ -146,6 +153,7 @@ class Engine:
                 if self.prefix_store is not None:
                     self._offer_prefix(seq)
                 seq.emit([self._sample_one(seq, row[-1])], row[-1:])
+                seq.hidden = state[-1] if seq.method == "mlp" else None
                 seq.timings["prefill"] = time.time_ns()
 
     def _load_prefix(self, seq: Sequence) -> None:
@@ -171,6 +179,9 @@ class Engine:
         two_step = [s for s in seqs if s.method == "sdsat" and s.k_now > 0]
         if two_step:
             self._sdsat_draft_forward(two_step)
+        chained = [s for s in seqs if s.method == "mlp" and s.k_now > 0]
+        if chained:
+            self._mlp_draft(chained)
         live = [s for s in seqs if not s.finished]
         if live:
             self._verify(live)
@@ -181,6 +192,8 @@ class Engine:
         k = max(0, min(seq.k, batch_k, seq.remaining - 1, room - 1))
         if seq.method == "sdsat":
             k = max(0, min(k, seq.remaining - 2, room - 2))
+        elif seq.method == "mlp":
+            k = min(k, self.speculator.n_predict)  # one head per draft
         seq.k_now = k
         if seq.method == "prompt-lookup":
             context = seq.prompt_ids + seq.output_ids
@@ -188,19 +201,42 @@ class Engine:
         elif seq.method == "sdsat-fused":
             seq.drafts = seq.drafts[:k]
             seq.draft_probs = seq.draft_probs[:k] if seq.draft_probs is not None else None
-        elif seq.method == "ar" or k == 0:
+        elif seq.method in ("ar", "mlp") or k == 0:  # mlp: _mlp_draft fills them
             seq.drafts, seq.draft_probs = [], None
 
     def _sdsat_draft_forward(self, seqs: list[Sequence]) -> None:
         """Two-step SDSAT, step 1: [cur, S_1..S_k] -> the exact next token and k SAT drafts."""
         chunks = [[s.cur, *self.sat.slot_ids(s.k_now)] for s in seqs]
-        logits = self._forward(seqs, chunks)
+        logits, _ = self._forward(seqs, chunks)
         for seq, row in zip(seqs, logits, strict=True):
             seq.stats.forwards += 1
             self.cache.commit(seq.slot, seq.context_len)  # keep cur, drop the SAT entries
             exact = self._sample_one(seq, row[0])
             self._set_drafts(seq, row[1 : 1 + seq.k_now])
             seq.emit([exact], row[:1])
+
+    def _mlp_draft(self, seqs: list[Sequence]) -> None:
+        """MLP speculator chain: head i reads the state and the token chosen at head i-1 (cur for head 0),
+        starting from the base model's state where cur was predicted. No base-model forward."""
+        state = torch.stack([s.hidden for s in seqs])  # [B, H]
+        tokens = torch.tensor([s.cur for s in seqs], device=self.device)  # [B]
+        drafts, draft_probs = [[] for _ in seqs], [[] for _ in seqs]
+        for i in range(max(s.k_now for s in seqs)):
+            state, logits = self.speculator.step(i, state, tokens)
+            logits = logits.float().cpu()  # [B, V]
+            chosen = logits.argmax(-1)  # greedy drafts; sampled ones replace theirs below
+            for b, seq in enumerate(seqs):
+                if i >= seq.k_now:
+                    continue
+                if not seq.params.greedy:
+                    p = seq.params
+                    q = process_logits(logits[b], p.temperature, p.top_p, p.top_k)
+                    chosen[b] = sample_from(q, seq.uniforms(1)[0])
+                    draft_probs[b].append(q)
+                drafts[b].append(int(chosen[b]))
+            tokens = chosen.to(self.device)
+        for seq, d, q in zip(seqs, drafts, draft_probs, strict=True):
+            seq.drafts, seq.draft_probs = d, torch.stack(q) if q else None
 
     def _verify(self, seqs: list[Sequence]) -> None:
         chunks, layouts = [], []
@@ -213,13 +249,15 @@ class Engine:
             else:
                 chunks.append(chain)
                 layouts.append(None)
-        logits = self._forward(seqs, chunks, layouts)
-        for seq, row in zip(seqs, logits, strict=True):
+        logits, hidden = self._forward(seqs, chunks, layouts)
+        for seq, row, states in zip(seqs, logits, hidden, strict=True):
             n = len(seq.drafts)
             accepted, emitted = self._accept(seq, row[: n + 1])
             seq.stats.forwards += 1
             seq.stats.record(n, accepted)
             self.cache.commit(seq.slot, seq.context_len + accepted)  # cur + accepted drafts
+            if seq.method == "mlp":  # the state that predicted the next cur: the speculator's next start
+                seq.hidden = states[accepted]
             if seq.method == "sdsat-fused" and seq.k_now > 0:
                 self._set_drafts(seq, row[fused_block_rows(n, seq.k_now, accepted)])
             elif seq.method == "sdsat-fused":
@@ -254,7 +292,8 @@ class Engine:
     def _forward(self, seqs: list[Sequence], chunks: list[list[int]], layouts=None, last_only=False):
         """One model forward over new tokens of several sequences, written after each one's committed
         KV. layouts[i] = (position offsets, local [T_i, T_i] visibility) or None for a causal chunk.
-        Returns per sequence its [T_i, V] logits (or [1, V] with last_only)."""
+        Returns per sequence its [T_i, V] logits on the CPU and [T_i, H] final hidden states on the
+        model's device (or [1, V] and [1, H] with last_only)."""
         R, T = len(seqs), max(map(len, chunks))
         start, kv_len = self.cache.write_at([s.slot for s in seqs], T)
         ids = torch.zeros(R, T, dtype=torch.long)
@@ -281,9 +320,10 @@ class Engine:
         if last_only:
             lengths = torch.tensor([len(c) for c in chunks], device=self.device)
             hidden = hidden[torch.arange(R, device=self.device), lengths - 1][:, None]
-            return list(self.lm_head(hidden).float().cpu())
+            return list(self.lm_head(hidden).float().cpu()), list(hidden)
         logits = self.lm_head(hidden).float().cpu()  # [R, T, V]
-        return [logits[i, : len(c)] for i, c in enumerate(chunks)]
+        lengths = [len(c) for c in chunks]
+        return [logits[i, :n] for i, n in enumerate(lengths)], [hidden[i, :n] for i, n in enumerate(lengths)]
 
     # ---- convenience ----------------------------------------------------------------------------
     def generate(self, prompt_ids: list[int], params: SamplingParams | None = None) -> dict:

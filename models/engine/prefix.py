@@ -44,11 +44,11 @@ def read_blocks(cache, slot: int, start_block: int, end_block: int, block_size: 
 
 def write_blocks(cache, slot: int, blocks: list[torch.Tensor], block_size: int) -> int:
     """Copy leading blocks into a cache row; returns the number of tokens now committed."""
-    for b, block in enumerate(blocks):
-        cols = slice(b * block_size, (b + 1) * block_size)
-        for layer, (k, v) in enumerate(zip(cache.keys, cache.values, strict=True)):
-            k[slot, :, cols] = block[layer, 0].to(k.device, k.dtype)
-            v[slot, :, cols] = block[layer, 1].to(v.device, v.dtype)
     n = len(blocks) * block_size
+    if blocks:
+        kv = torch.cat(blocks, dim=3)  # one copy, then two per layer (not two per layer and block)
+        for layer, (k, v) in enumerate(zip(cache.keys, cache.values, strict=True)):
+            k[slot, :, :n] = kv[layer, 0].to(k.device, k.dtype)
+            v[slot, :, :n] = kv[layer, 1].to(v.device, v.dtype)
     cache.commit(slot, n)
     return n

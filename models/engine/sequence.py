@@ -53,6 +53,7 @@ class Sequence:
     drafts: list[int] = field(default_factory=list)  # pending drafts (sdsat-fused, two-step)
     draft_probs: torch.Tensor | None = None  # [len(drafts), V] q, None for point-mass drafts
     k_now: int = 0  # this iteration's draft length (after the load policy and the limits)
+    hidden: torch.Tensor | None = None  # mlp: the base model's final state [H] where cur was predicted
     finished: bool = False
     finish_reason: str | None = None
     stopped_by_string: bool = False
