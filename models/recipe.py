@@ -8,9 +8,7 @@ Stages, each skipped when its output exists (and each training stage resumable a
 5. mix: more SDSAT training on fresh self-distilled data (the stage-4 model's continuations of other
    contexts), with half of every batch taken from corpus windows trained with the plain LM loss:
    stage 4 alone raised the held-out loss by 10.7% because only 128-token contexts kept real labels;
-6. mix2: the same again from the mix model, on its own continuations of yet other contexts, at a lower
-   learning rate (acceptance was still rising at the end of stage 5);
-7. ship: fp16 weights + tokenizer + sdsat.json + configs + manifest to models/checkpoints/NAME.
+6. ship: fp16 weights + tokenizer + sdsat.json + configs + manifest to models/checkpoints/NAME.
 
 Test files are left out of the corpus: they are repetitive assertion boilerplate that would take
 a large share of a small model's capacity away from the library code users ask it to write.
@@ -43,7 +41,6 @@ SDSAT = TrainConfig(
     eval_batches=8, save_every=100, log_every=20, num_threads=2,
 )
 MIX = replace(SDSAT, distill_sequences=8192, distill_mix=0.5, seed=1, max_steps=800, lr=3e-4, eval_every=200)
-MIX2 = replace(MIX, seed=2, lr=2e-4)
 
 
 def build_corpus(work: Path) -> dict:
@@ -105,8 +102,7 @@ def ship(sdsat_final: Path, manifest: dict, dest: Path = SHIP_DIR) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", default="runs/code-small", help="where the stages write (resumable)")
-    parser.add_argument("--stop-after", default="ship",
-                        choices=["corpus", "tokenizer", "base", "sdsat", "mix", "mix2", "ship"])
+    parser.add_argument("--stop-after", choices=["corpus", "tokenizer", "base", "sdsat", "mix", "ship"], default="ship")
     args = parser.parse_args(argv)
     work = Path(args.work_dir)
     corpus = build_corpus(work)
@@ -131,16 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     mix = run_stage(mix_cfg)
     if args.stop_after == "mix":
         return 0
-    mix2_cfg = replace(MIX2, model=str(work / "mix" / "final"), corpus=(train_jsonl,), heldout=(heldout_jsonl,),
-                       output_dir=str(work / "mix2"))
-    mix2 = run_stage(mix2_cfg)
-    if args.stop_after == "mix2":
-        return 0
-    manifest = {"name": NAME, "corpus": corpus, "base": base, "sdsat": sdsat, "mix": mix, "mix2": mix2,
-                "base_config": base_cfg.__dict__, "sdsat_config": sdsat_cfg.__dict__, "mix_config": mix_cfg.__dict__,
-                "mix2_config": mix2_cfg.__dict__}
+    manifest = {"name": NAME, "corpus": corpus, "base": base, "sdsat": sdsat, "mix": mix,
+                "base_config": base_cfg.__dict__, "sdsat_config": sdsat_cfg.__dict__, "mix_config": mix_cfg.__dict__}
     shutil.rmtree(SHIP_DIR, ignore_errors=True)
-    print(f"shipped {ship(work / 'mix2' / 'final', manifest)}")
+    print(f"shipped {ship(work / 'mix' / 'final', manifest)}")
     return 0
 
 

@@ -17,3 +17,11 @@ def app_args(model_dir, **decoder) -> dict:
             "min_replicas": 1, "max_replicas": 1, "engine": {"method": "sdsat", "k": 4, "max_context": 1024}}
     base.update(decoder)
     return {"decoder": base, "router": {"num_cpus": 0.1, "request_timeout_s": 60}}
+
+
+def alive_actors(class_name: str) -> list[dict]:
+    """GCS actor-table entries of the alive actors of a class (`ray.util.state` needs the dashboard, which the
+    tests leave off): "Name", "Pid", "Address"."NodeID", ..."""
+    from ray._private import state
+
+    return [a for a in state.actors(actor_state_name="ALIVE").values() if a["ActorClassName"] == class_name]
