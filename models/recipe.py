@@ -8,7 +8,9 @@ Stages, each skipped when its output exists (and each training stage resumable a
 5. mix: more SDSAT training on fresh self-distilled data (the stage-4 model's continuations of other
    contexts), with half of every batch taken from corpus windows trained with the plain LM loss:
    stage 4 alone raised the held-out loss by 10.7% because only 128-token contexts kept real labels;
-6. ship: fp16 weights + tokenizer + sdsat.json + configs + manifest to models/checkpoints/NAME.
+6. ship: fp16 weights + tokenizer + sdsat.json + configs + manifest to models/checkpoints/NAME;
+7. speculator: an MLP speculator (models/speculator.py) trained on the shipped model, frozen (so
+   both drafters speed up the same served model), shipped in fp16 under NAME/speculator/.
 
 Test files are left out of the corpus: they are repetitive assertion boilerplate that would take
 a large share of a small model's capacity away from the library code users ask it to write.
@@ -25,7 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from models.corpus import corpus_manifest, read_text, split_files, stdlib_files, stdlib_root
-from models.train_config import TrainConfig
+from models.train_config import SpeculatorTrainConfig, TrainConfig
 
 NAME = "sdsat-code-small"
 SHIP_DIR = Path(__file__).parent / "checkpoints" / NAME
@@ -41,6 +43,7 @@ SDSAT = TrainConfig(
     eval_batches=8, save_every=100, log_every=20, num_threads=2,
 )
 MIX = replace(SDSAT, distill_sequences=8192, distill_mix=0.5, seed=1, max_steps=800, lr=3e-4, eval_every=200)
+SPECULATOR = dict(n_predict=5, max_steps=1200, distill_sequences=512, num_threads=2)  # SpeculatorTrainConfig
 
 
 def build_corpus(work: Path) -> dict:
@@ -86,6 +89,12 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def file_hashes(dest: Path) -> dict[str, str]:
+    """SHA-256 of every shipped file (paths relative to `dest`), the manifest itself excepted."""
+    return {str(p.relative_to(dest)): sha256(p) for p in sorted(dest.rglob("*"))
+            if p.is_file() and p.name != "manifest.json"}
+
+
 def ship(sdsat_final: Path, manifest: dict, dest: Path = SHIP_DIR) -> Path:
     """Copy the SDSAT model in fp16 (upcast on load) with its configs and a manifest of hashes."""
     from models.checkpoint import load_model, load_tokenizer, save_checkpoint
@@ -94,15 +103,40 @@ def ship(sdsat_final: Path, manifest: dict, dest: Path = SHIP_DIR) -> Path:
     model = load_model(sdsat_final)
     files = {name: (sdsat_final / name).read_text() for name in ("train_config.yaml", "metrics.json")}
     save_checkpoint(dest, model.half(), load_tokenizer(sdsat_final), SatSpec.load(sdsat_final), files)
-    manifest = dict(manifest, files={p.name: sha256(p) for p in sorted(dest.iterdir()) if p.name != "manifest.json"})
+    manifest = dict(manifest, files=file_hashes(dest))
     (dest / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return dest
+
+
+def ship_speculator(work: Path, train_jsonl: str, dest: Path = SHIP_DIR) -> dict:
+    """Train the MLP speculator on the shipped model (resumable) and ship it in fp16 beside it."""
+    from models.speculator import SPECULATOR_DIR, MLPSpeculator
+    from models.train_speculator import train_speculator
+
+    cfg = SpeculatorTrainConfig(**SPECULATOR, model=str(dest), corpus=(train_jsonl,),
+                                output_dir=str(work / "speculator"), save_to=str(work / "speculator" / "final"))
+    metrics_path = work / "speculator" / "final" / "metrics.json"
+    if metrics_path.is_file():
+        metrics = json.loads(metrics_path.read_text())
+    else:
+        t0 = time.time()
+        metrics = train_speculator(cfg)
+        metrics["wall_s_this_run"] = round(time.time() - t0, 1)
+        metrics_path.write_text(json.dumps(metrics, indent=2))
+    shutil.rmtree(dest / SPECULATOR_DIR, ignore_errors=True)
+    MLPSpeculator.load(work / "speculator" / "final").half().save(dest / SPECULATOR_DIR)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    manifest.update(speculator=metrics, speculator_config=cfg.__dict__)
+    manifest["files"] = file_hashes(dest)
+    (dest / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return metrics
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", default="runs/code-small", help="where the stages write (resumable)")
-    parser.add_argument("--stop-after", choices=["corpus", "tokenizer", "base", "sdsat", "mix", "ship"], default="ship")
+    parser.add_argument("--stop-after", default="speculator",
+                        choices=["corpus", "tokenizer", "base", "sdsat", "mix", "ship", "speculator"])
     args = parser.parse_args(argv)
     work = Path(args.work_dir)
     corpus = build_corpus(work)
@@ -131,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
                 "base_config": base_cfg.__dict__, "sdsat_config": sdsat_cfg.__dict__, "mix_config": mix_cfg.__dict__}
     shutil.rmtree(SHIP_DIR, ignore_errors=True)
     print(f"shipped {ship(work / 'mix' / 'final', manifest)}")
+    if args.stop_after == "ship":
+        return 0
+    ship_speculator(work, train_jsonl)
+    print(f"shipped the speculator beside it: {SHIP_DIR / 'speculator'}")
     return 0
 
 

@@ -29,11 +29,11 @@ def prompts(engine):
 
 def test_manifest_hashes_match_shipped_files():
     manifest = json.loads((SHIP_DIR / "manifest.json").read_text())
-    shipped = {p.name for p in SHIP_DIR.iterdir() if p.name != "manifest.json"}
+    shipped = {str(p.relative_to(SHIP_DIR)) for p in SHIP_DIR.rglob("*") if p.is_file() and p.name != "manifest.json"}
     assert set(manifest["files"]) == shipped
     for name, digest in manifest["files"].items():
         assert hashlib.sha256((SHIP_DIR / name).read_bytes()).hexdigest() == digest, name
-    total = sum(p.stat().st_size for p in SHIP_DIR.iterdir())
+    total = sum(p.stat().st_size for p in SHIP_DIR.rglob("*") if p.is_file())
     assert total <= 40 * 2**20
 
 
