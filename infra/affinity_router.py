@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import struct
 
-from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
+from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 AFFINITY_TOKENS = 32  # two 16-token cache blocks: prompts sharing these share cached KV
 
@@ -29,7 +29,11 @@ def _score(key: str, replica: RunningReplica) -> bytes:
     return hashlib.sha256(f"{key}/{replica.replica_id.unique_id}".encode()).digest()
 
 
-class PrefixAffinityRouter(FIFOMixin, RequestRouter):
+class PrefixAffinityRouter(RequestRouter):
+    """No FIFOMixin: with it Serve hands the replica chosen for one request to the oldest pending one,
+    which scatters a burst of requests regardless of their keys; without it, each request goes where
+    it was routed (Serve's default exact matching by request id)."""
+
     def initialize_state(self, overload_fraction: float = 0.75, **kwargs):
         self.overload_fraction = overload_fraction
 

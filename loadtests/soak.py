@@ -1,6 +1,6 @@
 """Soak test: a long Locust run at moderate load while every Serve replica's resident memory is sampled.
 
-    python -m loadtests.soak --duration 5m --users 4 --out infra/bench/soak          # = make soak
+    python -m loadtests.soak --duration 10m --users 4 --warmup-s 180 --out infra/bench/soak   # = make soak
     python -m loadtests.soak --url http://127.0.0.1:8000 --ray-address auto --duration 60s
 
 Without --url it starts the service as `sdsat serve` does (a local Ray with a capped object store, the

@@ -1,6 +1,8 @@
 """Prefix reuse through the service: usage reports cached prompt tokens; affinity routing keeps a
 prefix on one replica."""
 
+from concurrent.futures import ThreadPoolExecutor
+
 import httpx
 from ray import serve
 from svc_helpers import app_args
@@ -34,4 +36,14 @@ def test_affinity_routing_keeps_a_prefix_on_one_replica(ray_session, counting_sd
             items = list(handle.options(stream=True).generate.remote(request))
             seen.setdefault(group, set()).add(items[-1]["replica"])
     assert all(len(replicas) == 1 for replicas in seen.values()), seen
+    # a burst: every request still lands where its own key points (not where an earlier one's did)
+    def send(group: int, j: int) -> tuple[int, str]:
+        prompt = [(group * 3 + i) % 24 + 1 for i in range(40)] + [j + 7]
+        request = {"request_id": f"burst-{group}-{j}", "prompt_ids": prompt, "params": params,
+                   "affinity_key": affinity_key(prompt)}
+        return group, list(handle.options(stream=True).generate.remote(request))[-1]["replica"]
+
+    with ThreadPoolExecutor(8) as pool:
+        burst = list(pool.map(lambda gj: send(*gj), [(g, j) for j in range(2) for g in range(4)]))
+    assert all(replica in seen[group] for group, replica in burst), (burst, seen)
     serve.delete("affinity")
