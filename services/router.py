@@ -246,11 +246,11 @@ class Router:
                 record["prompt"] = getattr(body, "prompt", None) or [m.content for m in body.messages]
             request_body = self._decoder_request(body, prompt_ids, formatter.logprobs, record["tenant"])
             record.update(request_id=request_body["request_id"], prompt_tokens=len(prompt_ids))
-            if key is not None:
-                max_new = request_body["params"]["max_new_tokens"]
-                self.limiter.admit(key.tenant, request_body["request_id"], len(prompt_ids) + max_new,
+            if key is not None:  # limits are per key (a tenant may hold several keys)
+                max_new, name = request_body["params"]["max_new_tokens"], key.digest.hex()[:16]
+                self.limiter.admit(name, request_body["request_id"], len(prompt_ids) + max_new,
                                    key.requests_per_minute, key.tokens_per_minute)
-                record["charge"] = (key.tenant, max_new)
+                record["charge"] = (name, max_new)
             return await self._respond(body, request_body, formatter, span, timer, record)
         except BaseException as err:
             end_span(span, error=type(err).__name__)

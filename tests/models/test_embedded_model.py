@@ -1,4 +1,5 @@
-"""The shipped default model: intact, loadable offline, lossless under SDSAT, and still drafting well."""
+"""The shipped default model and its MLP speculator: intact, loadable offline, lossless under SDSAT and
+the speculator, and still drafting well."""
 
 import hashlib
 import json
@@ -11,6 +12,7 @@ from models.recipe import SHIP_DIR
 # Set from the measured value on this prompt set (see the README's performance section): a regression
 # in training, the layout or the engine shows up as a drop below it.
 ACCEPTED_PER_ITERATION_FLOOR = 0.8  # measured 1.02 on this fixed set (4 HumanEval prompts, 48 tokens, k=5)
+MLP_FLOOR = 0.9  # the shipped MLP speculator on the same set, k=5: measured 1.19
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,7 @@ def test_loads_with_transformers_offline():
     assert {"<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|sat|>"} <= set(tok.get_vocab())
 
 
-@pytest.mark.parametrize("method", ["sdsat", "sdsat-fused"])
+@pytest.mark.parametrize("method", ["sdsat", "sdsat-fused", "mlp"])
 def test_sdsat_greedy_equals_plain(engine, prompts, method):
     plain = engine.generate_batch(prompts, SamplingParams(max_new_tokens=40, ignore_eos=True, method="ar"))
     spec = engine.generate_batch(prompts, SamplingParams(max_new_tokens=40, ignore_eos=True, method=method, k=5))
@@ -54,10 +56,11 @@ def test_sdsat_greedy_equals_plain(engine, prompts, method):
         assert a["token_ids"] == b["token_ids"] and len(b["token_ids"]) == 40
 
 
-def test_acceptance_stays_above_floor(engine, prompts):
+@pytest.mark.parametrize("method, floor", [("sdsat", ACCEPTED_PER_ITERATION_FLOOR), ("mlp", MLP_FLOOR)])
+def test_acceptance_stays_above_floor(engine, prompts, method, floor):
     accepted = iterations = 0
     for ids in prompts:
-        stats = engine.generate(ids, SamplingParams(max_new_tokens=48, ignore_eos=True, method="sdsat", k=5))["stats"]
+        stats = engine.generate(ids, SamplingParams(max_new_tokens=48, ignore_eos=True, method=method, k=5))["stats"]
         accepted += stats["accepted"]
         iterations += stats["iterations"]
-    assert accepted / iterations >= ACCEPTED_PER_ITERATION_FLOOR, accepted / iterations
+    assert accepted / iterations >= floor, accepted / iterations

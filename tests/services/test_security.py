@@ -12,7 +12,7 @@ import pytest
 from ray import serve
 from svc_helpers import app_args
 
-from services.access import key_digest, keys_from_env
+from services.access import RateLimiter, RateLimitError, key_digest, keys_from_env
 from services.app import build_app
 
 KEYS = {"a": "sk-tenant-a-secret", "b": "sk-tenant-b-secret", "c": "sk-tenant-c-secret"}
@@ -51,6 +51,24 @@ def test_env_keys_are_hashed_and_malformed_ones_refused():
     with pytest.raises(ValueError) as err:
         keys_from_env("just-a-key-without-tenant")
     assert "just-a-key" not in str(err.value)
+
+
+def test_rate_limiter_window_slides_and_refunds_unused_tokens():
+    now = [0.0]
+    limiter = RateLimiter(clock=lambda: now[0])
+    limiter.admit("k", "r1", 100, rpm=2, tpm=150)
+    with pytest.raises(RateLimitError) as err:  # 100 + 100 tokens > 150
+        limiter.admit("k", "r2", 100, rpm=2, tpm=150)
+    assert err.value.retry_after_s == 60
+    limiter.refund("k", "r1", 80)  # r1 generated 20 of its 100
+    limiter.admit("k", "r2", 100, rpm=2, tpm=150)
+    now[0] = 30.0
+    with pytest.raises(RateLimitError) as err:  # two requests in the last minute
+        limiter.admit("k", "r3", 1, rpm=2, tpm=150)
+    assert err.value.retry_after_s == 30
+    limiter.admit("other", "r4", 1, rpm=2, tpm=150)  # keys do not share windows
+    now[0] = 60.5
+    limiter.admit("k", "r5", 150, rpm=2, tpm=150)  # both left the window
 
 
 def test_keys_are_required_on_the_api_but_not_on_health(secure):
