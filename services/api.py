@@ -19,7 +19,7 @@ from models.engine.config import METHODS
 class Speculation(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal[METHODS] | None = Field(None, description="ar, sdsat, sdsat-fused or prompt-lookup")
+    method: Literal[METHODS] | None = Field(None, description="ar, sdsat, sdsat-fused, mlp or prompt-lookup")
     k: int | None = Field(None, ge=0, le=16, description="draft tokens per iteration (0 = plain decoding)")
 
 
