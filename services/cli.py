@@ -52,6 +52,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_training_run_arguments(p) -> None:
+    """The options every training command shares besides its config's own fields."""
+    p.add_argument("--config", help="YAML file of options (keys as below, with underscores)")
+    p.add_argument("--json", help="write final metrics as JSON to PATH (- = stdout)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
 def add_train_parser(sub) -> None:
     from models.config import add_arguments
     from models.train_config import TrainConfig
@@ -64,9 +71,7 @@ def add_train_parser(sub) -> None:
                     "from OUTPUT_DIR/checkpoint-last when present; the final model is in OUTPUT_DIR/final. "
                     "--workers N runs the same training data-parallel on N Ray Train workers.",
     )
-    p.add_argument("--config", help="YAML file of options (keys as below, with underscores)")
-    p.add_argument("--json", help="write final metrics as JSON to PATH (- = stdout)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_training_run_arguments(p)
     add_arguments(p, TrainConfig)
     add_arguments(p.add_argument_group("scaling out with Ray Train (not read from --config)"), ScaleConfig)
     p.set_defaults(func=cmd_train)
@@ -94,9 +99,7 @@ def add_train_speculator_parser(sub) -> None:
                     "saved to MODEL/speculator (or --save-to), where `sdsat generate --method mlp` and the "
                     "service find it. Options override a YAML --config; unknown keys are errors.",
     )
-    p.add_argument("--config", help="YAML file of options (keys as below, with underscores)")
-    p.add_argument("--json", help="write final metrics as JSON to PATH (- = stdout)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_training_run_arguments(p)
     add_arguments(p, SpeculatorTrainConfig)
     p.set_defaults(func=cmd_train_speculator)
 

@@ -1,15 +1,13 @@
 """The Redis prefix KV cache against a real Redis (the shared one at 127.0.0.1:6379, or a test-owned
 redis-server where the test stops it)."""
 
-import shutil
-import socket
-import subprocess
 import time
 import uuid
 
 import pytest
 import redis
 import torch
+from helpers import free_port, start_redis
 
 from infra.prefix_cache import PrefixCache, block_keys, decode_block, encode_block, model_fingerprint
 from models.engine import Engine, EngineConfig, SamplingParams
@@ -114,28 +112,9 @@ def test_damaged_values_are_ignored_and_removed(parts, damage):
     assert decode_block(keys[2], client.get(victim), cache.hmac_key, cache.block_shape, torch.float32) is not None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_redis(port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no"], stdout=subprocess.DEVNULL)
-    client = redis.Redis(port=port)
-    for _ in range(100):
-        try:
-            client.ping()
-            return proc
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    raise RuntimeError("redis-server did not start")
-
-
 def test_redis_stopped_and_restarted_mid_run(parts):
-    port = _free_port()
-    server = _start_redis(port)
+    port = free_port()
+    server = start_redis(port)
     try:
         cache = _cache(parts, url=f"redis://127.0.0.1:{port}/0", backoff_s=0.2)
         reference, _ = _run(_engine(parts, None))
@@ -147,7 +126,7 @@ def test_redis_stopped_and_restarted_mid_run(parts):
         for _ in range(3):  # Redis gone: misses, never failures
             assert _run(engine)[0] == reference
         assert cache.counters.errors >= 1
-        server = _start_redis(port)
+        server = start_redis(port)
         time.sleep(0.3)  # past the back-off
         cache.local.clear()
         assert _run(engine)[0] == reference
@@ -159,6 +138,6 @@ def test_redis_stopped_and_restarted_mid_run(parts):
 
 
 def test_absent_redis_is_a_miss(parts):
-    cache = _cache(parts, url=f"redis://127.0.0.1:{_free_port()}/0")
+    cache = _cache(parts, url=f"redis://127.0.0.1:{free_port()}/0")
     assert not cache.redis_reachable()
     assert _run(_engine(parts, cache))[0] == _run(_engine(parts, None))[0]

@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-import socket
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers import free_port  # noqa: F401 (the service tests import it from here)
 
 
 def app_args(model_dir, **decoder) -> dict:

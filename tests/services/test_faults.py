@@ -3,7 +3,6 @@ cache's Redis stopped and restarted under load, a node removed from a two-node R
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,9 +16,10 @@ import httpx
 import pytest
 import ray
 import redis
+from helpers import free_port, start_redis, wait_for
 from ray import serve
 from ray._private import state
-from svc_helpers import alive_actors, app_args, free_port
+from svc_helpers import alive_actors, app_args
 from test_batch import _batch_command, _complete_lines, _greedy_reference, _rows
 
 from infra.affinity_router import _score, affinity_key
@@ -31,16 +31,8 @@ HERE = Path(__file__).resolve().parent
 
 def _env() -> dict:
     """For subprocesses, read after `ray.init` (which may turn on Ray's token authentication in os.environ)."""
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
-
-
-def _wait_for(predicate, timeout: float, period: float = 0.5) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(period)
-    return predicate()
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": os.pathsep.join(
+        [str(ROOT), str(ROOT / "tests")])}  # the project, and the tests' shared helpers
 
 
 def _decoder_ids(app: str) -> set[str]:
@@ -159,7 +151,7 @@ def test_killed_decoder_replica_fails_cleanly_and_is_replaced(ray_session, count
             for (_, body), seen in zip(streams + wholes, live, strict=True):
                 futures.append(pool.submit(_request, url, body, 150, seen))
                 if body.get("stream"):
-                    assert _wait_for(lambda seen=seen: seen.get("first"), 60, 0.05), seen
+                    assert wait_for(lambda seen=seen: seen.get("first"), 60, 0.05), seen
             time.sleep(1.0)  # the whole requests routed and generating too
             (actor,) = [a for a in alive_actors(f"ServeReplica:{app}:Decoder") if a["Name"].endswith(victim)]
             t_kill = time.time()
@@ -177,7 +169,7 @@ def test_killed_decoder_replica_fails_cleanly_and_is_replaced(ray_session, count
                    for r in errors), errors  # a stream's 200 went out with its first tokens
         assert any(r["stream"] for r in errors), brief  # the victim's streams had sent tokens: they cannot be retried
 
-        assert _wait_for(lambda: _running(app) == 2 and victim not in _decoder_ids(app)
+        assert wait_for(lambda: _running(app) == 2 and victim not in _decoder_ids(app)
                          and len(_decoder_ids(app)) == 2, 120), "the killed replica was not replaced"
         after = [_body(p, 32, stream=i % 2 == 1) for i, p in enumerate(sum(prompts.values(), []))]
         with ThreadPoolExecutor(len(after)) as pool:
@@ -202,7 +194,7 @@ def test_batch_job_loses_no_rows_when_an_engine_actor_dies(counting_sdsat_dir, r
             workers[:] = [a for a in alive_actors("MapWorker(MapBatches(EngineWorker))") if a["Pid"]]
             return _complete_lines(out) >= 2 or driver.poll() is not None
 
-        assert _wait_for(started, 200, 0.1), "the batch job did not start"
+        assert wait_for(started, 200, 0.1), "the batch job did not start"
         done_at_kill = _complete_lines(out)
         if driver.poll() is not None:
             pytest.fail(f"the batch job ended before the kill: {driver.communicate()[1].decode()[-3000:]}")
@@ -223,20 +215,6 @@ def test_batch_job_loses_no_rows_when_an_engine_actor_dies(counting_sdsat_dir, r
     print(f"killed pid {victim['Pid']} with {done_at_kill}/{len(rows)} rows written")
 
 
-def _start_redis(port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no"], stdout=subprocess.DEVNULL)
-    client = redis.Redis(port=port)
-    for _ in range(100):
-        try:
-            client.ping()
-            return proc
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("redis-server did not start")
-
-
 def _cache_counters(handle, replicas: int) -> dict[str, int]:
     """The prefix-cache counters summed over the decoder replicas (stats calls land on random replicas)."""
     seen: dict[str, dict] = {}
@@ -252,7 +230,7 @@ def _cache_counters(handle, replicas: int) -> dict[str, int]:
 @pytest.mark.timeout(240)
 def test_redis_stopped_and_restarted_under_load_fails_no_request(ray_session, counting_sdsat_dir):
     app, port, max_tokens = "faults_redis", free_port(), 12
-    server = _start_redis(port)
+    server = start_redis(port)
     # Two replicas without prefix affinity: a prefix one replica wrote is read from Redis by the other.
     args = app_args(counting_sdsat_dir, min_replicas=2, max_replicas=2, affinity_routing=False,
                     redis_url=f"redis://127.0.0.1:{port}/0")
@@ -281,18 +259,18 @@ def test_redis_stopped_and_restarted_under_load_fails_no_request(ray_session, co
     try:
         for t in threads:
             t.start()
-        assert _wait_for(lambda: served("up", 12), 60, 0.1)
+        assert wait_for(lambda: served("up", 12), 60, 0.1)
         before = _cache_counters(decoder, 2)
         server.terminate()
         server.wait()
         phase[0] = "down"
-        assert _wait_for(lambda: served("down", 12), 60, 0.1)
+        assert wait_for(lambda: served("down", 12), 60, 0.1)
         during = _cache_counters(decoder, 2)
-        server = _start_redis(port)  # the same port, empty
+        server = start_redis(port)  # the same port, empty
         phase[0] = "restarting"
         time.sleep(1.5)  # past the cache's back-off after its last error
         phase[0] = "restarted"
-        assert _wait_for(lambda: served("restarted", 12), 60, 0.1)
+        assert wait_for(lambda: served("restarted", 12), 60, 0.1)
         stop.set()
         for t in threads:
             t.join(timeout=60)

@@ -2,9 +2,9 @@
 
 import asyncio
 import threading
-import time
 
 import httpx
+from helpers import wait_for
 from ray import serve
 from svc_helpers import app_args
 
@@ -14,15 +14,6 @@ from services.app import build_app
 def _replicas(app: str) -> int:
     status = serve.status().applications[app].deployments["Decoder"]
     return sum(n for state, n in status.replica_states.items() if str(state).endswith("RUNNING"))
-
-
-def _wait_for(predicate, timeout: float, period: float = 0.5) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(period)
-    return predicate()
 
 
 def test_autoscaling_up_under_load_and_back_down(ray_session, counting_sdsat_dir):
@@ -48,11 +39,11 @@ def test_autoscaling_up_under_load_and_back_down(ray_session, counting_sdsat_dir
     thread = threading.Thread(target=load, daemon=True)
     thread.start()
     try:
-        assert _wait_for(lambda: _replicas("autoscale") == 2, timeout=150), "did not scale up to 2 replicas"
+        assert wait_for(lambda: _replicas("autoscale") == 2, timeout=150), "did not scale up to 2 replicas"
     finally:
         stop.set()
         thread.join(timeout=120)
-    assert _wait_for(lambda: _replicas("autoscale") == 1, timeout=120), "did not scale back down to 1"
+    assert wait_for(lambda: _replicas("autoscale") == 1, timeout=120), "did not scale back down to 1"
     serve.delete("autoscale")
 
 
