@@ -8,10 +8,8 @@ Stages, each skipped when its output exists (and each training stage resumable a
 5. mix: more SDSAT training on fresh self-distilled data (the stage-4 model's continuations of other
    contexts), with half of every batch taken from corpus windows trained with the plain LM loss:
    stage 4 alone raised the held-out loss by 10.7% because only 128-token contexts kept real labels;
-6. mix2: one more such stage from the stage-5 model (new seed, so fresh contexts and continuations
-   from the model as it now is, lower learning rate): stage 5 was still raising acceptance;
-7. ship: fp16 weights + tokenizer + sdsat.json + configs + manifest to models/checkpoints/NAME;
-8. speculator: an MLP speculator (models/speculator.py) trained on the shipped model, frozen (so
+6. ship: fp16 weights + tokenizer + sdsat.json + configs + manifest to models/checkpoints/NAME;
+7. speculator: an MLP speculator (models/speculator.py) trained on the shipped model, frozen (so
    both drafters speed up the same served model), shipped in fp16 under NAME/speculator/.
 
 Test files are left out of the corpus: they are repetitive assertion boilerplate that would take
@@ -45,7 +43,6 @@ SDSAT = TrainConfig(
     eval_batches=8, save_every=100, log_every=20, num_threads=2,
 )
 MIX = replace(SDSAT, distill_sequences=8192, distill_mix=0.5, seed=1, max_steps=800, lr=3e-4, eval_every=200)
-MIX2 = replace(MIX, seed=2, lr=2e-4)
 SPECULATOR = dict(n_predict=5, max_steps=1200, distill_sequences=512, num_threads=2)  # SpeculatorTrainConfig
 
 
@@ -139,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", default="runs/code-small", help="where the stages write (resumable)")
     parser.add_argument("--stop-after", default="speculator",
-                        choices=["corpus", "tokenizer", "base", "sdsat", "mix", "mix2", "ship", "speculator"])
+                        choices=["corpus", "tokenizer", "base", "sdsat", "mix", "ship", "speculator"])
     args = parser.parse_args(argv)
     work = Path(args.work_dir)
     corpus = build_corpus(work)
@@ -164,16 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     mix = run_stage(mix_cfg)
     if args.stop_after == "mix":
         return 0
-    mix2_cfg = replace(MIX2, model=str(work / "mix" / "final"), corpus=(train_jsonl,), heldout=(heldout_jsonl,),
-                       output_dir=str(work / "mix2"))
-    mix2 = run_stage(mix2_cfg)
-    if args.stop_after == "mix2":
-        return 0
-    manifest = {"name": NAME, "corpus": corpus, "base": base, "sdsat": sdsat, "mix": mix, "mix2": mix2,
-                "base_config": base_cfg.__dict__, "sdsat_config": sdsat_cfg.__dict__, "mix_config": mix_cfg.__dict__,
-                "mix2_config": mix2_cfg.__dict__}
+    manifest = {"name": NAME, "corpus": corpus, "base": base, "sdsat": sdsat, "mix": mix,
+                "base_config": base_cfg.__dict__, "sdsat_config": sdsat_cfg.__dict__, "mix_config": mix_cfg.__dict__}
     shutil.rmtree(SHIP_DIR, ignore_errors=True)
-    print(f"shipped {ship(work / 'mix2' / 'final', manifest)}")
+    print(f"shipped {ship(work / 'mix' / 'final', manifest)}")
     if args.stop_after == "ship":
         return 0
     ship_speculator(work, train_jsonl)
