@@ -46,11 +46,11 @@ def stdlib_snippets(n: int, chars: int = 1200) -> list[str]:
     _, heldout = split_files(stdlib_files(), stdlib_root(), heldout_fraction=0.02, seed=0)
     out = []
     for path in heldout:
+        if len(out) >= n:  # n = 0 asks for none
+            break
         text = read_text(path)
         if len(text) > chars:
             out.append(text[: text.rfind("\n", 0, chars) + 1])
-        if len(out) == n:
-            break
     return out
 
 
@@ -77,6 +77,30 @@ def forward_cost_ratios(engine, widths: list[int], context: int = 256, repeats: 
     engine.cancel(seq.request_id)
     ratios["t1_ms"] = base * 1e3
     return ratios
+
+
+def linear_cost_ratios(engine, widths: list[int], repeats: int = 200) -> dict[str, dict[str, float]]:
+    """What makes r(w) > 1 on a CPU: the time of one of the model's own matrix products for w rows
+    over its time for one row, for the largest projection in the decoder and for the LM head."""
+    linears = [m for m in engine.decoder.modules() if isinstance(m, torch.nn.Linear)]
+    layers = {"largest_decoder_linear": max(linears, key=lambda m: m.weight.numel()), "lm_head": engine.lm_head}
+
+    def timed(layer: torch.nn.Linear, w: int) -> float:
+        x = torch.randn(w, layer.in_features, dtype=layer.weight.dtype, device=layer.weight.device)
+        samples = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            layer(x)
+            samples.append(time.perf_counter() - t0)
+        return statistics.median(samples)
+
+    out = {}
+    with torch.inference_mode():
+        for name, layer in layers.items():
+            base = timed(layer, 1)
+            out[name] = {str(w): timed(layer, w) / base for w in widths}
+            out[name]["t1_us"] = base * 1e6
+    return out
 
 
 def _run_engine(engine, ids: list[int], method: str, k: int, n: int) -> tuple[list[int], dict, float]:
@@ -107,7 +131,9 @@ def _run_hf(model, ids: list[int], method: str, k: int, n: int) -> tuple[list[in
 
 
 def run_bench(model_dir: str, prompts: list[str], max_new_tokens: int, ks: list[int], reps: int,
-              methods: list[str], progress: bool = True) -> dict:
+              methods: list[str], progress: bool = True, prompt_sets: dict[str, int] | None = None) -> dict:
+    """prompt_sets: names for consecutive runs of `prompts` (e.g. {"humaneval": 48, "heldout": 16}): the
+    report then also gives every row per set, as the targets are stated for HumanEval prompts."""
     from tqdm.auto import tqdm
 
     from models.engine import Engine, EngineConfig, SpecStats
@@ -132,7 +158,7 @@ def run_bench(model_dir: str, prompts: list[str], max_new_tokens: int, ks: list[
     for method, k in runs:  # warm-up
         run(method, k, encoded[0][:32], 8)
     times = {r: [[] for _ in prompts] for r in runs}
-    outputs, stats = {}, {r: SpecStats() for r in runs}
+    outputs, stats = {}, {(r, p): SpecStats() for r in runs for p in range(len(prompts))}
     bar = tqdm(total=reps * len(prompts) * len(runs), desc="bench", disable=not progress)
     for rep in range(reps):
         for p, ids in enumerate(encoded):
@@ -142,39 +168,61 @@ def run_bench(model_dir: str, prompts: list[str], max_new_tokens: int, ks: list[
                 times[r][p].append(dt)
                 outputs.setdefault((r, p), tokens)
                 if rep == 0 and st:
-                    stats[r].merge(SpecStats(**{k: st[k] for k in ("forwards", "iterations", "drafted", "accepted",
+                    stats[(r, p)].merge(SpecStats(**{k: st[k] for k in ("forwards", "iterations", "drafted", "accepted",
                                                                      "emitted", "accepted_per_position")}))
                 bar.update(1)
     bar.close()
-    return summarize(runs, prompts, times, outputs, stats, max_new_tokens, engine, ks, model_dir)
+    sets = {}
+    for name, count in (prompt_sets or {}).items():
+        start = sum(len(v) for v in sets.values())
+        sets[name] = list(range(start, min(start + count, len(prompts))))
+    return summarize(runs, prompts, times, outputs, stats, max_new_tokens, engine, ks, model_dir, sets)
 
 
-def summarize(runs, prompts, times, outputs, stats, n, engine, ks, model_dir) -> dict:
-    ar_time = sum(statistics.median(t) for t in times[("ar", 0)])
+def summarize(runs, prompts, times, outputs, stats, n, engine, ks, model_dir, sets=None) -> dict:
+    from models.engine import SpecStats
+
     widths = sorted({k + 1 for k in ks} | {(k + 1) ** 2 for k in ks})
     ratios = forward_cost_ratios(engine, widths)
-    results = []
-    for r in runs:
-        total = sum(statistics.median(t) for t in times[r])
-        same = sum(outputs[(r, p)] == outputs[(("ar", 0), p)] for p in range(len(prompts)))
-        d = stats[r].to_dict() if stats[r].emitted else {}
-        row = {"method": r[0], "k": r[1], "tokens_per_s": n * len(prompts) / total,
-               "speedup_vs_ar": ar_time / total, "identical_fraction": same / len(prompts),
-               "mean_accepted_per_iteration": d.get("mean_accepted_per_iteration"),
-               "acceptance_rate": d.get("acceptance_rate"), "forwards_per_token": d.get("forwards_per_token"),
-               "accepted_per_position": d.get("accepted_per_position"),
-               "ms_per_iteration": 1e3 * total / d["iterations"] if d.get("iterations") else None}
-        if r[0] in K_SWEPT and d:
-            acc, r2, rf = d["mean_accepted_per_iteration"], ratios[r[1] + 1], ratios[(r[1] + 1) ** 2]
-            row["ceiling"] = {"sdsat": (2 + acc) / (2 * r2), "sdsat-fused": (1 + acc) / rf, "mlp": (1 + acc) / r2}[r[0]]
-        results.append(row)
-    return {
+
+    def rows(which: list[int]) -> list[dict]:
+        ar_time = sum(statistics.median(times[("ar", 0)][p]) for p in which)
+        out = []
+        for r in runs:
+            total = sum(statistics.median(times[r][p]) for p in which)
+            same = sum(outputs[(r, p)] == outputs[(("ar", 0), p)] for p in which)
+            merged = SpecStats()
+            for p in which:
+                merged.merge(stats[(r, p)])
+            out.append(_row(r, merged.to_dict() if merged.emitted else {}, n * len(which) / total,
+                            ar_time / total, same / len(which), total, ratios))
+        return out
+
+    report = {
         "model": model_dir, "machine": f"{platform.machine()} {platform.processor() or ''} "
                                        f"{torch.get_num_threads()} threads, torch {torch.__version__}".strip(),
-        "prompts": len(prompts), "max_new_tokens": n, "results": results,
+        "prompts": len(prompts), "max_new_tokens": n, "results": rows(list(range(len(prompts)))),
         "cost_ratio_r": {str(w): ratios[w] for w in widths}, "t_forward_1_token_ms": ratios["t1_ms"],
         "ceiling_two_step_all_accepted": {str(k): (2 + k) / (2 * ratios[k + 1]) for k in ks},
+        "linear_cost_ratio": linear_cost_ratios(engine, widths),
     }
+    if sets and len([v for v in sets.values() if v]) > 1:
+        report["by_prompt_set"] = {name: {"prompts": len(which), "results": rows(which)}
+                                   for name, which in sets.items() if which}
+    return report
+
+
+def _row(r, d, tokens_per_s, speedup, identical, total, ratios) -> dict:
+    row = {"method": r[0], "k": r[1], "tokens_per_s": tokens_per_s,
+           "speedup_vs_ar": speedup, "identical_fraction": identical,
+           "mean_accepted_per_iteration": d.get("mean_accepted_per_iteration"),
+           "acceptance_rate": d.get("acceptance_rate"), "forwards_per_token": d.get("forwards_per_token"),
+           "accepted_per_position": d.get("accepted_per_position"),
+           "ms_per_iteration": 1e3 * total / d["iterations"] if d.get("iterations") else None}
+    if r[0] in K_SWEPT and d:
+        acc, r2, rf = d["mean_accepted_per_iteration"], ratios[r[1] + 1], ratios[(r[1] + 1) ** 2]
+        row["ceiling"] = {"sdsat": (2 + acc) / (2 * r2), "sdsat-fused": (1 + acc) / rf, "mlp": (1 + acc) / r2}[r[0]]
+    return row
 
 
 def cache_comparison(model_dir: str, k: int = 5, context: int = 256, iters: int = 60) -> dict:

@@ -193,9 +193,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         model = str(train_counting_sdsat(args.toy))
         prompts = [" ".join(d.split()[:6]) for d in counting_documents(args.limit, 6, seed=123)]
+        sets = None
     else:
         model = args.model
         prompts = bench.humaneval_prompts(args.limit) + bench.stdlib_snippets(args.heldout_snippets)
+        sets = {"humaneval": args.limit, "heldout": args.heldout_snippets}
     ks = [int(k) for k in args.ks.split(",")]
     if args.cache_compare:
         report = {"cache_comparison": [bench.cache_comparison(model, k) for k in ks]}
@@ -211,15 +213,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
                   f"  x{row['vs_ar']:.2f} vs ar")
         return 0
     report = bench.run_bench(model, prompts, args.max_new_tokens, ks, args.reps, args.methods.split(","),
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, prompt_sets=sets)
     write_json(args.json, report)
     if args.plot:
         bench.plot(report, args.plot)
     if args.json != "-":
-        for row in report["results"]:
-            acc = row["mean_accepted_per_iteration"]
-            print(f"{row['method']:>16} k={row['k']:<2} {row['tokens_per_s']:8.1f} tok/s  x{row['speedup_vs_ar']:.2f}"
-                  f"  acc/iter={acc if acc is None else round(acc, 2)}  identical={row['identical_fraction']:.2f}")
+        tables = {"all prompts": report["results"]}
+        tables.update({f"{name} prompts": v["results"] for name, v in report.get("by_prompt_set", {}).items()})
+        for title, rows in tables.items():
+            print(title)
+            for row in rows:
+                acc = row["mean_accepted_per_iteration"]
+                print(f"{row['method']:>16} k={row['k']:<2} {row['tokens_per_s']:8.1f} tok/s  "
+                      f"x{row['speedup_vs_ar']:.2f}  acc/iter={acc if acc is None else round(acc, 2)}  "
+                      f"identical={row['identical_fraction']:.2f}")
     return 0
 
 

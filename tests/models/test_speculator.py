@@ -157,11 +157,20 @@ def test_mlp_needs_a_speculator(parts):
 def test_bench_has_mlp_rows(trained, parts):
     from services import bench
 
-    report = bench.run_bench(str(trained[0]), ["0 1 2 3", "7 9 11"], 12, [1, 3], 1, ["mlp"], progress=False)
+    report = bench.run_bench(str(trained[0]), ["0 1 2 3", "7 9 11"], 12, [1, 3], 1, ["mlp"], progress=False,
+                             prompt_sets={"first": 1, "second": 1})
     rows = [(r["method"], r["k"]) for r in report["results"]]
     assert rows == [("ar", 0), ("mlp", 1), ("mlp", 3)]
     assert all(r["identical_fraction"] == 1.0 for r in report["results"])
     assert all(r["ceiling"] > 0 for r in report["results"][1:])
+    by_set = report["by_prompt_set"]  # each set's rows, which add up to the rows over all prompts
+    assert [v["prompts"] for v in by_set.values()] == [1, 1]
+    for i, row in enumerate(report["results"][1:], start=1):
+        per_set = [v["results"][i]["accepted_per_position"] for v in by_set.values()]
+        assert [a + b for a, b in zip(*per_set, strict=True)] == row["accepted_per_position"]
+    linear = report["linear_cost_ratio"]  # the matmul probe covers the same widths as r(w)
+    assert set(linear) == {"largest_decoder_linear", "lm_head"}
+    assert all(set(v) == set(report["cost_ratio_r"]) | {"t1_us"} and v["t1_us"] > 0 for v in linear.values())
     model, tok, sat, _ = parts
     assert not bench.available(Engine(model, tok, sat, EngineConfig(method="ar")), "mlp")
 
