@@ -313,13 +313,21 @@ def plot(report: dict, path: str) -> None:
         if rows:
             ax1.plot([r["k"] for r in rows], [r["speedup_vs_ar"] for r in rows], style, label=method)
             ax2.plot([r["k"] for r in rows], [r["mean_accepted_per_iteration"] or 0 for r in rows], style, label=method)
+    humaneval = report.get("by_prompt_set", {}).get("humaneval")
+    for method, style in (("sdsat", "o:"), ("sdsat-fused", "s:")) if humaneval else ():
+        rows = [r for r in humaneval["results"] if r["method"] == method]
+        if rows:  # the targets are stated for HumanEval prompts
+            label = f"{method}, {humaneval['prompts']} HumanEval prompts only"
+            ax1.plot([r["k"] for r in rows], [r["speedup_vs_ar"] for r in rows], style, alpha=0.6, label=label)
+            ax2.plot([r["k"] for r in rows], [r["mean_accepted_per_iteration"] or 0 for r in rows], style, alpha=0.6,
+                     label=label)
     for r in report["results"]:
         if r["method"].startswith("hf-"):
             ax1.axhline(r["speedup_vs_ar"], ls=":", color="gray")
             ax1.annotate(f"{r['method']} (k={r['k']})", (1, r["speedup_vs_ar"]), fontsize=7, color="gray")
     ax1.axhline(1.0, color="black", lw=0.8)
     ax1.set(xlabel="k (draft tokens per iteration)", ylabel="speed-up over ar (same engine)",
-            title=f"{report['prompts']} prompts, {report['max_new_tokens']} new tokens, greedy")
+            title=f"all {report['prompts']} prompts, {report['max_new_tokens']} new tokens, greedy")
     ax2.set(xlabel="k", ylabel="mean accepted drafts / iteration", title="acceptance")
     ax1.legend()
     ax2.legend()
