@@ -329,7 +329,7 @@ def plot(report: dict, path: str) -> None:
     ax1.set(xlabel="k (draft tokens per iteration)", ylabel="speed-up over ar (same engine)",
             title=f"all {report['prompts']} prompts, {report['max_new_tokens']} new tokens, greedy")
     ax2.set(xlabel="k", ylabel="mean accepted drafts / iteration", title="acceptance")
-    ax1.legend()
-    ax2.legend()
+    ax1.legend(fontsize=7, loc="lower right")
+    ax2.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
