@@ -1,6 +1,6 @@
 """The bench's prompt sets: HumanEval prompts and held-out stdlib snippets, exactly as many as asked."""
 
-from models.corpus import split_files, stdlib_files, stdlib_root
+from models.corpus import read_text, split_files, stdlib_files, stdlib_root
 from services.bench import humaneval_prompts, stdlib_snippets
 
 
@@ -12,7 +12,7 @@ def test_snippet_count_is_respected_including_zero():
 
 def test_snippets_come_from_the_heldout_split():
     _, heldout = split_files(stdlib_files(), stdlib_root(), heldout_fraction=0.02, seed=0)
-    heads = {p.read_text(errors="replace")[:200] for p in heldout}
+    heads = {read_text(p)[:200] for p in heldout}  # the bytes the bench reads
     assert all(s[:200] in heads for s in stdlib_snippets(4))
 
 

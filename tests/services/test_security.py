@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from helpers import wait_for
 from ray import serve
 from svc_helpers import app_args
 
@@ -153,11 +154,13 @@ def test_logs_are_json_with_trace_id_and_without_prompts(secure):
     r = post(secure, {"prompt": marker, "max_tokens": 3, "temperature": 0},
              {**auth("a"), "traceparent": f"00-{trace}-{'1' * 16}-01"})
     assert r.status_code == 200
-    deadline, mine = time.time() + 30, []
-    while time.time() < deadline and not mine:
-        mine = [rec for rec in _log_records(start) if rec.get("sdsat", {}).get("trace_id") == trace]
-        time.sleep(0.5)
-    assert mine, "no JSON log line carried the request's trace id"
+    mine = []
+
+    def logged() -> bool:
+        mine[:] = [rec for rec in _log_records(start) if rec.get("sdsat", {}).get("trace_id") == trace]
+        return bool(mine)
+
+    assert wait_for(logged, 30), "no JSON log line carried the request's trace id"
     rec = mine[0]["sdsat"]
     assert rec["tenant"] == "a" and rec["status"] == 200 and rec["completion_tokens"] == 3
     assert "prompt" not in rec
