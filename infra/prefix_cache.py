@@ -43,8 +43,17 @@ DTYPE_CODES = {v: k for k, v in DTYPES.items()}
 
 
 def model_fingerprint(model_dir: str | Path) -> bytes:
-    """SHA-256 over the model's config and weight files (names and contents)."""
+    """SHA-256 over the model's config and weight files (names and contents). An adapter checkpoint
+    shares its base's fingerprint: its adapter never changes a standard token's KV (models/adapter.py).
+    A base converted from a GGUF is identified by the GGUF's hash instead of 538 MB of re-hashing."""
+    from models.checkpoint import weights_dir
+
+    model_dir = weights_dir(model_dir)
     h = hashlib.sha256()
+    if (Path(model_dir) / "source.json").is_file():
+        h.update((Path(model_dir) / "config.json").read_bytes())
+        h.update((Path(model_dir) / "source.json").read_bytes())
+        return h.digest()
     for path in sorted(Path(model_dir).iterdir()):
         if path.name == "config.json" or path.suffix in (".safetensors", ".bin"):
             h.update(path.name.encode())

@@ -30,21 +30,64 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16); emulated bf16 is slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: bf16 on GPUs that support it (else fp16) and on CPUs with native bf16, fp32 on other CPUs."""
+    if name != "auto":
+        return DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
+def weights_dir(directory: str | Path) -> Path:
+    """The folder that holds the weights and tokenizer: an adapter checkpoint (models/adapter.py)
+    names its base, which lives in the converted-model cache (models/base_model.py)."""
+    from models.adapter import AdapterConfig, is_adapter_dir
+
+    if not is_adapter_dir(directory):
+        return Path(directory)
+    from models.base_model import BASE_NAME, ensure_base_model
+
+    name = AdapterConfig.load(directory).base_name
+    if name != BASE_NAME:
+        raise FileNotFoundError(f"{directory}: adapter for base {name!r}, but only {BASE_NAME!r} can be installed")
+    return ensure_base_model()
+
+
 def load_tokenizer(directory: str | Path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    return AutoTokenizer.from_pretrained(str(weights_dir(directory)), local_files_only=True)
 
 
 def load_model(directory: str | Path, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu"):
-    """A causal LM from a local directory (weights stored in 16 bits are upcast to `dtype`)."""
+    """A causal LM from a local directory (weights stored in 16 bits are upcast to `dtype`). For an
+    adapter checkpoint: the frozen base (see `weights_dir`); attach the adapter with `load_adapter`."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        str(directory), local_files_only=True, dtype=dtype, attn_implementation=attn_implementation
+        str(weights_dir(directory)), local_files_only=True, dtype=dtype, attn_implementation=attn_implementation
     )
     return model.to(device).eval()
+
+
+def load_adapter(directory: str | Path, model):
+    """The SAT adapter of an adapter checkpoint, attached to `model` (its base); None for other folders."""
+    from models.adapter import SatAdapter, base_weights_sha256, is_adapter_dir
+
+    if not is_adapter_dir(directory):
+        return None
+    return SatAdapter.load(directory, model, base_weights_sha256(weights_dir(directory))).eval()
 
 
 def new_model(config, attn_implementation: str = "sdpa", seed: int = 0):

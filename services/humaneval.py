@@ -3,26 +3,45 @@
     sdsat eval humaneval                                   # the first 20 problems: a quick look
     sdsat eval humaneval --limit 0 --output he.jsonl --json he.json    # all 164
 
-Generation is a `sdsat batch` job (services/batch.py): greedy, stopped at the next top-level
-statement (the Codex paper's stop strings), on the same Ray Data engine actors, and resumable: the
-completions are kept in OUTPUT.completions.jsonl and a re-run generates only what is missing
-(delete that file after changing the model or --max-tokens). Each completion then runs with its
-problem's tests in `services.sandbox`, one subprocess per sample. With greedy decoding pass@1 is the
-fraction of problems whose tests pass. OUTPUT gets one line per problem: task_id, passed, status,
-detail, completion, completion_tokens, speculation.
+Two forms of the task (`--form`, default auto: chat when the model's tokenizer has a chat
+template, else completion):
+- completion: the model continues the prompt (signature + docstring), greedy, stopped at the next
+  top-level statement (the Codex paper's stop strings); the program checked is prompt + completion.
+- chat (instruct models): the prompt goes into a user message asking to complete the function
+  (`models.chat.code_task_messages`); the answer ends at the model's end-of-turn token (its EOS),
+  so no stop strings, and more tokens by default (an answer repeats the signature, maybe prose).
+  The answer's code block (`models.chat.extract_code`) is checked as a whole function when it
+  defines the entry point (after the prompt's imports and helpers), else as the body continuing
+  the prompt.
+
+Generation is a `sdsat batch` job (services/batch.py) on the same Ray Data engine actors, and
+resumable: the answers are kept in OUTPUT.completions.jsonl and a re-run generates only what is
+missing (delete that file after changing the model, --form or --max-tokens). Each program then
+runs with its problem's tests in `services.sandbox`, one subprocess per sample. With greedy
+decoding pass@1 is the fraction of problems whose tests pass. OUTPUT gets one line per problem:
+task_id, form, passed, status, detail, completion (the code checked after the prompt), answer (the
+model's raw text), checked_as (function or body), completion_tokens, speculation.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import textwrap
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import NamedTuple
 
+from models.errors import ConfigError
 from services.batch import BatchJob, read_done, run_batch
+from services.config import DecoderConfig
 from services.sandbox import SandboxLimits, run_python, sandbox_python, unprivileged_user
 
 STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")  # a top-level statement ends the function body
+FORMS = ("auto", "completion", "chat")
+# A chat answer repeats the signature (often the docstring too) and may add a sentence around the block.
+MAX_TOKENS = {"completion": 256, "chat": 384}
 
 
 def model_prompt(problem: dict) -> str:
@@ -39,17 +58,86 @@ def load_problems(limit: int) -> list[dict]:
     return problems[:limit] if limit else problems
 
 
+def resolve_form(form: str, model_dir: str) -> str:
+    """`auto` is chat for a tokenizer with a chat template (an instruct model), else completion."""
+    if form not in FORMS:
+        raise ConfigError(f"unknown form {form!r}; expected one of {', '.join(FORMS)}")
+    if form != "auto":
+        return form
+    from models.chat import has_chat_template
+    from models.checkpoint import load_tokenizer
+
+    return "chat" if has_chat_template(load_tokenizer(model_dir)) else "completion"
+
+
+# ---- the programs checked ------------------------------------------------------------------------
+class Program(NamedTuple):
+    text: str  # what runs in the sandbox
+    checked_as: str  # "function": the answer's own def; "body": the code continues the prompt
+    code: str  # the model's part of `text`
+
+
 def check_program(problem: dict, completion: str) -> str:
     """The program that passes iff the completion is correct: prompt + completion, tests, check(f)."""
     return f"{model_prompt(problem)}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
 
 
-def write_requests(problems: list[dict], path: Path, max_tokens: int) -> None:
+def _find_def(code: str, name: str) -> re.Match | None:
+    """A top-level definition of `name` (a nested one would not be what check() calls)."""
+    return re.search(rf"^(?:async\s+)?def\s+{re.escape(name)}\s*\(", code, re.MULTILINE)
+
+
+def preamble(problem: dict) -> str:
+    """The prompt before the entry point's def: its imports and helpers. Answers often drop those, and
+    some tests call the helpers (HumanEval/38's encode_cyclic, HumanEval/50's encode_shift)."""
+    found = _find_def(problem["prompt"], problem["entry_point"])
+    return problem["prompt"][:found.start()] if found else ""
+
+
+def as_body(code: str) -> str:
+    """Code that continues the prompt as the function's body: on a new line (the prompt lost its
+    trailing one), indented when the answer wrote the statements at the top level."""
+    code = code.strip("\n")
+    first = next((line for line in code.splitlines() if line.strip()), "")
+    if first and not first[0].isspace():
+        code = textwrap.indent(code, "    ")
+    return f"\n{code}\n"
+
+
+def chat_program(problem: dict, answer: str) -> Program:
+    """The answer's code block as the whole function when it defines the entry point, else as its body."""
+    from models.chat import extract_code
+
+    code = extract_code(answer)
+    if _find_def(code, problem["entry_point"]):
+        text = f"{preamble(problem)}{code}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+        return Program(text, "function", code)
+    body = as_body(code)
+    return Program(check_program(problem, body), "body", body)
+
+
+def build_program(problem: dict, answer: str, form: str) -> Program:
+    if form == "chat":
+        return chat_program(problem, answer)
+    return Program(check_program(problem, answer), "body", answer)
+
+
+# ---- generation and checking ---------------------------------------------------------------------
+def request_row(problem: dict, max_tokens: int, form: str) -> dict:
+    """One batch row. Chat answers end at the end-of-turn token (the model's EOS), so no stop strings:
+    the Codex ones would cut an answer at its first blank line before a `def`."""
+    row = {"id": problem["task_id"], "max_tokens": max_tokens, "temperature": 0.0}
+    if form == "chat":
+        from models.chat import code_task_messages
+
+        return {**row, "messages": code_task_messages(problem["prompt"])}
+    return {**row, "prompt": model_prompt(problem), "stop": list(STOP)}
+
+
+def write_requests(problems: list[dict], path: Path, max_tokens: int, form: str = "completion") -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
-        for p in problems:
-            f.write(json.dumps({"id": p["task_id"], "prompt": model_prompt(p), "max_tokens": max_tokens,
-                                "temperature": 0.0, "stop": list(STOP)}) + "\n")
+        f.writelines(json.dumps(request_row(p, max_tokens, form)) + "\n" for p in problems)
 
 
 def read_completions(path: Path) -> dict[str, dict]:
@@ -58,20 +146,27 @@ def read_completions(path: Path) -> dict[str, dict]:
     return {row["id"]: row for row in rows}
 
 
+def check_one(problem: dict, row: dict | None, limits: SandboxLimits, form: str) -> dict:
+    """One problem's result row; a missing completion fails."""
+    if row is None:
+        return {"task_id": problem["task_id"], "form": form, "passed": False, "status": "no completion",
+                "detail": "the batch job rejected this row (see the errors file)", "completion": None,
+                "answer": None}
+    program = build_program(problem, row["completion"], form)
+    result = run_python(program.text, limits)
+    return {"task_id": problem["task_id"], "form": form, "passed": result.status == "passed",
+            "status": result.status, "detail": result.detail, "completion": program.code,
+            "answer": row["completion"], "checked_as": program.checked_as,
+            "completion_tokens": row["usage"]["completion_tokens"], "speculation": row["speculation"]}
+
+
 def check_all(problems: list[dict], completions: dict[str, dict], limits: SandboxLimits, workers: int,
-              progress: bool) -> list[dict]:
-    """Run every problem's tests against its completion; a missing completion fails."""
+              progress: bool, form: str = "completion") -> list[dict]:
+    """Run every problem's tests against its completion."""
     from tqdm import tqdm
 
     def one(problem: dict) -> dict:
-        row = completions.get(problem["task_id"])
-        if row is None:
-            return {"task_id": problem["task_id"], "passed": False, "status": "no completion",
-                    "detail": "the batch job rejected this row (see the errors file)", "completion": None}
-        result = run_python(check_program(problem, row["completion"]), limits)
-        return {"task_id": problem["task_id"], "passed": result.status == "passed", "status": result.status,
-                "detail": result.detail, "completion": row["completion"],
-                "completion_tokens": row["usage"]["completion_tokens"], "speculation": row["speculation"]}
+        return check_one(problem, completions.get(problem["task_id"]), limits, form)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:  # threads only wait on subprocesses
         return list(tqdm(pool.map(one, problems), total=len(problems), unit="test", disable=not progress))
@@ -87,27 +182,36 @@ def speed(rows: list[dict]) -> dict:
             "acceptance_rate": accepted / drafted if drafted else 0.0}
 
 
-def run_humaneval(job: BatchJob, limit: int, max_tokens: int, limits: SandboxLimits, workers: int) -> dict:
+def counts(rows: list[dict], key: str) -> dict[str, int]:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return {v: values.count(v) for v in sorted(set(values))}
+
+
+def run_humaneval(job: BatchJob, limit: int, max_tokens: int | None, limits: SandboxLimits, workers: int,
+                  form: str = "auto") -> dict:
     """`job` carries the engine and Ray settings and, as `output`, the per-problem results file; the
-    batch job's own files are named after it."""
+    batch job's own files are named after it. `max_tokens` None: the form's default (MAX_TOKENS)."""
     output = Path(job.output)
+    model_dir = (job.decoder or DecoderConfig()).model_dir
+    form = resolve_form(form, model_dir)
+    max_tokens = max_tokens or MAX_TOKENS[form]
     problems = load_problems(limit)
     requests, completions = output.with_suffix(".requests.jsonl"), output.with_suffix(".completions.jsonl")
-    write_requests(problems, requests, max_tokens)
+    write_requests(problems, requests, max_tokens, form)
     generation = run_batch(replace(job, input=str(requests), output=str(completions),
                                    errors=str(output.with_suffix(".errors.jsonl"))))
-    results = check_all(problems, read_completions(completions), limits, workers, job.progress)
+    results = check_all(problems, read_completions(completions), limits, workers, job.progress, form)
     with open(output, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in results)
     passed = sum(r["passed"] for r in results)
     user = unprivileged_user()
     return {
-        "problems": len(problems), "passed": passed, "pass@1": passed / len(problems),
-        "statuses": {s: sum(r["status"] == s for r in results) for s in sorted({r["status"] for r in results})},
+        "problems": len(problems), "passed": passed, "pass@1": passed / len(problems), "form": form,
+        "statuses": counts(results, "status"), "checked_as": counts(results, "checked_as"),
         **speed(results),
         "generation": {k: generation[k] for k in ("written", "already_done", "errors", "wall_s", "tokens_per_s",
                                                   "engine_tokens_per_s")},
-        "max_tokens": max_tokens, "model": job.decoder.model_dir if job.decoder else None,
+        "max_tokens": max_tokens, "model": model_dir,
         "sandbox": {**asdict(limits), "user": user.pw_name if user else None, "python": sandbox_python()},
         "results": str(output), "completions": str(completions),
     }

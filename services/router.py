@@ -140,6 +140,8 @@ class Router:
         self.decoder = decoder
         self.tokenizer = load_tokenizer(self.config.decoder.model_dir)
         self.model_name = self.config.decoder.model_name
+        # aliases: the same weights under other names (an SDSAT adapter never changes the base's output)
+        self.model_names = [self.model_name, *self.config.decoder.model_aliases]
         self.tracing = Tracing("sdsat-router", self.config.telemetry.otlp_endpoint)
         self.metrics = RouterMetrics()
         import services.telemetry
@@ -173,8 +175,8 @@ class Router:
 
     @app.get("/v1/models")
     async def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0,
-                                            "owned_by": "sdsat-serving"}]}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "sdsat-serving"}
+                                           for name in self.model_names]}
 
     @app.get("/metrics")
     async def metrics(self):
@@ -201,17 +203,16 @@ class Router:
 
     @app.post("/v1/chat/completions")
     async def chat(self, body: ChatRequest, request: Request):
-        from models.tokenizer import encode_text
-
         top = body.top_logprobs if body.logprobs else None
         formatter = fmt.ChatFormatter(self.tokenizer, top)
         return await self._handle(request, "/v1/chat/completions", "chat", body,
-                                  lambda: encode_text(self.tokenizer, fmt.chat_prompt(body.messages)), formatter)
+                                  lambda: fmt.chat_prompt_ids(self.tokenizer, body.messages), formatter)
 
     # ---- shared request path ---------------------------------------------------------------------
     def _check_model(self, model: str | None) -> None:
-        if model and model != self.model_name:
-            raise ModelNotFoundError(f"model {model!r} does not exist; this server serves {self.model_name!r}")
+        if model and model not in self.model_names:
+            raise ModelNotFoundError(f"model {model!r} does not exist; this server serves "
+                                     f"{', '.join(map(repr, self.model_names))}")
 
     def _decoder_request(self, body, prompt_ids: list[int], logprobs: int | None, tenant: str) -> dict:
         max_tokens = body.max_tokens or body.max_completion_tokens or self.config.router.max_tokens_limit

@@ -1,4 +1,5 @@
-"""One Ray instance and one Serve app (the tiny counting SDSAT model on CPU) for the service tests."""
+"""One Ray instance and one Serve app (the tiny counting SDSAT model on CPU) for the service tests, and
+the default instruct model's tokenizer for the chat-form tests."""
 
 from __future__ import annotations
 
@@ -31,3 +32,19 @@ def service(ray_session, counting_sdsat_dir):
 
     serve.run(build_app(app_args(counting_sdsat_dir)), name="main", route_prefix="/")
     return f"http://127.0.0.1:{ray_session}"
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer_dir():
+    """The default model's folder (SmolLM2-135M-Instruct: a ChatML template, EOS <|im_end|>). Tests load
+    only its tokenizer, which takes a second; the model itself is never loaded here."""
+    from models.base_model import ensure_base_model
+
+    return ensure_base_model()  # converted by `make setup`; converts here (about 25 s) when missing
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer(chat_tokenizer_dir):
+    from models.checkpoint import load_tokenizer
+
+    return load_tokenizer(chat_tokenizer_dir)

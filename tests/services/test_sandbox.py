@@ -1,8 +1,10 @@
-"""The sandbox of `sdsat eval humaneval`, and the eval job end to end on the tiny counting model."""
+"""The sandbox of `sdsat eval humaneval`, and the eval job end to end on the tiny counting model (in both
+forms: completion, and chat with a chat template added to the model's tokenizer)."""
 
 import json
 import os
 import pwd
+import shutil
 from pathlib import Path
 
 import pytest
@@ -72,7 +74,29 @@ def test_eval_job_on_the_counting_model(counting_sdsat_dir, ray_session, tmp_pat
     job = BatchJob(input="", output=str(tmp_path / "he.jsonl"), decoder=decoder, batch_size=2, progress=False)
     report = run_humaneval(job, limit=2, max_tokens=8, limits=QUICK, workers=2)
     assert report["problems"] == 2 and report["passed"] == 0 and report["pass@1"] == 0.0
+    assert report["form"] == "completion"  # the counting tokenizer has no chat template
     assert report["generation"]["written"] == 2 and report["completion_tokens"] > 0
     results = [json.loads(line) for line in (tmp_path / "he.jsonl").read_text().splitlines()]
     assert [r["task_id"] for r in results] == ["HumanEval/0", "HumanEval/1"]
     assert all(r["status"] == "failed" and r["completion"] is not None for r in results)
+
+
+def test_eval_job_in_chat_form(counting_sdsat_dir, ray_session, tmp_path):
+    """With a chat template the auto form is chat: the rows go to the batch job as messages (through the
+    Ray Data actors) and every answer is checked and kept; the counting model cannot code: pass@1 0."""
+    from services.batch import BatchJob
+    from services.config import DecoderConfig
+    from services.humaneval import run_humaneval
+
+    model = tmp_path / "chat-model"
+    shutil.copytree(counting_sdsat_dir, model)
+    (model / "chat_template.jinja").write_text("{% for m in messages %}1 2 {{ m['content'] }} {% endfor %}3")
+    decoder = DecoderConfig(model_dir=str(model), engine={"max_batch": 2}, device="cpu")
+    job = BatchJob(input="", output=str(tmp_path / "he.jsonl"), decoder=decoder, batch_size=2, progress=False)
+    report = run_humaneval(job, limit=2, max_tokens=8, limits=QUICK, workers=2)
+    assert report["form"] == "chat" and report["max_tokens"] == 8 and report["pass@1"] == 0.0
+    assert report["generation"]["written"] == 2 and report["generation"]["errors"] == 0
+    requests = [json.loads(line) for line in (tmp_path / "he.requests.jsonl").read_text().splitlines()]
+    assert all("messages" in r and "stop" not in r for r in requests)
+    results = [json.loads(line) for line in (tmp_path / "he.jsonl").read_text().splitlines()]
+    assert all(r["form"] == "chat" and r["answer"] is not None and r["status"] != "no completion" for r in results)
