@@ -6,13 +6,13 @@
 
 Each `step()` admits waiting requests into free KV slots, prefills up to `prefill_chunk` prompt
 tokens (batched, so long prompts do not stall running streams) and runs one decoding iteration for
-every running sequence:
+every running sequence, the same loop for every method:
 
-    draft   -> drafts per sequence (prompt lookup: n-gram; sdsat: a [cur, S_1..S_k] forward; mlp: the
-               speculator's chain from the state where cur was predicted)
-    verify  -> one batched forward over each sequence's [cur, d_1..d_k] (+ SAT blocks when fused)
-    accept  -> greedy match or exact speculative sampling, per sequence
-    commit  -> keep the KV of cur + accepted drafts (a length change), emit accepted + bonus
+    draft   -> each sequence's drafter (models/engine/drafters.py) proposes, batched per drafter
+    verify  -> one batched forward over each sequence's [cur, d_1..d_k] + the rows its drafter adds
+    accept  -> greedy match or exact speculative sampling with the drafter's q, per sequence
+    commit  -> keep the KV of cur + accepted drafts (a length change), let the drafter keep what it
+               needs, emit accepted + bonus
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ from collections import deque
 import torch
 
 from models.engine.config import EngineConfig, SamplingParams
-from models.engine.drafters import fused_block_rows, fused_layout, prompt_lookup
+from models.engine.drafter import Drafter, sample_token
+from models.engine.drafters import DRAFTERS, drafter_for
 from models.engine.kv_cache import SlotKVCache
 from models.engine.prefix import read_blocks, write_blocks
-from models.engine.sampling import process_logits, sample_from, verify_greedy, verify_sampling
+from models.engine.sampling import process_logits, verify_greedy, verify_sampling
 from models.engine.sequence import RequestOutput, Sequence
 from models.errors import InvalidRequestError, PromptTooLongError
 from models.sat import SatSpec
@@ -36,8 +37,9 @@ from models.speculator import MLPSpeculator
 
 class Engine:
     def __init__(self, model, tokenizer, sat: SatSpec | None, config: EngineConfig, prefix_store=None,
-                 speculator: MLPSpeculator | None = None):
+                 speculator: MLPSpeculator | None = None, adapter=None):
         self.model, self.tokenizer, self.sat, self.config = model.eval(), tokenizer, sat, config
+        self.adapter = adapter  # a models.adapter.SatAdapter attached to `model` (SAT rows only), or None
         self.prefix_store = prefix_store  # a models.engine.prefix.PrefixStore, or None
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -55,12 +57,13 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, directory, config: EngineConfig | None = None) -> Engine:
-        from models.checkpoint import DTYPES, load_model, load_tokenizer, resolve_device
+        from models.checkpoint import load_adapter, load_model, load_tokenizer, resolve_device, resolve_dtype
 
         config = config or EngineConfig()
-        model = load_model(directory, config.attn_implementation, DTYPES[config.dtype], resolve_device(config.device))
+        device = resolve_device(config.device)
+        model = load_model(directory, config.attn_implementation, resolve_dtype(config.dtype, device), device)
         return cls(model, load_tokenizer(directory), SatSpec.maybe_load(directory), config,
-                   speculator=MLPSpeculator.maybe_load(directory))
+                   speculator=MLPSpeculator.maybe_load(directory), adapter=load_adapter(directory, model))
 
     # ---- requests -------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
@@ -73,16 +76,15 @@ class Engine:
             raise PromptTooLongError(f"prompt has {len(prompt_ids)} tokens; the context limit is {self.max_context}")
         if k > self.config.max_k:
             raise InvalidRequestError(f"k must be <= {self.config.max_k}, got {k}")
-        if method.startswith("sdsat") and self.sat is None:
-            raise InvalidRequestError(f"method {method!r} needs an SDSAT model (sdsat.json); this one has none")
-        if method == "mlp" and self.speculator is None:
-            raise InvalidRequestError("method 'mlp' needs a model with a speculator (speculator/); this one has none")
+        drafter = drafter_for(method)
+        if (why := drafter.unavailable(self)) is not None:
+            raise InvalidRequestError(why)
         generator = None
         if not params.greedy:
             seed = params.seed if params.seed is not None else int(torch.randint(2**62, ()))
             generator = torch.Generator().manual_seed(seed)
         seq = Sequence(request_id or f"req-{next(self._ids)}", list(prompt_ids), params, method,
-                       0 if method == "ar" else k, self.tokenizer.eos_token_id, self.max_context, self.tokenizer,
+                       k if drafter.speculative else 0, self.tokenizer.eos_token_id, self.max_context, self.tokenizer,
                        generator, tenant=tenant)
         self.waiting.append(seq)
         return seq.request_id
@@ -152,8 +154,9 @@ class Engine:
             if seq.prefilled == len(seq.prompt_ids):  # the prompt's last logits give the first token
                 if self.prefix_store is not None:
                     self._offer_prefix(seq)
-                seq.emit([self._sample_one(seq, row[-1])], row[-1:])
-                seq.hidden = state[-1] if seq.method == "mlp" else None
+                token = sample_token(seq, row[-1])
+                self._drafter(seq).after_accept(self, seq, row, state, 0)  # row 0 predicted the first token
+                seq.emit([token], row[-1:])
                 seq.timings["prefill"] = time.time_ns()
 
     def _load_prefix(self, seq: Sequence) -> None:
@@ -171,100 +174,54 @@ class Engine:
             self.prefix_store.offer(seq.prompt_ids, read_blocks(self.cache, seq.slot, first, last, size), first,
                                     seq.tenant)
 
+    # ---- one decoding iteration ------------------------------------------------------------------
     def _iterate(self, seqs: list[Sequence]) -> None:
+        """One draft -> verify -> accept -> commit round over every decoding sequence."""
         batch_k = self.config.k_under_load(self.config.max_k, len(seqs))
         self.batch_sizes.append(len(seqs))
+        # draft: clamp each k, then every drafter proposes for all its sequences at once
+        self._draft(seqs, batch_k)
+        live = [s for s in seqs if not s.finished]  # a drafter may emit (two-step SDSAT's exact token)
+        if not live:
+            return
+        # verify: one batched forward over every live chain [cur, d_1..d_k] and its drafter's extra rows
+        logits, hidden = self._verify_forward(live)
+        for seq, rows, states in zip(live, logits, hidden, strict=True):
+            # accept: the longest draft prefix the target agrees with, plus a bonus / recovered token
+            accepted, emitted = self._accept(seq, rows[: len(seq.drafts) + 1])
+            # commit: keep cur + accepted drafts, let the drafter keep its state, emit the tokens
+            self._commit(seq, rows, states, accepted, emitted)
+
+    def _drafter(self, seq: Sequence) -> Drafter:
+        return drafter_for(seq.method)
+
+    def _draft(self, seqs: list[Sequence], batch_k: int) -> None:
+        """Set each sequence's k for this iteration and its drafts."""
         for seq in seqs:
-            self._draft(seq, batch_k)
-        two_step = [s for s in seqs if s.method == "sdsat" and s.k_now > 0]
-        if two_step:
-            self._sdsat_draft_forward(two_step)
-        chained = [s for s in seqs if s.method == "mlp" and s.k_now > 0]
-        if chained:
-            self._mlp_draft(chained)
-        live = [s for s in seqs if not s.finished]
-        if live:
-            self._verify(live)
+            room = self.max_context - seq.context_len  # cache room left for the chunk
+            k = max(0, min(seq.k, batch_k, seq.remaining - 1, room - 1))  # k drafts + the bonus token fit
+            seq.k_now = self._drafter(seq).k_for(self, seq, k)
+            if seq.k_now == 0:
+                seq.drafts, seq.draft_probs = [], None
+        groups: dict[str, list[Sequence]] = {}  # method -> its sequences that draft this iteration
+        for seq in seqs:
+            if seq.k_now > 0:
+                groups.setdefault(seq.method, []).append(seq)
+        for method, drafter in DRAFTERS.items():  # registry order: the same order of forwards every iteration
+            if method in groups:
+                drafter.propose(self, groups[method])
 
-    def _draft(self, seq: Sequence, batch_k: int) -> None:
-        """Decide this iteration's k and, for drafters that need no forward, the drafts."""
-        room = self.max_context - seq.context_len  # cache room left for the chunk
-        k = max(0, min(seq.k, batch_k, seq.remaining - 1, room - 1))
-        if seq.method == "sdsat":
-            k = max(0, min(k, seq.remaining - 2, room - 2))
-        elif seq.method == "mlp":
-            k = min(k, self.speculator.n_predict)  # one head per draft
-        seq.k_now = k
-        if seq.method == "prompt-lookup":
-            context = seq.prompt_ids + seq.output_ids
-            seq.drafts, seq.draft_probs = prompt_lookup(context, k, self.config.prompt_lookup_ngram), None
-        elif seq.method == "sdsat-fused":
-            seq.drafts = seq.drafts[:k]
-            seq.draft_probs = seq.draft_probs[:k] if seq.draft_probs is not None else None
-        elif seq.method in ("ar", "mlp") or k == 0:  # mlp: _mlp_draft fills them
-            seq.drafts, seq.draft_probs = [], None
-
-    def _sdsat_draft_forward(self, seqs: list[Sequence]) -> None:
-        """Two-step SDSAT, step 1: [cur, S_1..S_k] -> the exact next token and k SAT drafts."""
-        chunks = [[s.cur, *self.sat.slot_ids(s.k_now)] for s in seqs]
-        logits, _ = self._forward(seqs, chunks)
-        for seq, row in zip(seqs, logits, strict=True):
-            seq.stats.forwards += 1
-            self.cache.commit(seq.slot, seq.context_len)  # keep cur, drop the SAT entries
-            exact = self._sample_one(seq, row[0])
-            self._set_drafts(seq, row[1 : 1 + seq.k_now])
-            seq.emit([exact], row[:1])
-
-    def _mlp_draft(self, seqs: list[Sequence]) -> None:
-        """MLP speculator chain: head i reads the state and the token chosen at head i-1 (cur for head 0),
-        starting from the base model's state where cur was predicted. No base-model forward."""
-        state = torch.stack([s.hidden for s in seqs])  # [B, H]
-        tokens = torch.tensor([s.cur for s in seqs], device=self.device)  # [B]
-        drafts, draft_probs = [[] for _ in seqs], [[] for _ in seqs]
-        for i in range(max(s.k_now for s in seqs)):
-            state, logits = self.speculator.step(i, state, tokens)
-            logits = logits.float().cpu()  # [B, V]
-            chosen = logits.argmax(-1)  # greedy drafts; sampled ones replace theirs below
-            for b, seq in enumerate(seqs):
-                if i >= seq.k_now:
-                    continue
-                if not seq.params.greedy:
-                    p = seq.params
-                    q = process_logits(logits[b], p.temperature, p.top_p, p.top_k)
-                    chosen[b] = sample_from(q, seq.uniforms(1)[0])
-                    draft_probs[b].append(q)
-                drafts[b].append(int(chosen[b]))
-            tokens = chosen.to(self.device)
-        for seq, d, q in zip(seqs, drafts, draft_probs, strict=True):
-            seq.drafts, seq.draft_probs = d, torch.stack(q) if q else None
-
-    def _verify(self, seqs: list[Sequence]) -> None:
+    def _verify_forward(self, seqs: list[Sequence]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per sequence its [T_i, V] logits and [T_i, H] hidden states over [cur, *drafts, *extra rows]."""
         chunks, layouts = [], []
         for seq in seqs:
-            chain = [seq.cur, *seq.drafts]
-            if seq.method == "sdsat-fused" and seq.k_now > 0:
-                offsets, visible = fused_layout(len(seq.drafts), seq.k_now)
-                chunks.append(chain + self.sat.slot_ids(seq.k_now) * len(chain))
-                layouts.append((offsets, visible))
-            else:
-                chunks.append(chain)
-                layouts.append(None)
-        logits, hidden = self._forward(seqs, chunks, layouts)
-        for seq, row, states in zip(seqs, logits, hidden, strict=True):
-            n = len(seq.drafts)
-            accepted, emitted = self._accept(seq, row[: n + 1])
-            seq.stats.forwards += 1
-            seq.stats.record(n, accepted)
-            self.cache.commit(seq.slot, seq.context_len + accepted)  # cur + accepted drafts
-            if seq.method == "mlp":  # the state that predicted the next cur: the speculator's next start
-                seq.hidden = states[accepted]
-            if seq.method == "sdsat-fused" and seq.k_now > 0:
-                self._set_drafts(seq, row[fused_block_rows(n, seq.k_now, accepted)])
-            elif seq.method == "sdsat-fused":
-                seq.drafts, seq.draft_probs = [], None
-            seq.emit(emitted, row[: len(emitted)])
+            extra, layout = self._drafter(seq).verify_rows(self, seq)
+            chunks.append([seq.cur, *seq.drafts, *extra])
+            layouts.append(layout)
+        return self._forward(seqs, chunks, layouts)
 
     def _accept(self, seq: Sequence, target_logits: torch.Tensor) -> tuple[int, list[int]]:
+        """target_logits: [len(drafts) + 1, V] at the chain. Returns (accepted, emitted tokens)."""
         drafts = torch.tensor(seq.drafts, dtype=torch.long)
         if seq.params.greedy:
             return verify_greedy(target_logits, drafts)
@@ -273,20 +230,15 @@ class Engine:
         u = seq.uniforms(len(seq.drafts) + 1)
         return verify_sampling(target, seq.draft_probs, drafts, u[:-1], u[-1])
 
-    def _set_drafts(self, seq: Sequence, sat_logits: torch.Tensor) -> None:
-        """Drafts from SAT slot logits [k, V]: argmax when greedy, else samples from q (kept)."""
-        if seq.params.greedy:
-            seq.drafts, seq.draft_probs = sat_logits.argmax(-1).tolist(), None
-            return
-        p = seq.params
-        q = process_logits(sat_logits, p.temperature, p.top_p, p.top_k)
-        seq.drafts, seq.draft_probs = sample_from(q, seq.uniforms(len(q))).tolist(), q
-
-    def _sample_one(self, seq: Sequence, logits: torch.Tensor) -> int:
-        if seq.params.greedy:
-            return int(logits.argmax())
-        p = seq.params
-        return int(sample_from(process_logits(logits, p.temperature, p.top_p, p.top_k), seq.uniforms(1)[0]))
+    def _commit(self, seq: Sequence, rows: torch.Tensor, states: torch.Tensor, accepted: int,
+                emitted: list[int]) -> None:
+        """rows [T, V] / states [T, H]: this sequence's rows of the verify forward."""
+        seq.stats.forwards += 1
+        seq.stats.record(len(seq.drafts), accepted)
+        # a length change: rejected drafts and any drafter rows (SAT blocks) past it are dropped
+        self.cache.commit(seq.slot, seq.context_len + accepted)  # cur + accepted drafts
+        self._drafter(seq).after_accept(self, seq, rows, states, accepted)
+        seq.emit(emitted, rows[: len(emitted)])
 
     # ---- the batched forward --------------------------------------------------------------------
     def _forward(self, seqs: list[Sequence], chunks: list[list[int]], layouts=None, last_only=False):
@@ -313,10 +265,17 @@ class Engine:
         visible.scatter_(2, cols, local)
         mask = torch.zeros(R, 1, T, kv_len, dtype=self.dtype)
         mask.masked_fill_(~visible[:, None], torch.finfo(self.dtype).min)
-        hidden = self.decoder(
-            input_ids=ids.to(self.device), position_ids=(start[:, None] + offsets).to(self.device),
-            attention_mask=mask.to(self.device), cache=self.cache, use_cache=True,
-        ).last_hidden_state  # [R, T, H]
+        ids = ids.to(self.device)
+        # SAT ids of an adapter lie past the vocabulary: the adapter embeds them and marks their rows
+        tokens = {"input_ids": ids} if self.adapter is None else {"inputs_embeds": self.adapter.embed(self.model, ids)}
+        try:
+            hidden = self.decoder(
+                **tokens, position_ids=(start[:, None] + offsets).to(self.device),
+                attention_mask=mask.to(self.device), cache=self.cache, use_cache=True,
+            ).last_hidden_state  # [R, T, H]
+        finally:
+            if self.adapter is not None:
+                self.adapter.clear()
         if last_only:
             lengths = torch.tensor([len(c) for c in chunks], device=self.device)
             hidden = hidden[torch.arange(R, device=self.device), lengths - 1][:, None]

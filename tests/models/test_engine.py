@@ -4,7 +4,10 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from models.engine import Engine, EngineConfig, SamplingParams
+import models.engine.config as engine_config
+from models.engine import METHODS, Engine, EngineConfig, SamplingParams
+from models.engine.drafter import Drafter
+from models.engine.drafters import DRAFTERS, drafter_for
 from models.errors import InvalidRequestError, PromptTooLongError
 from models.sat import SatSpec
 
@@ -210,3 +213,38 @@ def test_other_llama_family_models(family, count_tokenizer):
         for _ in range(16):
             reference.append(int(model(torch.tensor([reference])).logits[0, -1].argmax()))
     assert all(o == reference[4:] for o in outs.values()), outs
+
+
+class FixedDrafter(Drafter):
+    """A whole new method: always proposes the same tokens (a point mass), cut to this iteration's k."""
+
+    name = "fixed"
+
+    def __init__(self, tokens: list[int]):
+        self.tokens = tokens
+
+    def propose(self, engine, seqs):
+        for seq in seqs:
+            seq.drafts, seq.draft_probs = self.tokens[: seq.k_now], None
+
+
+def test_a_registered_drafter_decodes_like_greedy_ar(counting_engine_parts, monkeypatch):
+    monkeypatch.setattr(engine_config, "METHODS", (*METHODS, "fixed"))  # a new method name is accepted ...
+    monkeypatch.setitem(DRAFTERS, "fixed", FixedDrafter([6, 7, 8, 9]))  # ... and runs the registered drafter
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    plain = _engine(counting_engine_parts, method="ar").generate_batch(PROMPTS, params)
+    engine = _engine(counting_engine_parts, method="fixed", k=3)
+    single = [engine.generate(p, params) for p in PROMPTS]
+    batched = engine.generate_batch(PROMPTS, params)
+    for ref, one, many in zip(plain, single, batched, strict=True):
+        assert one["token_ids"] == ref["token_ids"] == many["token_ids"]
+        stats = one["stats"]  # no drafting forward: one verify per iteration, plus the prefill
+        assert stats["drafted"] > 0 and stats["forwards"] == stats["iterations"] + 1
+    assert single[0]["stats"]["accepted"] >= 3  # "0 1 2 3" -> cur "4": the drafts "5 6 7" are all accepted
+
+
+def test_every_method_has_a_drafter():
+    assert set(DRAFTERS) == set(METHODS)
+    assert all(drafter_for(m).name == m for m in METHODS)
+    with pytest.raises(InvalidRequestError, match="no drafter"):
+        drafter_for("beam")
