@@ -78,27 +78,45 @@ def add_train_parser(sub) -> None:
 
 
 def cmd_train_adapter(args: argparse.Namespace) -> int:
-    from models.config import config_from_args
-    from models.train_adapter import train
+    from models.config import build_config, config_from_args
+    from models.errors import ConfigError
     from models.train_config import AdapterTrainConfig
+    from services.train_ray import ScaleConfig
 
-    write_json(args.json, train(config_from_args(AdapterTrainConfig, args), progress=not args.no_progress))
+    cfg = config_from_args(AdapterTrainConfig, args)
+    if args.fsdp:
+        raise ConfigError("--fsdp does not apply to the adapter (a few million parameters): workers replicate it")
+    scale = build_config(ScaleConfig, overrides={f.name: getattr(args, f.name)
+                                                 for f in dataclasses.fields(ScaleConfig) if f.name != "fsdp"})
+    if scale.workers:
+        from services.train_ray import fit_ray_adapter
+
+        metrics = fit_ray_adapter(cfg, scale, progress=not args.no_progress)
+    else:
+        from models.train_adapter import train
+
+        metrics = train(cfg, progress=not args.no_progress)
+    write_json(args.json, metrics)
     return 0
 
 
 def add_train_adapter_parser(sub) -> None:
     from models.config import add_arguments
     from models.train_config import AdapterTrainConfig
+    from services.train_ray import ScaleConfig
 
     p = sub.add_parser(
         "train-adapter", help="train a lossless SAT adapter on a frozen base (SDSAT without changing the model)",
         description="SDSAT on a frozen base: trainable SAT embeddings plus a LoRA that acts only at SAT rows, "
                     "trained on self-distilled rows (python -m models.adapter_data). A run resumes from "
                     "OUTPUT_DIR/checkpoint-last.pt; the adapter is written to OUTPUT_DIR/final. The full "
-                    "fine-tune of the paper stays `sdsat train`. See models/train_adapter.py.",
+                    "fine-tune of the paper stays `sdsat train`. --workers N runs it data-parallel on N Ray "
+                    "Train workers. See models/train_adapter.py.",
     )
     add_training_run_arguments(p)
     add_arguments(p, AdapterTrainConfig)
+    group = p.add_argument_group("scaling out with Ray Train (not read from --config)")
+    add_arguments(group, ScaleConfig)
     p.set_defaults(func=cmd_train_adapter)
 
 

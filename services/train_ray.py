@@ -98,6 +98,51 @@ def fit_ray(cfg: TrainConfig, scale: ScaleConfig, progress: bool = True,
     return dict(trainer.fit().metrics)
 
 
+def fit_ray_adapter(cfg, scale: ScaleConfig, progress: bool = True) -> dict:
+    """The frozen-base SAT adapter (models/train_adapter.py) on `scale.workers` Ray Train workers: each
+    takes every N-th row of a step's batch and the gradients are averaged over gloo/NCCL; rank 0 writes
+    checkpoint-last.pt, which a restarted group (`max_failures`) or a re-run resumes from. On several
+    nodes, output_dir must be shared storage."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if scale.workers < 1:
+        raise ConfigError("Ray Train needs --workers >= 1")
+    cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).resolve()), output_dir=str(Path(cfg.output_dir).resolve()),
+                              model=cfg.model and str(Path(cfg.model).resolve()))
+    if not ray.is_initialized():
+        ray.init(address=scale.address)
+    use_gpu = scale.gpus_per_worker > 0
+    resources = {"CPU": scale.cpus_per_worker} | ({"GPU": scale.gpus_per_worker} if use_gpu else {})
+    out = Path(cfg.output_dir)
+    trainer = TorchTrainer(
+        _adapter_worker_loop, train_loop_config={"cfg": cfg, "scale": scale, "progress": progress},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=scale.workers, use_gpu=use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=scale.run_name or f"{out.name}-{hashlib.sha256(str(out).encode()).hexdigest()[:8]}",
+            storage_path=scale.storage_path or str(out / "ray"),
+            failure_config=ray.train.FailureConfig(max_failures=scale.max_failures)),
+    )
+    return dict(trainer.fit().metrics)
+
+
+def _adapter_worker_loop(config: dict) -> None:
+    import ray.train
+
+    from models.train_adapter import train
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cfg, scale = config["cfg"], config["scale"]
+    ctx = ray.train.get_context()
+    if not cfg.num_threads:
+        torch.set_num_threads(max(1, int(scale.cpus_per_worker)))
+    metrics = train(cfg, progress=config["progress"], rank=ctx.get_world_rank(), world=ctx.get_world_size())
+    ray.train.report(metrics)
+
+
 def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
     def absolute(path: str) -> str:
         return str(Path(path).resolve())

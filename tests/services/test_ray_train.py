@@ -105,3 +105,31 @@ def test_cli_scale_options():
     args = build_parser().parse_args(["train", "--workers", "2", "--fsdp", "--cpus-per-worker", "0.5"])
     scale = build_config(ScaleConfig, overrides={k: getattr(args, k) for k in ScaleConfig.__dataclass_fields__})
     assert scale == ScaleConfig(workers=2, fsdp=True, cpus_per_worker=0.5)
+
+
+def test_adapter_trains_on_two_ray_workers(ray_session, tmp_path, counting_sdsat_dir):
+    """`sdsat train-adapter --workers 2`: each worker takes half of every batch, gradients are averaged,
+    rank 0 writes the log and the final adapter."""
+    import json as json_
+
+    from models.checkpoint import load_tokenizer
+    from models.toy import counting_documents
+    from models.train_config import AdapterTrainConfig
+    from services.train_ray import fit_ray_adapter
+
+    tok = load_tokenizer(counting_sdsat_dir)
+    data = tmp_path / "data.jsonl"
+    with data.open("w") as f:
+        for doc in counting_documents(48, 24, seed=6):
+            f.write(json_.dumps({"kind": "completion", "prompt_len": 4,
+                                 "ids": tok(doc, add_special_tokens=False)["input_ids"]}) + "\n")
+    cfg = AdapterTrainConfig(model=str(counting_sdsat_dir), data=str(data), output_dir=str(tmp_path / "run"),
+                             k_train=3, rank=4, alpha=8.0, anchors_per_seq=8, batch_size=4, max_steps=30, lr=1e-2,
+                             embedding_lr=3e-2, warmup_steps=2, dtype="float32", device="cpu", save_every=10,
+                             log_every=1, heldout_rows=4, num_threads=1)
+    metrics = fit_ray_adapter(cfg, _scale(workers=2, cpus_per_worker=0.5), progress=False)
+    assert metrics["workers"] == 2 and metrics["steps"] == 30
+    log = [json_.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == list(range(1, 31))
+    assert sum(e["loss"] for e in log[-5:]) < 0.7 * sum(e["loss"] for e in log[:5])
+    assert (tmp_path / "run" / "final" / "adapter.safetensors").is_file()
