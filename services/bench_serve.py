@@ -6,7 +6,9 @@
 For each run (3 by default, interleaved), each method (the decoder's SDSAT default, then plain `ar`
 through the per-request `speculation` extension) and each concurrency c, c clients issue streaming
 completions back to back (HumanEval prompts, greedy, fixed `max_tokens` with EOS ignored so every
-request produces the same number of tokens). Per run: median and p99 end-to-end latency, median
+request produces the same number of tokens): chat completions with the prompt in the code-task chat
+form (models/chat.py) with `--chat`, as users send code tasks to an instruct model, else raw completions.
+Per run: median and p99 end-to-end latency, median
 time to first token, aggregate output tokens/s; the report gives the median over runs.
 """
 
@@ -28,14 +30,15 @@ async def _one(http, url: str, body: dict) -> dict:
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
-            if chunk.get("choices") and chunk["choices"][0].get("text") and ttft is None:
+            choice = chunk["choices"][0] if chunk.get("choices") else {}
+            if (choice.get("text") or choice.get("delta", {}).get("content")) and ttft is None:
                 ttft = time.perf_counter() - t0
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
     return {"latency": time.perf_counter() - t0, "ttft": ttft, "tokens": tokens}
 
 
-async def _load(url: str, prompts: list[str], concurrency: int, per_client: int, max_tokens: int,
+async def _load(url: str, prompts: list, concurrency: int, per_client: int, max_tokens: int,
                 speculation: dict | None) -> dict:
     import httpx
 
@@ -43,9 +46,10 @@ async def _load(url: str, prompts: list[str], concurrency: int, per_client: int,
         out = []
         async with httpx.AsyncClient(timeout=600) as http:
             for j in range(per_client):
-                body = {"prompt": prompts[(i * per_client + j) % len(prompts)], "max_tokens": max_tokens,
-                        "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
-                        "ignore_eos": True}
+                prompt = prompts[(i * per_client + j) % len(prompts)]
+                body = {"prompt": prompt} if isinstance(prompt, str) else {"messages": prompt}
+                body.update(max_tokens=max_tokens, temperature=0, stream=True,
+                            stream_options={"include_usage": True}, ignore_eos=True)
                 if speculation:
                     body["speculation"] = speculation
                 out.append(await _one(http, url, body))
@@ -65,9 +69,11 @@ async def _load(url: str, prompts: list[str], concurrency: int, per_client: int,
     }
 
 
-def run_bench_serve(base_url: str, prompts: list[str], concurrencies: list[int], runs: int, per_client: int,
+def run_bench_serve(base_url: str, prompts: list, concurrencies: list[int], runs: int, per_client: int,
                     max_tokens: int, methods: dict[str, dict | None]) -> dict:
-    url = base_url.rstrip("/") + "/v1/completions"
+    """prompts: texts (POST /v1/completions) or message lists (POST /v1/chat/completions)."""
+    chat = not isinstance(prompts[0], str)
+    url = base_url.rstrip("/") + ("/v1/chat/completions" if chat else "/v1/completions")
     asyncio.run(_load(url, prompts, 1, 1, 8, None))  # warm-up
     samples: dict[tuple[str, int], list[dict]] = {}
     for _ in range(runs):
@@ -91,5 +97,6 @@ def run_bench_serve(base_url: str, prompts: list[str], concurrencies: list[int],
             s, p = by[(spec, c)], by[(plain, c)]
             ratios[str(c)] = {"latency_ratio": s["median_latency_s"] / p["median_latency_s"],
                               "throughput_ratio": s["tokens_per_s"] / p["tokens_per_s"]}
-    return {"url": base_url, "max_tokens": max_tokens, "per_client": per_client, "results": rows,
+    return {"url": base_url, "route": url.rsplit("/v1", 1)[1], "max_tokens": max_tokens, "per_client": per_client,
+            "results": rows,
             "spec_vs_plain": ratios}

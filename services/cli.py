@@ -159,7 +159,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     method = args.method or ("sdsat" if SatSpec.maybe_load(args.model) else "ar")  # a base alone has no SATs
     engine = Engine.from_pretrained(args.model, EngineConfig(
-        method=method, k=args.k, max_k=max(16, args.k), device=args.device, dtype=args.dtype, max_context=4096))
+        method=method, k=args.k, max_k=max(16, args.k), device=args.device, dtype=args.dtype, max_batch=1))
     if args.chat:
         from models.chat import encode_chat
 
@@ -317,10 +317,11 @@ def add_bench_parser(sub) -> None:
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
-    from services.bench import humaneval_prompts
+    from services.bench import humaneval_chat_prompts, humaneval_prompts
     from services.bench_serve import run_bench_serve
 
-    report = run_bench_serve(args.url, humaneval_prompts(args.limit), [int(c) for c in args.concurrency.split(",")],
+    prompts = humaneval_chat_prompts(args.limit) if args.chat else humaneval_prompts(args.limit)
+    report = run_bench_serve(args.url, prompts, [int(c) for c in args.concurrency.split(",")],
                              args.runs, args.per_client, args.max_tokens,
                              {"sdsat": None, "ar": {"method": "ar"}})
     write_json(args.json, report)
@@ -339,6 +340,7 @@ def add_bench_serve_parser(sub) -> None:
     p.add_argument("--per-client", type=int, default=4, help="requests per client per run (default: 4)")
     p.add_argument("--max-tokens", type=int, default=128, help="tokens per request (default: 128)")
     p.add_argument("--limit", type=int, default=48, help="HumanEval prompts used (default: 48)")
+    p.add_argument("--chat", action="store_true", help="chat completions, prompts in the code-task chat form")
     p.add_argument("--json", help="write the report to PATH (- = stdout)")
     p.set_defaults(func=cmd_bench_serve)
 
@@ -437,8 +439,8 @@ def decoder_from_args(args: argparse.Namespace):
     """The engine of `batch` and `eval` actors, configured as the service's decoder (unset = its default)."""
     from services.config import DecoderConfig
 
-    engine = {k: v for k, v in {"method": args.method, "k": args.k, "max_batch": args.batch_size}.items()
-              if v is not None}
+    engine = {k: v for k, v in {"method": args.method, "k": args.k, "max_batch": args.batch_size,
+                                "dtype": args.dtype, "max_context": 4096}.items() if v is not None}
     given = {"num_cpus": args.num_cpus, "cpu_threads": args.threads}
     return DecoderConfig(model_dir=args.model, engine=engine, device=args.device,
                          **{k: v for k, v in given.items() if v is not None})
@@ -456,6 +458,8 @@ def add_engine_job_arguments(p) -> None:
                    help="rows per actor call, also the engine's KV slots (default: %(default)s)")
     p.add_argument("--method", choices=METHODS, default=None, help="decoding method (default: the engine's)")
     p.add_argument("--k", type=int, default=None, help="draft tokens per iteration (default: the engine's)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="engine dtype; auto = bf16 on GPUs and CPUs with native bf16, else fp32 (default: auto)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: one GPU per actor when the cluster has GPUs, else CPU (default: %(default)s)")
     p.add_argument("--num-cpus", type=float, default=None,

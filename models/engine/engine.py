@@ -45,7 +45,8 @@ class Engine:
         self.dtype = next(model.parameters()).dtype
         self.speculator = speculator.to(self.device, self.dtype).eval() if speculator is not None else None
         self.decoder, self.lm_head = model.get_decoder(), model.get_output_embeddings()
-        self.max_context = config.max_context or model.config.max_position_embeddings
+        positions = model.config.max_position_embeddings  # never beyond what the model was trained for
+        self.max_context = min(config.max_context, positions) if config.max_context else positions
         headroom = max(config.prefill_chunk, (config.max_k + 1) ** 2)
         self.cache = SlotKVCache.for_model(model.config, config.max_batch, self.max_context, headroom,
                                            self.dtype, self.device)

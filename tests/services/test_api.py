@@ -27,7 +27,7 @@ def client(service):
 def _engine_text(model_dir, prompt: str, n: int) -> str:
     """What `sdsat generate` prints for the prompt (greedy, plain decoding)."""
     proc = subprocess.run([sys.executable, "-m", "services.cli", "generate", "--model", str(model_dir), "--prompt",
-                           prompt, "--method", "ar", "--max-new-tokens", str(n), "--json", "-"],
+                           prompt, "--method", "ar", "--max-new-tokens", str(n), "--dtype", "float32", "--json", "-"],
                           capture_output=True, text=True, timeout=300, cwd=ROOT,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -113,7 +113,7 @@ def ray_address(ray_session):
 def _batch_command(model_dir, address, inp, out) -> list[str]:
     return [sys.executable, "-m", "services.cli", "batch", "--input", str(inp), "--output", str(out),
             "--model", str(model_dir), "--address", address, "--batch-size", "2", "--no-progress",
-            "--json", str(out) + ".summary.json"]
+            "--dtype", "float32", "--json", str(out) + ".summary.json"]  # as the fp32 reference engine
 
 
 def _complete_lines(path: Path) -> int:
