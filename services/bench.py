@@ -324,17 +324,40 @@ def cache_comparison(model_dir: str, k: int = 5, context: int = 256, iters: int 
                 "dynamic_cache_ms": median_ms(dynamic_step)}
 
 
+def dtype_comparison(model_dir: str, prompts: list, max_new_tokens: int, dtypes=("float32", "bfloat16")) -> dict:
+    """Greedy `ar` of the same prompts under each dtype: the share of identical outputs against the first
+    dtype and, per mismatch, where the outputs part (a near-tie of two logits decided differently)."""
+    from models.engine import Engine, EngineConfig, SamplingParams
+
+    outputs = {}
+    for dtype in dtypes:
+        engine = Engine.from_pretrained(model_dir, EngineConfig(method="ar", k=0, max_batch=4, max_context=4096,
+                                                                dtype=dtype))
+        ids = [encode_prompt(engine.tokenizer, p) for p in prompts]
+        params = SamplingParams(max_new_tokens=max_new_tokens, method="ar", ignore_eos=True)
+        outputs[dtype] = [o["token_ids"] for o in engine.generate_batch(ids, params)]
+        del engine
+    ref, report = outputs[dtypes[0]], {"prompts": len(prompts), "max_new_tokens": max_new_tokens}
+    for dtype in dtypes[1:]:
+        parts = [next((i for i, (a, b) in enumerate(zip(r, o, strict=True)) if a != b), None)
+                 for r, o in zip(ref, outputs[dtype], strict=True)]
+        report[dtype] = {"identical_fraction": sum(p is None for p in parts) / len(parts),
+                         "first_mismatch_positions": sorted(p for p in parts if p is not None)}
+    return report
+
+
 def batch_sweep(model_dir: str, prompts: list[str], batch_sizes: list[int], runs: list[tuple[str, int]],
-                max_new_tokens: int, reps: int = 3, progress: bool = True) -> dict:
+                max_new_tokens: int, reps: int = 3, progress: bool = True, dtype: str = "float32") -> dict:
     """Aggregate tokens/s of the engine with `b` sequences decoded together, per method and k: the
     measurement behind the speculation-under-load policy (EngineConfig.load_policy)."""
     from tqdm.auto import tqdm
 
     from models.engine import Engine, EngineConfig, SamplingParams
 
-    engine = Engine.from_pretrained(model_dir, EngineConfig(method="ar", k=0, max_batch=max(batch_sizes)))
+    engine = Engine.from_pretrained(model_dir, EngineConfig(method="ar", k=0, max_batch=max(batch_sizes),
+                                                            max_context=1024, dtype=dtype))
     runs = [(m, k) for m, k in runs if available(engine, m)]
-    encoded = [engine.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    encoded = [encode_prompt(engine.tokenizer, p) for p in prompts]
     engine.generate_batch(encoded[:2], SamplingParams(max_new_tokens=8, ignore_eos=True))  # warm-up
     times: dict[tuple, list[float]] = {}
     bar = tqdm(total=reps * len(batch_sizes) * len(runs), desc="batch sweep", disable=not progress)
@@ -353,7 +376,8 @@ def batch_sweep(model_dir: str, prompts: list[str], batch_sizes: list[int], runs
     plain = {r["batch"]: r["tokens_per_s"] for r in rows if r["method"] == "ar"}
     for r in rows:
         r["vs_ar"] = r["tokens_per_s"] / plain[r["batch"]]
-    return {"model": model_dir, "max_new_tokens": max_new_tokens, "reps": reps, "rows": rows}
+    return {"model": model_dir, "dtype": str(engine.dtype).replace("torch.", ""), "max_new_tokens": max_new_tokens,
+            "reps": reps, "rows": rows}
 
 
 def plot(report: dict, path: str) -> None:

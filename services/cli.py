@@ -258,10 +258,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         report = {"cache_comparison": [bench.cache_comparison(model, k) for k in ks]}
         write_json(args.json or "-", report)
         return 0
+    if args.dtype_compare:
+        write_json(args.json or "-", {"dtype_comparison": bench.dtype_comparison(model, prompts, args.max_new_tokens)})
+        return 0
     if args.batch_sweep:
         runs = [("ar", 0)] + [(m, k) for m in args.methods.split(",") if m in bench.K_SWEPT for k in ks]
         sizes = [int(b) for b in args.batch_sweep.split(",")]
-        report = bench.batch_sweep(model, prompts, sizes, runs, args.max_new_tokens, args.reps, not args.no_progress)
+        report = bench.batch_sweep(model, prompts, sizes, runs, args.max_new_tokens, args.reps, not args.no_progress,
+                                   dtype=args.dtype)
         write_json(args.json, report)
         for row in report["rows"] if args.json != "-" else []:
             print(f"batch {row['batch']:>3} {row['method']:>12} k={row['k']}  {row['tokens_per_s']:8.1f} tok/s"
@@ -308,6 +312,8 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own)")
     p.add_argument("--cache-compare", action="store_true",
                    help="instead: one draft-verify step with the slot cache vs transformers' DynamicCache")
+    p.add_argument("--dtype-compare", action="store_true",
+                   help="instead: greedy ar under fp32 and bf16 on the same prompts, and where the outputs part")
     p.add_argument("--batch-sweep", metavar="SIZES",
                    help="instead: aggregate tokens/s at these batch sizes (e.g. 1,2,4,8,16) per method and k")
     p.add_argument("--json", help="write the report to PATH (- = stdout)")

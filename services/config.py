@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 def default_model_dir() -> str:
@@ -21,31 +21,16 @@ def default_model_dir() -> str:
     return str(SHIP_DIR if is_adapter_dir(SHIP_DIR) else base_model_dir())
 
 
-def default_model_name() -> str:
-    from models.adapter import is_adapter_dir
-    from models.base_model import BASE_NAME
-    from models.recipe_adapter import NAME, SHIP_DIR
-
-    return NAME if is_adapter_dir(SHIP_DIR) else BASE_NAME
-
-
-def default_model_aliases() -> list[str]:
-    from models.adapter import is_adapter_dir
-    from models.base_model import BASE_NAME
-    from models.recipe_adapter import SHIP_DIR
-
-    return [BASE_NAME] if is_adapter_dir(SHIP_DIR) else []
-
-
 class DecoderConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model_dir: str = Field(default_factory=default_model_dir, description="model directory: HF format, or an "
                                                                           "SDSAT adapter folder naming its base")
-    model_name: str = Field(default_factory=default_model_name, description="the name clients pass as `model`")
-    model_aliases: list[str] = Field(default_factory=default_model_aliases,
-                                     description="more names for the same weights, listed by /v1/models (the base's "
-                                                 "name beside an adapter's: standard outputs are the base's)")
+    model_name: str | None = Field(None, description="the name clients pass as `model` (default: the shipped "
+                                                     "model's name, else the folder's name)")
+    model_aliases: list[str] | None = Field(None, description="more names for the same weights, listed by /v1/models "
+                                                              "(default: an adapter's base name, whose outputs are the "
+                                                              "same)")
     engine: dict = Field(default_factory=dict, description="EngineConfig overrides (method, k, max_batch, "
                                                            "max_context, prefill_chunk, load_policy, ...)")
     device: Literal["auto", "cpu", "cuda"] = Field(
@@ -75,6 +60,25 @@ class DecoderConfig(BaseModel):
     redis_url: str | None = Field(None, description="Redis for shared prefix KV (default: $REDIS_URL, else "
                                                     "redis://127.0.0.1:6379/0); may carry a password, rediss:// = TLS")
     affinity_routing: bool = Field(True, description="route requests sharing a prompt prefix to the same replica")
+
+    @model_validator(mode="after")
+    def _names(self):
+        """Default names: the shipped adapter is `smollm2-135m-instruct-sdsat` and also answers to its base's
+        name; the converted base is `smollm2-135m-instruct`; any other folder is called by its name."""
+        from pathlib import Path
+
+        from models.adapter import AdapterConfig, is_adapter_dir
+        from models.base_model import BASE_NAME, base_model_dir
+        from models.recipe_adapter import NAME, SHIP_DIR
+
+        folder = Path(self.model_dir)
+        if self.model_name is None:
+            shipped = folder.resolve() == SHIP_DIR.resolve()
+            self.model_name = NAME if shipped else BASE_NAME if folder == base_model_dir() else folder.name
+        if self.model_aliases is None:
+            base = AdapterConfig.load(folder).base_name if is_adapter_dir(folder) else None
+            self.model_aliases = [base] if base and base != self.model_name else []
+        return self
 
 
 class ApiKeyConfig(BaseModel):

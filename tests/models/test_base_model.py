@@ -98,6 +98,30 @@ def fp32_engine():
                                                                  dtype="float32", device="cpu"))
 
 
+def _heldout_prompts(tokenizer) -> list[list[int]]:
+    from models.adapter_data import prompts
+
+    return [r["ids"] for r in prompts(tokenizer, 2, 1, 96, seed=3, heldout=True)]
+
+
+def test_engine_greedy_equals_transformers_greedy_on_the_gguf_loaded_independently(fp32_engine, tokenizer):
+    """The conversion is faithful: transformers reading the package's GGUF itself (not our folder)
+    generates what the engine generates from the converted folder (fp32, held-out prompts)."""
+    from transformers import AutoModelForCausalLM
+
+    from models.engine import SamplingParams
+
+    reference = AutoModelForCausalLM.from_pretrained(str(gguf_path().parent), gguf_file=gguf_path().name,
+                                                     dtype=torch.float32).eval()
+    prompts = _heldout_prompts(tokenizer)
+    got = fp32_engine.generate_batch(prompts, SamplingParams(max_new_tokens=32, method="ar", ignore_eos=True))
+    for prompt, out in zip(prompts, got, strict=True):
+        with torch.no_grad():
+            ref = reference.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, eos_token_id=-1,
+                                     pad_token_id=tokenizer.eos_token_id)
+        assert out["token_ids"] == ref[0, len(prompt):].tolist()
+
+
 def test_engine_greedy_equals_transformers_generate_on_the_real_base(fp32_engine, tokenizer):
     from models.engine import SamplingParams
 
@@ -106,6 +130,7 @@ def test_engine_greedy_equals_transformers_generate_on_the_real_base(fp32_engine
                encode_chat(tokenizer, [{"role": "user", "content": "What does `zip` do in Python?"}])]
     got = fp32_engine.generate_batch(prompts, SamplingParams(max_new_tokens=24, method="ar", ignore_eos=True))
     for prompt, out in zip(prompts, got, strict=True):
-        ref = fp32_engine.model.generate(torch.tensor([prompt]), max_new_tokens=24, min_new_tokens=24,
-                                         do_sample=False, eos_token_id=None, pad_token_id=tokenizer.eos_token_id)
+        # eos_token_id=-1: EOS stays an ordinary token, as under ignore_eos (min_new_tokens would mask it)
+        ref = fp32_engine.model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
+                                         eos_token_id=-1, pad_token_id=tokenizer.eos_token_id)
         assert out["token_ids"] == ref[0, len(prompt):].tolist()

@@ -34,3 +34,16 @@ def test_a_model_without_a_template_gets_the_comment_prompt(count_tokenizer):
     msgs = _msgs(("user", "1 2 3"))
     assert chat_prompt_ids(count_tokenizer, msgs) == count_tokenizer(chat_prompt(msgs),
                                                                      add_special_tokens=False)["input_ids"]
+
+
+def test_default_names_an_adapter_answers_to_its_base_name_too(tmp_path):
+    from models.adapter import AdapterConfig
+    from models.base_model import BASE_NAME, base_model_dir
+    from services.config import DecoderConfig
+
+    (tmp_path / "adapter.json").write_text(AdapterConfig(base_name=BASE_NAME, base_sha256="0" * 64,
+                                                         vocab_size=49152, num_sat=5).to_json())
+    adapter = DecoderConfig(model_dir=str(tmp_path), model_name="my-sdsat")
+    assert adapter.model_aliases == [BASE_NAME]
+    assert DecoderConfig(model_dir=str(base_model_dir())).model_name == BASE_NAME
+    assert DecoderConfig(model_dir="/srv/models/other", model_name="x").model_aliases == []
