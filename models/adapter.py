@@ -45,6 +45,7 @@ class AdapterConfig:
     rank: int = 16
     alpha: float = 32.0
     targets: tuple[str, ...] = LLAMA_TARGETS
+    base_dir: str = ""  # a base other than the installable one: its folder (the installable one is found by name)
 
     @property
     def sat_ids(self) -> tuple[int, ...]:

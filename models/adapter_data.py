@@ -94,7 +94,7 @@ def generate(engine, rows: list[dict], out: Path, new_tokens: dict[str, int], pr
 
     from models.engine import SamplingParams
 
-    done = sum(1 for _ in out.open()) if out.is_file() else 0
+    done = _finished_rows(out)
     todo = rows[done:]
     bar = tqdm(total=len(rows), initial=done, desc="self-distill", unit="seq", disable=not progress)
     with out.open("a") as f:
@@ -122,6 +122,17 @@ def generate(engine, rows: list[dict], out: Path, new_tokens: dict[str, int], pr
                 bar.update()
         bar.close()
     return len(rows)
+
+
+def _finished_rows(out: Path) -> int:
+    """Rows already written; a torn last line (a kill mid-write) is cut so the next row starts clean."""
+    if not out.is_file():
+        return 0
+    data = out.read_bytes()
+    if data and not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]
+        out.write_bytes(data)
+    return data.count(b"\n")
 
 
 def read_rows(path: Path) -> list[dict]:

@@ -104,12 +104,20 @@ def convert(gguf: Path, out: Path, digest: str, expected_sha256: str | None = GG
 def ensure_base_model(folder: Path | None = None) -> Path:
     """The converted folder, converting first when it is missing or was made from another GGUF
     (hashing the 98 MB file takes well under a second)."""
+    from filelock import FileLock
+
     folder = Path(folder or base_model_dir())
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    if importlib.util.find_spec(PACKAGE) is None and (folder / SOURCE_FILE).is_file():
+        return folder  # converted on this machine; the package itself is only needed to (re)convert
     gguf = gguf_path()
     digest = sha256_file(gguf)
     if is_converted(folder, digest):
         return folder
-    return convert(gguf, folder, digest)
+    with FileLock(str(folder) + ".lock"):  # replicas, actors and workers may all ask at once: one converts
+        if is_converted(folder, digest):
+            return folder
+        return convert(gguf, folder, digest)
 
 
 def main(argv: list[str] | None = None) -> None:

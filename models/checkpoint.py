@@ -57,10 +57,13 @@ def weights_dir(directory: str | Path) -> Path:
         return Path(directory)
     from models.base_model import BASE_NAME, ensure_base_model
 
-    name = AdapterConfig.load(directory).base_name
-    if name != BASE_NAME:
-        raise FileNotFoundError(f"{directory}: adapter for base {name!r}, but only {BASE_NAME!r} can be installed")
-    return ensure_base_model()
+    config = AdapterConfig.load(directory)
+    if config.base_name == BASE_NAME and not config.base_dir:
+        return ensure_base_model()
+    if config.base_dir and (Path(config.base_dir) / "config.json").is_file():
+        return Path(config.base_dir)
+    raise FileNotFoundError(f"{directory}: the adapter's base {config.base_name!r} ({config.base_dir or 'no folder'}) "
+                            f"is not here; only {BASE_NAME!r} is installed by set-up")
 
 
 def load_tokenizer(directory: str | Path):

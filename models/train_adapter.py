@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from models.adapter import AdapterConfig, SatAdapter, base_weights_sha256
 from models.config import add_arguments, config_from_args, to_yaml
+from models.errors import ConfigError
 from models.sat import SatSpec
 from models.train_config import AdapterTrainConfig
 
@@ -42,7 +43,7 @@ def sample_anchors(rows: list[dict], per_seq: int, k: int, rng: random.Random) -
     out = []
     for row in rows:
         n, start = len(row["ids"]), row["prompt_len"]
-        positions = list(range(start, n - 2 + 1))  # slot 1 of anchor p is labelled x[p+2]
+        positions = list(range(start, n - 2))  # slot 1 of anchor p is labelled x[p+2]: p <= n-3
         out.append(positions if not per_seq or per_seq >= len(positions) else sorted(rng.sample(positions, per_seq)))
     return out
 
@@ -140,7 +141,8 @@ def build(cfg: AdapterTrainConfig):
     model.requires_grad_(False)
     config = AdapterConfig(base_name=BASE_NAME if not cfg.model else Path(cfg.model).name,
                            base_sha256=base_weights_sha256(base_dir), vocab_size=model.config.vocab_size,
-                           num_sat=cfg.k_train, rank=cfg.rank, alpha=cfg.alpha, targets=cfg.targets)
+                           num_sat=cfg.k_train, rank=cfg.rank, alpha=cfg.alpha, targets=cfg.targets,
+                           base_dir="" if not cfg.model else str(Path(cfg.model).resolve()))
     torch.manual_seed(cfg.seed)
     adapter = SatAdapter.create(model, config)
     embeddings = [adapter.sat_embeddings]
@@ -194,7 +196,12 @@ def train(cfg: AdapterTrainConfig, progress: bool = True, rank: int = 0, world: 
     if lead:
         (out / "train_config.yaml").write_text(to_yaml(cfg))
     model, _, adapter, sat, optimizer, device = build(cfg)
-    rows = read_rows(Path(cfg.data))
+    rows = [r for r in read_rows(Path(cfg.data)) if len(r["ids"]) - r["prompt_len"] >= 3]  # >= 1 anchor each
+    if len(rows) <= cfg.heldout_rows:
+        raise ConfigError(f"{cfg.data}: {len(rows)} usable rows (3+ generated tokens), need more than "
+                          f"heldout_rows={cfg.heldout_rows}")
+    if world > cfg.batch_size:
+        raise ConfigError(f"{world} workers need batch_size >= {world} (each takes every {world}-th row)")
     train_rows, heldout = rows[: len(rows) - cfg.heldout_rows], rows[len(rows) - cfg.heldout_rows :]
     step, seconds = 0, 0.0
     if (out / CHECKPOINT).is_file():

@@ -51,15 +51,12 @@ def humaneval_chat_prompts(n: int) -> list[list[dict]]:
 
 
 def encode_prompt(tokenizer, prompt) -> list[int]:
-    """A text prompt as plain text; a list of messages through the chat template (or, for a model
-    without one, the first message's text)."""
-    from models.chat import encode_chat, has_chat_template
+    """A text prompt as plain text; a list of messages through the chat template."""
+    from models.chat import encode_chat
 
     if isinstance(prompt, str):
         return tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    if has_chat_template(tokenizer):
-        return encode_chat(tokenizer, prompt)
-    return tokenizer(prompt[-1]["content"], add_special_tokens=False)["input_ids"]
+    return encode_chat(tokenizer, prompt)  # a tokenizer without a template raises: give it text prompts
 
 
 def read_bandwidth_gbs(mib: int = 1024, repeats: int = 5) -> float:

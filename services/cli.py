@@ -249,9 +249,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         prompts = [" ".join(d.split()[:6]) for d in counting_documents(args.limit, 6, seed=123)]
         sets = None
     else:
+        from models.chat import has_chat_template
+        from models.checkpoint import load_tokenizer
+
         model = args.model
-        prompts = (bench.humaneval_chat_prompts(args.limit) + bench.humaneval_prompts(args.completion_limit)
-                   + bench.stdlib_snippets(args.heldout_snippets))
+        chat = has_chat_template(load_tokenizer(model))  # a model without a template: its prompts in completion form
+        prompts = ((bench.humaneval_chat_prompts if chat else bench.humaneval_prompts)(args.limit)
+                   + bench.humaneval_prompts(args.completion_limit) + bench.stdlib_snippets(args.heldout_snippets))
         sets = {"humaneval-chat": args.limit, "humaneval": args.completion_limit, "heldout": args.heldout_snippets}
     ks = [int(k) for k in args.ks.split(",")]
     if args.cache_compare:
@@ -446,7 +450,7 @@ def decoder_from_args(args: argparse.Namespace):
     from services.config import DecoderConfig
 
     engine = {k: v for k, v in {"method": args.method, "k": args.k, "max_batch": args.batch_size,
-                                "dtype": args.dtype, "max_context": 4096}.items() if v is not None}
+                                "dtype": args.dtype, "max_context": args.max_context}.items() if v is not None}
     given = {"num_cpus": args.num_cpus, "cpu_threads": args.threads}
     return DecoderConfig(model_dir=args.model, engine=engine, device=args.device,
                          **{k: v for k, v in given.items() if v is not None})
@@ -466,6 +470,8 @@ def add_engine_job_arguments(p) -> None:
     p.add_argument("--k", type=int, default=None, help="draft tokens per iteration (default: the engine's)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="engine dtype; auto = bf16 on GPUs and CPUs with native bf16, else fp32 (default: auto)")
+    p.add_argument("--max-context", type=int, default=2048,
+                   help="tokens per KV slot (prompt + output; slots are preallocated; default: %(default)s)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: one GPU per actor when the cluster has GPUs, else CPU (default: %(default)s)")
     p.add_argument("--num-cpus", type=float, default=None,

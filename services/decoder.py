@@ -33,13 +33,19 @@ def engine_from_config(cfg: DecoderConfig):
     if not on_gpu and cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
     overrides = {"dtype": "bfloat16" if on_gpu else "float32", **cfg.engine, "device": "cuda" if on_gpu else "cpu"}
-    return Engine.from_pretrained(cfg.model_dir, build_config(EngineConfig, overrides=overrides))
+    engine = Engine.from_pretrained(cfg.model_dir, build_config(EngineConfig, overrides=overrides))
+    from models.engine.drafters import drafter_for
+
+    why = drafter_for(engine.config.method).unavailable(engine)
+    if why:  # e.g. the configured sdsat method on a base without an adapter: serve it plainly, and say so
+        log.warning("default method %r is unavailable for %s (%s): the default is 'ar'", engine.config.method,
+                    cfg.model_dir, why)
+        engine.config = dataclasses.replace(engine.config, method="ar")
+    return engine
 
 
 def prefix_cache_from_config(cfg: DecoderConfig, engine):
     """The replica's prefix KV cache: an in-replica LRU, plus Redis when reachable (says which at start)."""
-    import torch
-
     from infra.prefix_cache import PrefixCache, model_fingerprint
     from models.engine.prefix import block_shape
 
@@ -49,7 +55,7 @@ def prefix_cache_from_config(cfg: DecoderConfig, engine):
         log.warning("SDSAT_CACHE_SECRET is not set: prefix-cache keys and signatures use a development secret")
         secret = "sdsat-development-secret"
     cache = PrefixCache(model_fingerprint(cfg.model_dir), secret.encode(),
-                        block_shape(engine.model.config, cfg.prefix_block_size), torch.float32,
+                        block_shape(engine.model.config, cfg.prefix_block_size), engine.dtype,
                         block_size=cfg.prefix_block_size, redis_url=url, ttl_s=cfg.prefix_ttl_s,
                         timeout_s=cfg.redis_timeout_s, local_bytes=cfg.prefix_local_mb * 2**20)
     if cache.redis_reachable():

@@ -107,8 +107,8 @@ def fit_ray_adapter(cfg, scale: ScaleConfig, progress: bool = True) -> dict:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    if scale.workers < 1:
-        raise ConfigError("Ray Train needs --workers >= 1")
+    if scale.workers < 1 or scale.workers > cfg.batch_size:
+        raise ConfigError(f"the adapter trains on 1..batch_size ({cfg.batch_size}) workers, got {scale.workers}")
     cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).resolve()), output_dir=str(Path(cfg.output_dir).resolve()),
                               model=cfg.model and str(Path(cfg.model).resolve()))
     if not ray.is_initialized():
