@@ -196,8 +196,9 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (default: random)")
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (default: auto)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: bf16 on GPUs and CPUs with native bf16, else fp32 (default: auto)")
+    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bf16 on GPUs and CPUs with native bf16, else fp32; bf16 is faster but speculation "
+                        "is then not token-identical to plain decoding (default: %(default)s, as served)")
     p.add_argument("--json", help="write {text, token_ids, finish_reason, stats} to PATH (- = stdout)")
     p.set_defaults(func=cmd_generate)
 
@@ -309,8 +310,9 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per prompt (default: 128)")
     p.add_argument("--ks", default="2,3,4,5", help="k sweep (default: %(default)s)")
     p.add_argument("--reps", type=int, default=2, help="interleaved repetitions (default: %(default)s)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="engine dtype; auto = bf16 on CPUs with native bf16, else fp32 (default: auto)")
+    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"],
+                   help="engine dtype; auto = bf16 on CPUs with native bf16, else fp32 (default: %(default)s, "
+                        "as served)")
     p.add_argument("--methods", default="sdsat,sdsat-fused,mlp,prompt-lookup,hf-generate,hf-prompt-lookup",
                    help="methods besides ar (default: all; mlp only for a model with a speculator)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own)")
@@ -468,8 +470,9 @@ def add_engine_job_arguments(p) -> None:
                    help="rows per actor call, also the engine's KV slots (default: %(default)s)")
     p.add_argument("--method", choices=METHODS, default=None, help="decoding method (default: the engine's)")
     p.add_argument("--k", type=int, default=None, help="draft tokens per iteration (default: the engine's)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                   help="engine dtype; auto = bf16 on GPUs and CPUs with native bf16, else fp32 (default: auto)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="float32",
+                   help="engine dtype; auto = bf16 on GPUs and CPUs with native bf16, else fp32 (default: "
+                        "%(default)s, as served)")
     p.add_argument("--max-context", type=int, default=2048,
                    help="tokens per KV slot (prompt + output; slots are preallocated; default: %(default)s)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
