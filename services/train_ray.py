@@ -139,8 +139,13 @@ def _adapter_worker_loop(config: dict) -> None:
     ctx = ray.train.get_context()
     if not cfg.num_threads:
         torch.set_num_threads(max(1, int(scale.cpus_per_worker)))
-    metrics = train(cfg, progress=config["progress"], rank=ctx.get_world_rank(), world=ctx.get_world_size())
-    ray.train.report(metrics)
+    rank = ctx.get_world_rank()
+    metrics = train(cfg, progress=config["progress"], rank=rank, world=ctx.get_world_size())
+    # the driver's result carries the metrics reported with a checkpoint: rank 0's, with the final adapter
+    final = Path(cfg.output_dir) / "final"
+    checkpoint = ray.train.Checkpoint.from_directory(final) if rank == 0 else None
+    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name="final",
+                     delete_local_checkpoint_after_upload=False)
 
 
 def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
