@@ -67,7 +67,6 @@ def fit_ray(cfg: TrainConfig, scale: ScaleConfig, progress: bool = True,
     Joins the Ray instance this process already has, else `scale.address`, else starts one."""
     import ray
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     if scale.workers < 1:
         raise ConfigError("Ray Train needs --workers >= 1")
@@ -76,25 +75,11 @@ def fit_ray(cfg: TrainConfig, scale: ScaleConfig, progress: bool = True,
     cfg = _absolute_paths(cfg)  # workers run in Ray's own working directory, maybe on other nodes
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if not ray.is_initialized():
-        ray.init(address=scale.address)
-    use_gpu = scale.gpus_per_worker > 0
-    resources = {"CPU": scale.cpus_per_worker} | ({"GPU": scale.gpus_per_worker} if use_gpu else {})
-    trainer = TorchTrainer(
-        _worker_loop,
-        train_loop_config={"cfg": cfg, "scale": scale, "progress": progress},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=scale.workers, use_gpu=use_gpu,
-                                               resources_per_worker=resources),
-        run_config=ray.train.RunConfig(
-            name=scale.run_name or f"{out.name}-{hashlib.sha256(str(out).encode()).hexdigest()[:8]}",
-            storage_path=scale.storage_path or str(out / "ray"),
-            failure_config=ray.train.FailureConfig(max_failures=scale.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            # Workers with the job's own runtime environment start from Ray's idle worker processes.
-            worker_runtime_env={"env_vars": worker_env} if worker_env else None,
-        ),
-    )
+    run_options = {"checkpoint_config": ray.train.CheckpointConfig(num_to_keep=2),
+                   # Workers with the job's own runtime environment start from Ray's idle worker processes.
+                   "worker_runtime_env": {"env_vars": worker_env} if worker_env else None}
+    trainer = _torch_trainer(_worker_loop, {"cfg": cfg, "scale": scale, "progress": progress}, scale, out,
+                             run_options)
     return dict(trainer.fit().metrics)
 
 
@@ -103,30 +88,36 @@ def fit_ray_adapter(cfg, scale: ScaleConfig, progress: bool = True) -> dict:
     takes every N-th row of a step's batch and the gradients are averaged over gloo/NCCL; rank 0 writes
     checkpoint-last.pt, which a restarted group (`max_failures`) or a re-run resumes from. On several
     nodes, output_dir must be shared storage."""
-    import ray
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     if scale.workers < 1 or scale.workers > cfg.batch_size:
         raise ConfigError(f"the adapter trains on 1..batch_size ({cfg.batch_size}) workers, got {scale.workers}")
     cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).resolve()), output_dir=str(Path(cfg.output_dir).resolve()),
                               model=cfg.model and str(Path(cfg.model).resolve()))
+    trainer = _torch_trainer(_adapter_worker_loop, {"cfg": cfg, "scale": scale, "progress": progress}, scale,
+                             Path(cfg.output_dir), {})
+    return dict(trainer.fit().metrics)
+
+
+def _torch_trainer(loop, loop_config: dict, scale: ScaleConfig, out: Path, run_options: dict):
+    """A TorchTrainer of `scale.workers` workers (gloo on CPUs, NCCL on GPUs) whose run is named after
+    `out` and kept under `scale.storage_path` (default out/ray); joins or starts Ray first."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
     if not ray.is_initialized():
         ray.init(address=scale.address)
     use_gpu = scale.gpus_per_worker > 0
     resources = {"CPU": scale.cpus_per_worker} | ({"GPU": scale.gpus_per_worker} if use_gpu else {})
-    out = Path(cfg.output_dir)
-    trainer = TorchTrainer(
-        _adapter_worker_loop, train_loop_config={"cfg": cfg, "scale": scale, "progress": progress},
+    return TorchTrainer(
+        loop, train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=scale.workers, use_gpu=use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=scale.run_name or f"{out.name}-{hashlib.sha256(str(out).encode()).hexdigest()[:8]}",
             storage_path=scale.storage_path or str(out / "ray"),
-            failure_config=ray.train.FailureConfig(max_failures=scale.max_failures)),
+            failure_config=ray.train.FailureConfig(max_failures=scale.max_failures), **run_options),
     )
-    return dict(trainer.fit().metrics)
 
 
 def _adapter_worker_loop(config: dict) -> None:
