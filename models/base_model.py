@@ -15,6 +15,7 @@ when the GGUF's hash changes. Nothing is downloaded.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import importlib.util
 import json
@@ -65,6 +66,13 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+@functools.lru_cache(maxsize=4)
+def _gguf_digest(path: Path, size: int, mtime_ns: int) -> str:
+    """sha256 of the GGUF, once per process for a given file state (every model and tokenizer load of
+    an adapter checkpoint asks for the base folder)."""
+    return sha256_file(path)
+
+
 def is_converted(folder: Path, gguf_sha256: str) -> bool:
     """Whether `folder` holds a finished conversion of the GGUF with this hash."""
     source = folder / SOURCE_FILE
@@ -111,7 +119,8 @@ def ensure_base_model(folder: Path | None = None) -> Path:
     if importlib.util.find_spec(PACKAGE) is None and (folder / SOURCE_FILE).is_file():
         return folder  # converted on this machine; the package itself is only needed to (re)convert
     gguf = gguf_path()
-    digest = sha256_file(gguf)
+    stat = gguf.stat()
+    digest = _gguf_digest(gguf, stat.st_size, stat.st_mtime_ns)
     if is_converted(folder, digest):
         return folder
     with FileLock(str(folder) + ".lock"):  # replicas, actors and workers may all ask at once: one converts

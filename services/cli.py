@@ -32,14 +32,21 @@ def write_json(path: str | None, payload: dict) -> None:
             f.write(text)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from models.config import build_config, config_from_args
-    from models.train_config import TrainConfig
+def _scale_from_args(args: argparse.Namespace, exclude: tuple[str, ...] = ()):
+    """The Ray Train options of a training command (ScaleConfig fields, `exclude` left at their defaults)."""
+    from models.config import build_config
     from services.train_ray import ScaleConfig
 
+    return build_config(ScaleConfig, overrides={f.name: getattr(args, f.name) for f in dataclasses.fields(ScaleConfig)
+                                                if f.name not in exclude})
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from models.config import config_from_args
+    from models.train_config import TrainConfig
+
     cfg = config_from_args(TrainConfig, args)
-    scale = build_config(ScaleConfig, overrides={f.name: getattr(args, f.name)
-                                                 for f in dataclasses.fields(ScaleConfig)})
+    scale = _scale_from_args(args)
     if scale.workers:
         from services.train_ray import fit_ray
 
@@ -78,16 +85,14 @@ def add_train_parser(sub) -> None:
 
 
 def cmd_train_adapter(args: argparse.Namespace) -> int:
-    from models.config import build_config, config_from_args
+    from models.config import config_from_args
     from models.errors import ConfigError
     from models.train_config import AdapterTrainConfig
-    from services.train_ray import ScaleConfig
 
     cfg = config_from_args(AdapterTrainConfig, args)
     if args.fsdp:
         raise ConfigError("--fsdp does not apply to the adapter (a few million parameters): workers replicate it")
-    scale = build_config(ScaleConfig, overrides={f.name: getattr(args, f.name)
-                                                 for f in dataclasses.fields(ScaleConfig) if f.name != "fsdp"})
+    scale = _scale_from_args(args, exclude=("fsdp",))
     if scale.workers:
         from services.train_ray import fit_ray_adapter
 
