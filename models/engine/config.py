@@ -31,9 +31,13 @@ class EngineConfig:
         (), "speculation under load: pairs batch_size,k meaning 'at batch size >= B use at most k' "
             "(e.g. 4,3,8,0: k<=3 from 4 sequences, plain decoding from 8); empty = never reduce")
     prompt_lookup_ngram: int = cfg_field(3, "prompt lookup: longest n-gram matched against the context")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = cfg_field(
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "int4"] = cfg_field(
         "float32", "compute dtype; auto = bf16 on GPUs and on CPUs with native bf16 (avx512_bf16/amx_bf16), "
-                   "else fp32 (the served configs use auto)")
+                   "else fp32; int4 (CPU) = the base's Q4_1 blocks as 4-bit weights, bf16 activations "
+                   "(models/quant.py)")
+    forward: Literal["lean", "transformers"] = cfg_field(
+        "lean", "lean = the engine's own Llama forward (models/engine/llama.py; other architectures fall back "
+                "to transformers'), transformers = the model's own forward")
     device: str = cfg_field("auto", "cpu, cuda, cuda:N, or auto")
     attn_implementation: Literal["sdpa", "eager"] = cfg_field("sdpa", "transformers attention implementation")
 

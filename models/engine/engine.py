@@ -27,10 +27,11 @@ from models.engine.config import EngineConfig, SamplingParams
 from models.engine.drafter import Drafter, sample_token
 from models.engine.drafters import DRAFTERS, drafter_for
 from models.engine.kv_cache import SlotKVCache
+from models.engine.llama import LlamaForward
 from models.engine.prefix import read_blocks, write_blocks
 from models.engine.sampling import process_logits, verify_greedy, verify_sampling
 from models.engine.sequence import RequestOutput, Sequence
-from models.errors import InvalidRequestError, PromptTooLongError
+from models.errors import ConfigError, InvalidRequestError, PromptTooLongError
 from models.sat import SatSpec
 from models.speculator import MLPSpeculator
 
@@ -45,6 +46,11 @@ class Engine:
         self.dtype = next(model.parameters()).dtype
         self.speculator = speculator.to(self.device, self.dtype).eval() if speculator is not None else None
         self.decoder, self.lm_head = model.get_decoder(), model.get_output_embeddings()
+        self.embed_tokens = model.get_input_embeddings()
+        self.lean = LlamaForward.maybe_build(model) if config.forward == "lean" else None
+        if self.lean is not None and adapter is not None:
+            self.lean.rows = adapter.rows
+        self.quantization: dict | None = None  # the report of models.quant.quantize_model, for dtype int4
         positions = model.config.max_position_embeddings  # never beyond what the model was trained for
         self.max_context = min(config.max_context, positions) if config.max_context else positions
         headroom = max(config.prefill_chunk, (config.max_k + 1) ** 2)
@@ -62,9 +68,23 @@ class Engine:
 
         config = config or EngineConfig()
         device = resolve_device(config.device)
-        model = load_model(directory, config.attn_implementation, resolve_dtype(config.dtype, device), device)
-        return cls(model, load_tokenizer(directory), SatSpec.maybe_load(directory), config,
-                   speculator=MLPSpeculator.maybe_load(directory), adapter=load_adapter(directory, model))
+        quantized = config.dtype == "int4"
+        if quantized and device.type != "cpu":
+            raise ConfigError("dtype int4 runs on the CPU only (PyTorch's int4 CPU kernel); use bfloat16 on GPUs")
+        dtype = torch.float32 if quantized else resolve_dtype(config.dtype, device)
+        model = load_model(directory, config.attn_implementation, dtype, device)
+        adapter = load_adapter(directory, model)
+        report = None
+        if quantized:  # after the adapter is attached: its LoRA wrappers keep the quantized projections
+            from models.quant import quantize_model
+
+            report = quantize_model(model)
+            if adapter is not None:
+                adapter.to(torch.bfloat16)
+        engine = cls(model, load_tokenizer(directory), SatSpec.maybe_load(directory), config,
+                     speculator=MLPSpeculator.maybe_load(directory), adapter=adapter)
+        engine.quantization = report
+        return engine
 
     # ---- requests -------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
@@ -266,24 +286,27 @@ class Engine:
         visible.scatter_(2, cols, local)
         mask = torch.zeros(R, 1, T, kv_len, dtype=self.dtype)
         mask.masked_fill_(~visible[:, None], torch.finfo(self.dtype).min)
-        ids = ids.to(self.device)
+        ids, positions = ids.to(self.device), (start[:, None] + offsets).to(self.device)
         # SAT ids of an adapter lie past the vocabulary: the adapter embeds them and marks their rows
-        tokens = {"input_ids": ids} if self.adapter is None else {"inputs_embeds": self.adapter.embed(self.model, ids)}
+        embeds = self.embed_tokens(ids) if self.adapter is None else self.adapter.embed(self.model, ids)
         try:
-            hidden = self.decoder(
-                **tokens, position_ids=(start[:, None] + offsets).to(self.device),
-                attention_mask=mask.to(self.device), cache=self.cache, use_cache=True,
-            ).last_hidden_state  # [R, T, H]
+            if self.lean is not None:
+                hidden = self.lean(embeds, positions, mask.to(self.device), self.cache)  # [R, T, H]
+            else:
+                hidden = self.decoder(inputs_embeds=embeds, position_ids=positions, attention_mask=mask.to(self.device),
+                                      cache=self.cache, use_cache=True).last_hidden_state
         finally:
             if self.adapter is not None:
                 self.adapter.clear()
-        if last_only:
-            lengths = torch.tensor([len(c) for c in chunks], device=self.device)
-            hidden = hidden[torch.arange(R, device=self.device), lengths - 1][:, None]
-            return list(self.lm_head(hidden).float().cpu()), list(hidden)
-        logits = self.lm_head(hidden).float().cpu()  # [R, T, V]
         lengths = [len(c) for c in chunks]
-        return [logits[i, :n] for i, n in enumerate(lengths)], [hidden[i, :n] for i, n in enumerate(lengths)]
+        if last_only:
+            last = torch.tensor(lengths, device=self.device) - 1
+            hidden = hidden[torch.arange(R, device=self.device), last][:, None]  # [R, 1, H]
+            return list(self.lm_head(hidden).float().cpu()), list(hidden)
+        # the LM head runs on real rows only (padding of shorter chunks is never read)
+        real = hidden[0, : lengths[0]] if R == 1 else torch.cat([h[:n] for h, n in zip(hidden, lengths, strict=True)])
+        logits = self.lm_head(real).float().cpu().split(lengths)  # per sequence [T_i, V]
+        return list(logits), [hidden[i, :n] for i, n in enumerate(lengths)]
 
     # ---- convenience ----------------------------------------------------------------------------
     def generate(self, prompt_ids: list[int], params: SamplingParams | None = None) -> dict:

@@ -58,16 +58,24 @@ class SlotKVCache:
         kv_len = int(start.max()) + width
         contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
         self._rows = slice(rows[0], rows[0] + len(rows)) if contiguous else idx
-        self._write_rows = idx[:, None].expand(-1, width)
-        self._write_cols = start[:, None] + torch.arange(width)[None, :]
         self._kv_len = kv_len
+        if contiguous and bool((start == start[0]).all()):  # one block of the buffers: a plain copy
+            first = int(start[0])
+            self._write_rows, self._write_cols = None, slice(first, first + width)
+        else:
+            self._write_rows = idx[:, None].expand(-1, width)
+            self._write_cols = start[:, None] + torch.arange(width)[None, :]
         return start, kv_len
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Write [R, H, T, D] new keys/values at the prepared columns; return the rows' [R, H, L, D]."""
         k_buf, v_buf = self.keys[layer_idx], self.values[layer_idx]
-        k_buf[self._write_rows, :, self._write_cols] = key_states.transpose(1, 2).to(k_buf.dtype)
-        v_buf[self._write_rows, :, self._write_cols] = value_states.transpose(1, 2).to(v_buf.dtype)
+        if self._write_rows is None:
+            k_buf[self._rows, :, self._write_cols] = key_states
+            v_buf[self._rows, :, self._write_cols] = value_states
+        else:
+            k_buf[self._write_rows, :, self._write_cols] = key_states.transpose(1, 2).to(k_buf.dtype)
+            v_buf[self._write_rows, :, self._write_cols] = value_states.transpose(1, 2).to(v_buf.dtype)
         return k_buf[self._rows, :, : self._kv_len], v_buf[self._rows, :, : self._kv_len]
 
     def commit(self, row: int, new_length: int) -> None:
