@@ -74,15 +74,24 @@ def _timed(fn) -> float:
 
 
 def memory_floor(engine, ar_tokens_per_s: float) -> dict:
-    """Single-stream decoding reads every weight once per token: weight bytes / read bandwidth is the
-    floor of a token's time; `ar_fraction_of_floor` = floor / measured ar time (1.0 = at the floor)."""
-    weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())  # tied: counted once
+    """Single-stream decoding reads every weight once per token: the bytes read per token (weights at
+    the dtype in use; models.quant.decode_bytes) / read bandwidth is the floor of a token's time;
+    `ar_fraction_of_floor` = floor / measured ar time (1.0 = at the floor). The fp32 floor is given too."""
+    from models.quant import decode_bytes
+
+    weight_bytes = decode_bytes(engine.model)
+    params = sum(p.numel() for p in engine.model.parameters() if p.dim() > 1) + sum(
+        b.numel() * (2 if b.dtype == torch.uint8 else 1) for n, b in engine.model.named_buffers() if n.endswith("packed")
+        or n.endswith("codes"))  # a packed int4 byte holds two weights
     bandwidth = read_bandwidth_gbs()
     floor_ms = weight_bytes / (bandwidth * 1e9) * 1e3
+    fp32_floor_ms = params * 4 / (bandwidth * 1e9) * 1e3
     ar_ms = 1e3 / ar_tokens_per_s
-    return {"read_bandwidth_gbs": round(bandwidth, 2), "weight_bytes": weight_bytes,
-            "dtype": str(engine.dtype).replace("torch.", ""), "floor_ms_per_token": round(floor_ms, 2),
-            "ar_ms_per_token": round(ar_ms, 2), "ar_fraction_of_floor": round(floor_ms / ar_ms, 3)}
+    dtype = "int4" if engine.quantization else str(engine.dtype).replace("torch.", "")
+    return {"read_bandwidth_gbs": round(bandwidth, 2), "weight_bytes": weight_bytes, "dtype": dtype,
+            "floor_ms_per_token": round(floor_ms, 2), "ar_ms_per_token": round(ar_ms, 2),
+            "ar_fraction_of_floor": round(floor_ms / ar_ms, 3), "fp32_floor_ms_per_token": round(fp32_floor_ms, 2),
+            "ar_fraction_of_fp32_floor": round(fp32_floor_ms / ar_ms, 3)}
 
 
 def stdlib_snippets(n: int, chars: int = 1200) -> list[str]:
@@ -128,11 +137,15 @@ def forward_cost_ratios(engine, widths: list[int], context: int = 256, repeats: 
 def linear_cost_ratios(engine, widths: list[int], repeats: int = 200) -> dict[str, dict[str, float]]:
     """What makes r(w) > 1 on a CPU: the time of one of the model's own matrix products for w rows
     over its time for one row, for the largest projection in the decoder and for the LM head."""
-    linears = [m for m in engine.decoder.modules() if isinstance(m, torch.nn.Linear)]
-    layers = {"largest_decoder_linear": max(linears, key=lambda m: m.weight.numel()), "lm_head": engine.lm_head}
+    from models.quant import Int4Linear, Int8Linear
 
-    def timed(layer: torch.nn.Linear, w: int) -> float:
-        x = torch.randn(w, layer.in_features, dtype=layer.weight.dtype, device=layer.weight.device)
+    kinds = (torch.nn.Linear, Int4Linear, Int8Linear)
+    linears = [m for m in engine.decoder.modules() if isinstance(m, kinds)]
+    layers = {"largest_decoder_linear": max(linears, key=lambda m: m.in_features * m.out_features),
+              "lm_head": engine.lm_head}
+
+    def timed(layer, w: int) -> float:
+        x = torch.randn(w, layer.in_features, dtype=engine.dtype, device=engine.device)
         samples = []
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -178,7 +191,7 @@ def _run_hf(model, ids: list[int], method: str, k: int, n: int) -> tuple[list[in
 
 def run_bench(model_dir: str, prompts: list, max_new_tokens: int, ks: list[int], reps: int,
               methods: list[str], progress: bool = True, prompt_sets: dict[str, int] | None = None,
-              dtype: str = "float32") -> dict:
+              dtype: str = "float32", forward: str = "lean") -> dict:
     """prompts: texts, or message lists (chat form). prompt_sets: names for consecutive runs of
     `prompts` (e.g. {"humaneval-chat": 24, "heldout": 8}): the report then also gives every row per
     set, as the targets are stated for HumanEval prompts."""
@@ -187,7 +200,7 @@ def run_bench(model_dir: str, prompts: list, max_new_tokens: int, ks: list[int],
     from models.engine import Engine, EngineConfig, SpecStats
 
     engine = Engine.from_pretrained(model_dir, EngineConfig(method="ar", k=0, max_batch=2, max_k=max(ks),
-                                                            max_context=4096, dtype=dtype))
+                                                            max_context=4096, dtype=dtype, forward=forward))
     tok = engine.tokenizer
     encoded = [encode_prompt(tok, p) for p in prompts]
     runs = [("ar", 0)]
@@ -251,7 +264,8 @@ def summarize(runs, prompts, times, outputs, stats, n, engine, ks, model_dir, se
     report = {
         "model": model_dir, "machine": f"{platform.machine()} {platform.processor() or ''} "
                                        f"{torch.get_num_threads()} threads, torch {torch.__version__}".strip(),
-        "dtype": str(engine.dtype).replace("torch.", ""),
+        "dtype": "int4" if engine.quantization else str(engine.dtype).replace("torch.", ""),
+        "forward": engine.config.forward if engine.lean is not None else "transformers",
         "prompts": len(prompts), "max_new_tokens": n, "results": results,
         "memory_floor": memory_floor(engine, results[0]["tokens_per_s"]),
         "cost_ratio_r": {str(w): ratios[w] for w in widths}, "t_forward_1_token_ms": ratios["t1_ms"],

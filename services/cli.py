@@ -201,7 +201,7 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (default: random)")
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (default: auto)")
-    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
+    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16", "int4"],
                    help="auto: bf16 on GPUs and CPUs with native bf16, else fp32; bf16 is faster but speculation "
                         "is then not token-identical to plain decoding (default: %(default)s, as served)")
     p.add_argument("--json", help="write {text, token_ids, finish_reason, stats} to PATH (- = stdout)")
@@ -268,6 +268,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         report = {"cache_comparison": [bench.cache_comparison(model, k) for k in ks]}
         write_json(args.json or "-", report)
         return 0
+    if args.engine_compare:
+        from services.bench_engine import engine_comparison, parse_variants
+
+        report = engine_comparison(model, prompts, parse_variants(args.engine_compare), args.max_new_tokens,
+                                   args.reps, progress=not args.no_progress)
+        write_json(args.json or "-", report)
+        for row in report["variants"] if args.json not in (None, "-") else []:
+            print(f"{row['dtype']:>9}:{row['forward']:<12} {row['ar_ms_per_token']:7.2f} ms/token "
+                  f"({row['fraction_of_floor']:.2f} of its floor, r(8)={row['cost_ratio_r']['8']:.2f}, "
+                  f"identical to {report['reference']}: {row['identical_to_reference']:.2f})")
+        return 0
     if args.dtype_compare:
         write_json(args.json or "-", {"dtype_comparison": bench.dtype_comparison(model, prompts, args.max_new_tokens)})
         return 0
@@ -282,7 +293,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                   f"  x{row['vs_ar']:.2f} vs ar")
         return 0
     report = bench.run_bench(model, prompts, args.max_new_tokens, ks, args.reps, args.methods.split(","),
-                             progress=not args.no_progress, prompt_sets=sets, dtype=args.dtype)
+                             progress=not args.no_progress, prompt_sets=sets, dtype=args.dtype,
+                             forward=args.forward)
     write_json(args.json, report)
     if args.plot:
         bench.plot(report, args.plot)
@@ -316,9 +328,14 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per prompt (default: 128)")
     p.add_argument("--ks", default="2,3", help="k sweep (default: %(default)s)")
     p.add_argument("--reps", type=int, default=2, help="interleaved repetitions (default: %(default)s)")
-    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"],
-                   help="engine dtype; auto = bf16 on CPUs with native bf16, else fp32 (default: %(default)s, "
-                        "as served)")
+    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "int4"],
+                   help="engine dtype; auto = bf16 on CPUs with native bf16, else fp32; int4 = the base's Q4_1 "
+                        "blocks as 4-bit weights (default: %(default)s)")
+    p.add_argument("--forward", default="lean", choices=["lean", "transformers"],
+                   help="the engine's lean Llama forward or transformers' own (default: %(default)s)")
+    p.add_argument("--engine-compare", metavar="VARIANTS",
+                   help="instead: single-stream ar speed, floor fraction, r(w) and agreement per dtype:forward "
+                        "variant, e.g. float32:transformers,float32:lean,int4:lean (the first is the reference)")
     p.add_argument("--methods", default="sdsat,sdsat-fused,mlp,prompt-lookup,hf-generate,hf-prompt-lookup",
                    help="methods besides ar (default: all; mlp only for a model with a speculator)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own)")
@@ -476,7 +493,7 @@ def add_engine_job_arguments(p) -> None:
                    help="rows per actor call, also the engine's KV slots (default: %(default)s)")
     p.add_argument("--method", choices=METHODS, default=None, help="decoding method (default: the engine's)")
     p.add_argument("--k", type=int, default=None, help="draft tokens per iteration (default: the engine's)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="float32",
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16", "int4"], default="float32",
                    help="engine dtype; auto = bf16 on GPUs and CPUs with native bf16, else fp32 (default: "
                         "%(default)s, as served)")
     p.add_argument("--max-context", type=int, default=2048,

@@ -39,11 +39,9 @@ def tiny_llama(vocab_size: int, attn: str = "sdpa", seed: int = 0, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        tie_word_embeddings=False, **overrides,
-    )
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
+    config = LlamaConfig(vocab_size=vocab_size, **{**shape, **overrides})
     return LlamaForCausalLM._from_config(config, attn_implementation=attn).eval()
 
 

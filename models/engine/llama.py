@@ -86,41 +86,43 @@ class LlamaForward:
 
     def __call__(self, embeds: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
         """embeds [R, T, H], position_ids [R, T], mask [R, 1, T, L] additive -> hidden [R, T, H]."""
-        R, T, _ = embeds.shape
+        R, T, hidden = embeds.shape
         cos, sin = self.rotary(embeds, position_ids)  # [R, T, D]
         cos, sin = cos[:, :, None], sin[:, :, None]  # broadcast over heads
-        q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        x = embeds
+        heads, kv_heads, D = self.heads, self.kv_heads, self.head_dim
+        qk_width = (heads + kv_heads) * D
+        x = embeds.reshape(R * T, hidden)  # rows flat: every projection is one [R*T, in] matmul
         for i, layer in enumerate(self.layers):
-            qkv = self._project(layer, "qkv", _rms_norm(layer.input_norm, x))  # [R, T, (Hq + 2 Hkv) D]
-            qk = qkv[..., : q_width + kv_width].unflatten(-1, (self.heads + self.kv_heads, self.head_dim))
+            qkv = self._project(layer, "qkv", _rms_norm(layer.input_norm, x))  # [R*T, (Hq + 2 Hkv) D]
+            qk = qkv[:, :qk_width].view(R, T, heads + kv_heads, D)
             qk = qk * cos + _rotate_half(qk) * sin  # RoPE on q and k at once
-            q = qk[:, :, : self.heads].transpose(1, 2)  # [R, Hq, T, D]
-            k = qk[:, :, self.heads :].transpose(1, 2)  # [R, Hkv, T, D]
-            v = qkv[..., q_width + kv_width :].unflatten(-1, (self.kv_heads, self.head_dim)).transpose(1, 2)
+            q, k = qk.transpose(1, 2).split([heads, kv_heads], dim=1)  # [R, Hq, T, D], [R, Hkv, T, D]
+            v = qkv[:, qk_width:].view(R, T, kv_heads, D).transpose(1, 2)
             keys, values = cache.update(k, v, i)  # [R, Hkv, L, D]
             attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
-            x = x + layer.o_proj(attn.transpose(1, 2).reshape(R, T, q_width))
+            x = x + layer.o_proj(attn.transpose(1, 2).reshape(R * T, heads * D))
             gate, up = self._project(layer, "gate_up", _rms_norm(layer.post_norm, x)).chunk(2, dim=-1)
             x = x + layer.down_proj(F.silu(gate) * up)
-        return _rms_norm(self.norm, x)
+        return _rms_norm(self.norm, x).view(R, T, hidden)
 
     def _project(self, layer: _Layer, name: str, h: torch.Tensor) -> torch.Tensor:
+        """h [N, in] -> [N, out] of a fused projection, plus the adapter's LoRA at SAT rows."""
         y = getattr(layer, name)(h)
         index = self.rows.index if self.rows is not None else None
         if index is None or not layer.loras[name]:
             return y
-        # SAT rows only: y[rows, cols] += s · B A h[rows] per adapted projection (models/adapter.py)
-        flat, h_sat = y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1])[index]
+        h_sat = h[index]  # y[rows, cols] += s · B A h[rows] per adapted projection (models/adapter.py)
         for lora, cols in layer.loras[name]:
             delta = (h_sat @ lora.lora_a.t().to(h.dtype)) @ lora.lora_b.t().to(h.dtype) * lora.scale
-            flat[index, cols] += delta.to(flat.dtype)
+            y[index, cols] += delta.to(y.dtype)
         return y
 
 
 def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """transformers' LlamaRMSNorm in one kernel: normalised in fp32, scaled in the input's dtype."""
+    """transformers' LlamaRMSNorm (normalised in fp32, scaled in the input's dtype); one kernel in fp32."""
     eps = getattr(norm, "variance_epsilon", None) or norm.eps
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, x.shape[-1:], norm.weight, eps=eps)
     return norm.weight * F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
 
 
