@@ -42,14 +42,16 @@ DTYPES = {1: torch.float32, 2: torch.bfloat16, 3: torch.float16}
 DTYPE_CODES = {v: k for k, v in DTYPES.items()}
 
 
-def model_fingerprint(model_dir: str | Path) -> bytes:
+def model_fingerprint(model_dir: str | Path, variant: str = "") -> bytes:
     """SHA-256 over the model's config and weight files (names and contents). An adapter checkpoint
     shares its base's fingerprint: its adapter never changes a standard token's KV (models/adapter.py).
-    A base converted from a GGUF is identified by the GGUF's hash instead of 538 MB of re-hashing."""
+    A base converted from a GGUF is identified by the GGUF's hash instead of 538 MB of re-hashing.
+    `variant` names weights served in another form than the files' (e.g. "int4", models/quant.py):
+    their KV differs, so replicas serving it never share blocks with dense ones."""
     from models.checkpoint import weights_dir
 
     model_dir = weights_dir(model_dir)
-    h = hashlib.sha256()
+    h = hashlib.sha256(variant.encode())
     if (Path(model_dir) / "source.json").is_file():
         h.update((Path(model_dir) / "config.json").read_bytes())
         h.update((Path(model_dir) / "source.json").read_bytes())

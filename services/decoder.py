@@ -33,6 +33,9 @@ def engine_from_config(cfg: DecoderConfig):
     if not on_gpu and cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
     overrides = {"dtype": "bfloat16" if on_gpu else "float32", **cfg.engine, "device": "cuda" if on_gpu else "cpu"}
+    if on_gpu and overrides["dtype"] == "int4":  # PyTorch's int4 kernel here is the CPU one
+        log.warning("dtype int4 is a CPU option: this GPU replica serves bfloat16")
+        overrides["dtype"] = "bfloat16"
     engine = Engine.from_pretrained(cfg.model_dir, build_config(EngineConfig, overrides=overrides))
     from models.engine.drafters import drafter_for
 
@@ -54,7 +57,8 @@ def prefix_cache_from_config(cfg: DecoderConfig, engine):
     if not secret:
         log.warning("SDSAT_CACHE_SECRET is not set: prefix-cache keys and signatures use a development secret")
         secret = "sdsat-development-secret"
-    cache = PrefixCache(model_fingerprint(cfg.model_dir), secret.encode(),
+    variant = "int4" if engine.quantization else ""
+    cache = PrefixCache(model_fingerprint(cfg.model_dir, variant), secret.encode(),
                         block_shape(engine.model.config, cfg.prefix_block_size), engine.dtype,
                         block_size=cfg.prefix_block_size, redis_url=url, ttl_s=cfg.prefix_ttl_s,
                         timeout_s=cfg.redis_timeout_s, local_bytes=cfg.prefix_local_mb * 2**20)

@@ -141,3 +141,10 @@ def test_absent_redis_is_a_miss(parts):
     cache = _cache(parts, url=f"redis://127.0.0.1:{free_port()}/0")
     assert not cache.redis_reachable()
     assert _run(_engine(parts, cache))[0] == _run(_engine(parts, None))[0]
+
+
+def test_a_quantized_variant_has_its_own_fingerprint(counting_sdsat_dir):
+    """int4 replicas compute other KV than dense ones from the same files: they must not share blocks."""
+    dense = model_fingerprint(counting_sdsat_dir)
+    assert model_fingerprint(counting_sdsat_dir, "int4") != dense
+    assert model_fingerprint(counting_sdsat_dir, "") == dense
