@@ -14,6 +14,13 @@ from __future__ import annotations
 
 import torch
 
+# Forwards attend over a key length rounded up to this many columns (the extra ones are masked).
+# CPU attention kernels reduce over the key length in vector lanes with a tail; a length that depends
+# on the forward's width (ar: L + 1, a verify: L + k + 1) changes the tail and so the rounding of the
+# visible keys' sum. At a multiple of 64 every width sees the same lanes: a verify row then equals the
+# 1-token forward bit for bit (measured in bf16, where the difference otherwise flips greedy tokens).
+KV_ALIGN = 64
+
 
 def kv_dims(config) -> tuple[int, int]:
     """(kv_heads, head_dim) of a transformers model config (GQA and explicit head_dim included)."""
@@ -28,7 +35,8 @@ class SlotKVCache:
     def __init__(self, num_layers: int, slots: int, kv_heads: int, head_dim: int, capacity: int,
                  headroom: int, dtype: torch.dtype, device: torch.device | str):
         # headroom: padded tokens of a batched forward are written past `capacity`, never out of bounds
-        shape = (slots, kv_heads, capacity + headroom, head_dim)
+        columns = -(-(capacity + headroom) // KV_ALIGN) * KV_ALIGN
+        shape = (slots, kv_heads, columns, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.length = torch.zeros(slots, dtype=torch.long)
@@ -55,7 +63,7 @@ class SlotKVCache:
         entries. Returns (`start` [R]: each row's first new column, `kv_len` the key length seen)."""
         idx = torch.tensor(rows, dtype=torch.long)
         start = self.length[idx]
-        kv_len = int(start.max()) + width
+        kv_len = -(-(int(start.max()) + width) // KV_ALIGN) * KV_ALIGN  # <= the buffers' columns
         contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
         self._rows = slice(rows[0], rows[0] + len(rows)) if contiguous else idx
         self._kv_len = kv_len

@@ -90,17 +90,24 @@ class LlamaForward:
         cos, sin = self.rotary(embeds, position_ids)  # [R, T, D]
         cos, sin = cos[:, :, None], sin[:, :, None]  # broadcast over heads
         heads, kv_heads, D = self.heads, self.kv_heads, self.head_dim
-        qk_width = (heads + kv_heads) * D
+        group, qk_width = heads // kv_heads, (heads + kv_heads) * D
+        # Attention runs with each kv head's `group` query heads folded into the query length: [R, Hkv,
+        # group*T, D]. Besides sparing the GQA repeat, it keeps the query length >= 2: CPU SDPA takes
+        # another path for one query row, whose result differs in the last bits from the same row of a
+        # wider call, enough to flip greedy tokens in bf16. Folded, a verify row equals ar's bit for bit.
+        mask = mask.repeat(1, 1, group, 1)  # [R, 1, group*T, L], row g*T + t
         x = embeds.reshape(R * T, hidden)  # rows flat: every projection is one [R*T, in] matmul
         for i, layer in enumerate(self.layers):
             qkv = self._project(layer, "qkv", _rms_norm(layer.input_norm, x))  # [R*T, (Hq + 2 Hkv) D]
             qk = qkv[:, :qk_width].view(R, T, heads + kv_heads, D)
             qk = qk * cos + _rotate_half(qk) * sin  # RoPE on q and k at once
-            q, k = qk.transpose(1, 2).split([heads, kv_heads], dim=1)  # [R, Hq, T, D], [R, Hkv, T, D]
+            q = qk[:, :, :heads].unflatten(2, (kv_heads, group)).permute(0, 2, 3, 1, 4).reshape(R, kv_heads, -1, D)
+            k = qk[:, :, heads:].transpose(1, 2)  # [R, Hkv, T, D]
             v = qkv[:, qk_width:].view(R, T, kv_heads, D).transpose(1, 2)
             keys, values = cache.update(k, v, i)  # [R, Hkv, L, D]
-            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
-            x = x + layer.o_proj(attn.transpose(1, 2).reshape(R * T, heads * D))
+            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [R, Hkv, group*T, D]
+            attn = attn.unflatten(2, (group, T)).permute(0, 3, 1, 2, 4).reshape(R * T, heads * D)
+            x = x + layer.o_proj(attn)
             gate, up = self._project(layer, "gate_up", _rms_norm(layer.post_norm, x)).chunk(2, dim=-1)
             x = x + layer.down_proj(F.silu(gate) * up)
         return _rms_norm(self.norm, x).view(R, T, hidden)

@@ -81,7 +81,7 @@ SAT = SatSpec(ids=(28, 29, 30), k_train=3)  # untrained SAT ids of the random mo
 def int4_ready_llama(vocab_size: int = 32):
     """A tiny random Llama whose widths the fused int4 path takes (projections of 64-multiple rows)."""
     return tiny_llama(vocab_size, hidden_size=128, intermediate_size=256, num_attention_heads=4,
-                      num_key_value_heads=2)
+                      num_key_value_heads=2, max_position_embeddings=1024)
 
 
 def test_quantize_model_reports_and_keeps_the_model_working():
@@ -154,3 +154,25 @@ def test_int4_speculation_equals_int4_plain_decoding_trained(counting_sdsat_dir,
         return engine
 
     _assert_speculation_is_lossless(make, method, k)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int4"])
+@pytest.mark.parametrize("context", [50, 600])
+def test_a_verify_row_equals_the_one_token_forward_bit_for_bit(count_tokenizer, dtype, context):
+    """The lean forward is width-invariant in bf16 and int4: row 0 of a 4-token forward equals the
+    1-token forward's logits exactly (the key length is aligned and attention never sees one query
+    row), past 512 keys too (where CPU attention splits the keys into blocks)."""
+    model = int4_ready_llama()
+    if dtype == "int4":
+        quantize_model(model)
+    else:
+        model.to(torch.bfloat16)
+    engine = Engine(model, count_tokenizer, SAT, EngineConfig(method="ar", k=0, max_context=1024))
+    engine.add_request([1 + i % 25 for i in range(context)], SamplingParams(max_new_tokens=50, ignore_eos=True))
+    while not engine.running or not engine.running[0].output_ids:
+        engine.step()
+    seq = engine.running[0]
+    with torch.inference_mode():
+        one = engine._forward([seq], [[seq.cur]])[0][0]
+        four = engine._forward([seq], [[seq.cur, 7, 8, 9]])[0][0]
+    assert torch.equal(one[0], four[0])
