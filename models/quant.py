@@ -151,14 +151,32 @@ def quantize_model(model, scheme: str = "int4") -> dict:
     }
 
 
-def decode_bytes(model) -> int:
-    """Bytes a single-stream decode step reads: every projection and the LM head (parameters and
-    quantized buffers), counted once; the input embedding table only where it is tied to the head."""
+def decode_tensors(model) -> list[tuple[str, torch.Tensor]]:
+    """What a single-stream decode step reads: every projection and the LM head (parameters and
+    quantized buffers, with their scales), each once; the input embedding table only where it is the
+    LM head too (a step reads one row of it otherwise). Norm weights and the like are left out, and
+    a SAT adapter's LoRA tensors (models/adapter.py), which only SAT rows read."""
     embed = model.get_input_embeddings().weight
-    head = model.get_output_embeddings()
-    tied = getattr(head, "weight", None) is embed
-    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point() or t.dtype in (
-        torch.int8, torch.uint8, torch.int32)}
-    if not tied:
-        tensors.pop(id(embed), None)
-    return sum(t.numel() * t.element_size() for t in tensors.values() if t.dim() > 1 or t.numel() > 4096)
+    tied = getattr(model.get_output_embeddings(), "weight", None) is embed
+    seen, out = set(), []
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if id(t) in seen or (t is embed and not tied) or (t.dim() < 2 and t.numel() <= 4096) or ".lora_" in name:
+            continue
+        seen.add(id(t))
+        out.append((name, t))
+    return out
+
+
+def decode_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for _, t in decode_tensors(model))
+
+
+def decode_weights(model) -> int:
+    """The number of weights behind `decode_tensors` (a packed int4 byte holds two; scales are not weights)."""
+    count = 0
+    for name, t in decode_tensors(model):
+        if name.endswith("packed"):
+            count += 2 * t.numel()
+        elif not name.endswith(("scale_zero", "scale")):
+            count += t.numel()
+    return count

@@ -77,12 +77,10 @@ def memory_floor(engine, ar_tokens_per_s: float) -> dict:
     """Single-stream decoding reads every weight once per token: the bytes read per token (weights at
     the dtype in use; models.quant.decode_bytes) / read bandwidth is the floor of a token's time;
     `ar_fraction_of_floor` = floor / measured ar time (1.0 = at the floor). The fp32 floor is given too."""
-    from models.quant import decode_bytes
+    from models.quant import decode_bytes, decode_weights
 
     weight_bytes = decode_bytes(engine.model)
-    params = sum(p.numel() for p in engine.model.parameters() if p.dim() > 1) + sum(
-        b.numel() * (2 if b.dtype == torch.uint8 else 1) for n, b in engine.model.named_buffers() if n.endswith("packed")
-        or n.endswith("codes"))  # a packed int4 byte holds two weights
+    params = decode_weights(engine.model)
     bandwidth = read_bandwidth_gbs()
     floor_ms = weight_bytes / (bandwidth * 1e9) * 1e3
     fp32_floor_ms = params * 4 / (bandwidth * 1e9) * 1e3

@@ -35,7 +35,7 @@ def engine_comparison(model_dir: str, prompts: list, variants: list[tuple[str, s
     from tqdm.auto import tqdm
 
     from models.engine import Engine, EngineConfig, SamplingParams
-    from models.quant import decode_bytes
+    from models.quant import decode_bytes, decode_weights
 
     engines = {v: Engine.from_pretrained(model_dir, EngineConfig(method="ar", k=0, max_batch=1, max_k=8,
                                                                  max_context=4096, dtype=v[0], forward=v[1]))
@@ -58,7 +58,7 @@ def engine_comparison(model_dir: str, prompts: list, variants: list[tuple[str, s
                 bar.update(1)
     bar.close()
     bandwidth = read_bandwidth_gbs()
-    fp32_bytes = sum(p.numel() * 4 for p in first.model.parameters()) if variants[0][0] == "float32" else None
+    fp32_bytes = decode_weights(first.model) * 4
     rows = []
     for v, engine in engines.items():
         ms = 1e3 * sum(statistics.median(t) for t in times[v]) / (len(encoded) * max_new_tokens)
@@ -70,7 +70,7 @@ def engine_comparison(model_dir: str, prompts: list, variants: list[tuple[str, s
             "dtype": v[0], "forward": v[1], "ar_ms_per_token": round(ms, 2), "tokens_per_s": round(1e3 / ms, 1),
             "decode_bytes": nbytes, "floor_ms_per_token": round(floor_ms, 2),
             "fraction_of_floor": round(floor_ms / ms, 3),
-            "fraction_of_fp32_floor": round(fp32_bytes / (bandwidth * 1e9) * 1e3 / ms, 3) if fp32_bytes else None,
+            "fraction_of_fp32_floor": round(fp32_bytes / (bandwidth * 1e9) * 1e3 / ms, 3),
             "cost_ratio_r": {str(w): round(ratios[w], 3) for w in widths},
             "t_forward_1_token_ms": round(ratios["t1_ms"], 2),
             "identical_to_reference": sum(p is None for p in parts) / len(parts),

@@ -202,8 +202,8 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (default: auto)")
     p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16", "int4"],
-                   help="auto: bf16 on GPUs and CPUs with native bf16, else fp32; bf16 is faster but speculation "
-                        "is then not token-identical to plain decoding (default: %(default)s, as served)")
+                   help="auto: bf16 on GPUs and CPUs with native bf16, else fp32; int4: the base's Q4_1 blocks as "
+                        "4-bit weights, bf16 activations (CPU; default: %(default)s)")
     p.add_argument("--json", help="write {text, token_ids, finish_reason, stats} to PATH (- = stdout)")
     p.set_defaults(func=cmd_generate)
 
@@ -495,7 +495,7 @@ def add_engine_job_arguments(p) -> None:
     p.add_argument("--k", type=int, default=None, help="draft tokens per iteration (default: the engine's)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16", "int4"], default="float32",
                    help="engine dtype; auto = bf16 on GPUs and CPUs with native bf16, else fp32 (default: "
-                        "%(default)s, as served)")
+                        "%(default)s)")
     p.add_argument("--max-context", type=int, default=2048,
                    help="tokens per KV slot (prompt + output; slots are preallocated; default: %(default)s)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
