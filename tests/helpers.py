@@ -39,3 +39,21 @@ def wait_for(predicate, timeout: float, period: float = 0.5) -> bool:
             return True
         time.sleep(period)
     return predicate()
+
+
+def one_token_and_verify_logits(engine, prompt: list[int]):
+    """After prefilling `prompt`: the logits of a 1-token forward of the next token, and row 0 of a
+    4-token (verify-shaped) forward starting with that token, at the same cache state."""
+    import torch
+
+    from models.engine import SamplingParams
+
+    request = engine.add_request(prompt, SamplingParams(max_new_tokens=8, ignore_eos=True))
+    while not engine.running or not engine.running[0].output_ids:
+        engine.step()
+    seq = engine.running[0]
+    with torch.inference_mode():
+        one = engine._forward([seq], [[seq.cur]])[0][0][0]
+        four = engine._forward([seq], [[seq.cur, 7, 8, 9]])[0][0][0]
+    engine.cancel(request)
+    return one, four

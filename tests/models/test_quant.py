@@ -5,6 +5,7 @@ and speculative greedy under int4 equals plain greedy under int4, token for toke
 import pytest
 import torch
 from conftest import tiny_llama
+from helpers import one_token_and_verify_logits
 
 from models.engine import Engine, EngineConfig, SamplingParams
 from models.engine.llama import LlamaForward
@@ -168,11 +169,5 @@ def test_a_verify_row_equals_the_one_token_forward_bit_for_bit(count_tokenizer, 
     else:
         model.to(torch.bfloat16)
     engine = Engine(model, count_tokenizer, SAT, EngineConfig(method="ar", k=0, max_context=1024))
-    engine.add_request([1 + i % 25 for i in range(context)], SamplingParams(max_new_tokens=50, ignore_eos=True))
-    while not engine.running or not engine.running[0].output_ids:
-        engine.step()
-    seq = engine.running[0]
-    with torch.inference_mode():
-        one = engine._forward([seq], [[seq.cur]])[0][0]
-        four = engine._forward([seq], [[seq.cur, 7, 8, 9]])[0][0]
-    assert torch.equal(one[0], four[0])
+    one, four = one_token_and_verify_logits(engine, [1 + i % 25 for i in range(context)])
+    assert torch.equal(one, four)

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from helpers import one_token_and_verify_logits
 
 from models.adapter import AdapterConfig, SatAdapter
 from models.base_model import BASE_NAME, GGUF_SHA256, ensure_base_model
@@ -98,16 +99,8 @@ def test_int4_serves_the_ggufs_own_blocks_and_speculation_stays_lossless(prompts
                                                            dtype="int4", device="cpu"))
     assert engine.quantization["q4_1_exact_block_fraction"] == 1.0 and engine.lean is not None
     for context in (300, 600):
-        request = engine.add_request([100 + i for i in range(context)], SamplingParams(max_new_tokens=8,
-                                                                                      ignore_eos=True))
-        while not engine.running or not engine.running[0].output_ids:
-            engine.step()
-        seq = engine.running[0]
-        with torch.inference_mode():
-            one = engine._forward([seq], [[seq.cur]])[0][0]
-            four = engine._forward([seq], [[seq.cur, 7, 8, 9]])[0][0]
-        assert torch.equal(one[0], four[0]), context
-        engine.cancel(request)
+        one, four = one_token_and_verify_logits(engine, [100 + i for i in range(context)])
+        assert torch.equal(one, four), context
     params = {"max_new_tokens": 48, "ignore_eos": True}
     ar = engine.generate_batch(prompts, SamplingParams(method="ar", **params))
     for method, k in (("prompt-lookup", 3), ("sdsat", 3), ("sdsat-fused", 2)):
