@@ -283,7 +283,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         write_json(args.json or "-", {"dtype_comparison": bench.dtype_comparison(model, prompts, args.max_new_tokens)})
         return 0
     if args.batch_sweep:
-        runs = [("ar", 0)] + [(m, k) for m in args.methods.split(",") if m in bench.K_SWEPT for k in ks]
+        swept = (*bench.K_SWEPT, "prompt-lookup")
+        runs = [("ar", 0)] + [(m, k) for m in args.methods.split(",") if m in swept for k in ks]
         sizes = [int(b) for b in args.batch_sweep.split(",")]
         report = bench.batch_sweep(model, prompts, sizes, runs, args.max_new_tokens, args.reps, not args.no_progress,
                                    dtype=args.dtype)
