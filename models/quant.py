@@ -7,7 +7,7 @@ weights (m is the block's minimum, d its (max - min) / 15 rounded to fp16, q = (
 checks that `d·q + m` gives every weight back bit for bit, so `dtype: int4` serves the same weights
 at 1/8 of the fp32 bytes. PyTorch's CPU kernel `_weight_int4pack_mm_for_cpu` computes
 `x @ ((q - 8)·scale + zero)`, so scale = d and zero = m + 8d; its activations and scales are bf16
-(its fp32 path is a scalar fallback, 20-30x slower here), which rounds d and m to bf16: that rounding
+(with fp32 activations it is 30x slower here), which rounds d and m to bf16: that rounding
 is the only change to the weights, and `quantize_model` reports its size.
 
 The tied LM head / embedding is Q8_0 in the GGUF (per-block int8 scales), which no PyTorch CPU
