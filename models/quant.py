@@ -60,6 +60,10 @@ class Int4Linear(nn.Module):
         fused.out_features = sum(p.out_features for p in parts)
         fused.register_buffer("packed", torch.cat([p.packed for p in parts]))
         fused.register_buffer("scale_zero", torch.cat([p.scale_zero for p in parts], dim=1))
+        start = 0
+        for p in parts:  # the parts' codes become row views of the fused ones: no second copy
+            p.packed = fused.packed[start : start + p.out_features]
+            start += p.out_features
         return fused
 
     def dequantized(self) -> torch.Tensor:
@@ -140,7 +144,8 @@ def quantize_model(model, scheme: str = "int4") -> dict:
     head_change = (int8_head.dequantized() - head_weight.float()).abs().max().item()
     model.config.tie_word_embeddings = False
     model.set_output_embeddings(int8_head)
-    model.to(torch.bfloat16)  # norms, embeddings, LoRA tensors; the int buffers keep their dtypes
+    for p in model.parameters():  # norms, embeddings, LoRA tensors. Buffers keep their dtypes: RoPE's
+        p.data = p.data.to(torch.bfloat16)  # inv_freq stays fp32, as transformers keeps it under bf16
     return {
         "scheme": "int4 projections (Q4_1 blocks of 32, bf16 scale/zero), int8 LM head (per row), bf16 activations",
         "projections": len(exact),

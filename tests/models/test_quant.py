@@ -61,6 +61,8 @@ def test_fused_int4_parts_equal_the_parts():
     fused = Int4Linear.cat(parts)
     x = torch.randn(3, 128).bfloat16()
     assert torch.equal(fused(x), torch.cat([p(x) for p in parts], dim=-1))
+    assert parts[1].packed.data_ptr() == fused.packed[128:].data_ptr()  # the parts now view the fused codes
+    assert torch.equal(fused(x)[:, 128:192], parts[1](x))
     assert Int4Linear.cat([parts[0], int4_module(32, 128)]) is None  # 32 rows: the packing does not concatenate
 
 
@@ -92,6 +94,7 @@ def test_quantize_model_reports_and_keeps_the_model_working():
     assert report["q4_1_exact_block_fraction"] < 0.01  # random weights were never Q4_1
     assert report["decode_bytes"] < 0.3 * sum(p.numel() * 4 for p in int4_ready_llama().parameters())
     assert isinstance(model.get_output_embeddings(), Int8Linear)
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32  # RoPE's frequencies are not rounded
     assert LlamaForward.maybe_build(model) is not None
     with torch.inference_mode():
         logits = model(torch.tensor([[1, 2, 3]])).logits
