@@ -83,9 +83,12 @@ class RowMaskedLoRA(nn.Module):
         index = self.rows.index
         if index is None or index.numel() == 0:
             return y
-        x_sat = x.reshape(-1, x.shape[-1])[index]  # [N, in]
-        delta = (x_sat @ self.lora_a.t().to(x.dtype)) @ self.lora_b.t().to(x.dtype) * self.scale  # [N, out]
+        delta = self.delta(x.reshape(-1, x.shape[-1])[index])  # [N, out]
         return y.reshape(-1, y.shape[-1]).index_add(0, index, delta.to(y.dtype)).reshape(y.shape)
+
+    def delta(self, x_sat: torch.Tensor) -> torch.Tensor:
+        """s · B A x for SAT rows x_sat [N, in] -> [N, out] (in x_sat's dtype)."""
+        return (x_sat @ self.lora_a.t().to(x_sat.dtype)) @ self.lora_b.t().to(x_sat.dtype) * self.scale
 
 
 class SatAdapter(nn.Module):

@@ -73,20 +73,20 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def memory_floor(engine, ar_tokens_per_s: float) -> dict:
+def memory_floor(engine, ar_tokens_per_s: float, bandwidth: float | None = None) -> dict:
     """Single-stream decoding reads every weight once per token: the bytes read per token (weights at
     the dtype in use; models.quant.decode_bytes) / read bandwidth is the floor of a token's time;
-    `ar_fraction_of_floor` = floor / measured ar time (1.0 = at the floor). The fp32 floor is given too."""
+    `ar_fraction_of_floor` = floor / measured ar time (1.0 = at the floor). The fp32 floor is given too.
+    `bandwidth` (GB/s): one already measured in this run (else it is measured here)."""
     from models.quant import decode_bytes, decode_weights
 
     weight_bytes = decode_bytes(engine.model)
     params = decode_weights(engine.model)
-    bandwidth = read_bandwidth_gbs()
+    bandwidth = bandwidth or read_bandwidth_gbs()
     floor_ms = weight_bytes / (bandwidth * 1e9) * 1e3
     fp32_floor_ms = params * 4 / (bandwidth * 1e9) * 1e3
     ar_ms = 1e3 / ar_tokens_per_s
-    dtype = "int4" if engine.quantization else str(engine.dtype).replace("torch.", "")
-    return {"read_bandwidth_gbs": round(bandwidth, 2), "weight_bytes": weight_bytes, "dtype": dtype,
+    return {"read_bandwidth_gbs": round(bandwidth, 2), "weight_bytes": weight_bytes, "dtype": engine.weights_dtype,
             "floor_ms_per_token": round(floor_ms, 2), "ar_ms_per_token": round(ar_ms, 2),
             "ar_fraction_of_floor": round(floor_ms / ar_ms, 3), "fp32_floor_ms_per_token": round(fp32_floor_ms, 2),
             "ar_fraction_of_fp32_floor": round(fp32_floor_ms / ar_ms, 3)}
@@ -262,7 +262,7 @@ def summarize(runs, prompts, times, outputs, stats, n, engine, ks, model_dir, se
     report = {
         "model": model_dir, "machine": f"{platform.machine()} {platform.processor() or ''} "
                                        f"{torch.get_num_threads()} threads, torch {torch.__version__}".strip(),
-        "dtype": "int4" if engine.quantization else str(engine.dtype).replace("torch.", ""),
+        "dtype": engine.weights_dtype,
         "forward": engine.config.forward if engine.lean is not None else "transformers",
         "prompts": len(prompts), "max_new_tokens": n, "results": results,
         "memory_floor": memory_floor(engine, results[0]["tokens_per_s"]),
@@ -348,11 +348,15 @@ def dtype_comparison(model_dir: str, prompts: list, max_new_tokens: int, dtypes=
         del engine
     ref, report = outputs[dtypes[0]], {"prompts": len(prompts), "max_new_tokens": max_new_tokens}
     for dtype in dtypes[1:]:
-        parts = [next((i for i, (a, b) in enumerate(zip(r, o, strict=True)) if a != b), None)
-                 for r, o in zip(ref, outputs[dtype], strict=True)]
+        parts = [first_difference(r, o) for r, o in zip(ref, outputs[dtype], strict=True)]
         report[dtype] = {"identical_fraction": sum(p is None for p in parts) / len(parts),
                          "first_mismatch_positions": sorted(p for p in parts if p is not None)}
     return report
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """The first position where two equally long token lists differ (None: identical)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
 
 
 def batch_sweep(model_dir: str, prompts: list[str], batch_sizes: list[int], runs: list[tuple[str, int]],

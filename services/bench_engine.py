@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from services.bench import encode_prompt, forward_cost_ratios, read_bandwidth_gbs
+from services.bench import encode_prompt, first_difference, forward_cost_ratios, memory_floor, read_bandwidth_gbs
 
 
 def parse_variants(text: str) -> list[tuple[str, str]]:
@@ -35,7 +35,6 @@ def engine_comparison(model_dir: str, prompts: list, variants: list[tuple[str, s
     from tqdm.auto import tqdm
 
     from models.engine import Engine, EngineConfig, SamplingParams
-    from models.quant import decode_bytes, decode_weights
 
     engines = {v: Engine.from_pretrained(model_dir, EngineConfig(method="ar", k=0, max_batch=1, max_k=8,
                                                                  max_context=4096, dtype=v[0], forward=v[1]))
@@ -58,19 +57,17 @@ def engine_comparison(model_dir: str, prompts: list, variants: list[tuple[str, s
                 bar.update(1)
     bar.close()
     bandwidth = read_bandwidth_gbs()
-    fp32_bytes = decode_weights(first.model) * 4
     rows = []
     for v, engine in engines.items():
         ms = 1e3 * sum(statistics.median(t) for t in times[v]) / (len(encoded) * max_new_tokens)
-        nbytes = decode_bytes(engine.model)
-        floor_ms = nbytes / (bandwidth * 1e9) * 1e3
-        parts = [_first_difference(a, b) for a, b in zip(outputs[variants[0]], outputs[v], strict=True)]
+        floor = memory_floor(engine, 1e3 / ms, bandwidth)
+        parts = [first_difference(a, b) for a, b in zip(outputs[variants[0]], outputs[v], strict=True)]
         ratios = forward_cost_ratios(engine, list(widths))
         rows.append({
             "dtype": v[0], "forward": v[1], "ar_ms_per_token": round(ms, 2), "tokens_per_s": round(1e3 / ms, 1),
-            "decode_bytes": nbytes, "floor_ms_per_token": round(floor_ms, 2),
-            "fraction_of_floor": round(floor_ms / ms, 3),
-            "fraction_of_fp32_floor": round(fp32_bytes / (bandwidth * 1e9) * 1e3 / ms, 3),
+            "decode_bytes": floor["weight_bytes"], "floor_ms_per_token": floor["floor_ms_per_token"],
+            "fraction_of_floor": floor["ar_fraction_of_floor"],
+            "fraction_of_fp32_floor": floor["ar_fraction_of_fp32_floor"],
             "cost_ratio_r": {str(w): round(ratios[w], 3) for w in widths},
             "t_forward_1_token_ms": round(ratios["t1_ms"], 2),
             "identical_to_reference": sum(p is None for p in parts) / len(parts),
@@ -84,6 +81,3 @@ def engine_comparison(model_dir: str, prompts: list, variants: list[tuple[str, s
             "threads": torch.get_num_threads(), "read_bandwidth_gbs": round(bandwidth, 2),
             "reference": f"{variants[0][0]}:{variants[0][1]}", "variants": rows}
 
-
-def _first_difference(a: list[int], b: list[int]) -> int | None:
-    return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)

@@ -57,7 +57,7 @@ def prefix_cache_from_config(cfg: DecoderConfig, engine):
     if not secret:
         log.warning("SDSAT_CACHE_SECRET is not set: prefix-cache keys and signatures use a development secret")
         secret = "sdsat-development-secret"
-    variant = "int4" if engine.quantization else ""
+    variant = "int4" if engine.weights_dtype == "int4" else ""
     cache = PrefixCache(model_fingerprint(cfg.model_dir, variant), secret.encode(),
                         block_shape(engine.model.config, cfg.prefix_block_size), engine.dtype,
                         block_size=cfg.prefix_block_size, redis_url=url, ttl_s=cfg.prefix_ttl_s,

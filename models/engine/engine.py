@@ -38,7 +38,7 @@ from models.speculator import MLPSpeculator
 
 class Engine:
     def __init__(self, model, tokenizer, sat: SatSpec | None, config: EngineConfig, prefix_store=None,
-                 speculator: MLPSpeculator | None = None, adapter=None):
+                 speculator: MLPSpeculator | None = None, adapter=None, quantization: dict | None = None):
         self.model, self.tokenizer, self.sat, self.config = model.eval(), tokenizer, sat, config
         self.adapter = adapter  # a models.adapter.SatAdapter attached to `model` (SAT rows only), or None
         self.prefix_store = prefix_store  # a models.engine.prefix.PrefixStore, or None
@@ -50,7 +50,7 @@ class Engine:
         self.lean = LlamaForward.maybe_build(model) if config.forward == "lean" else None
         if self.lean is not None and adapter is not None:
             self.lean.rows = adapter.rows
-        self.quantization: dict | None = None  # the report of models.quant.quantize_model, for dtype int4
+        self.quantization = quantization  # the report of models.quant.quantize_model (dtype int4), or None
         positions = model.config.max_position_embeddings  # never beyond what the model was trained for
         self.max_context = min(config.max_context, positions) if config.max_context else positions
         headroom = max(config.prefill_chunk, (config.max_k + 1) ** 2)
@@ -81,10 +81,13 @@ class Engine:
             report = quantize_model(model)
             if adapter is not None:
                 adapter.to(torch.bfloat16)
-        engine = cls(model, load_tokenizer(directory), SatSpec.maybe_load(directory), config,
-                     speculator=MLPSpeculator.maybe_load(directory), adapter=adapter)
-        engine.quantization = report
-        return engine
+        return cls(model, load_tokenizer(directory), SatSpec.maybe_load(directory), config,
+                   speculator=MLPSpeculator.maybe_load(directory), adapter=adapter, quantization=report)
+
+    @property
+    def weights_dtype(self) -> str:
+        """What the weights are served as: "int4", or the compute dtype's name ("float32", ...)."""
+        return "int4" if self.quantization else str(self.dtype).replace("torch.", "")
 
     # ---- requests -------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,

@@ -22,6 +22,10 @@ import torch
 KV_ALIGN = 64
 
 
+def _aligned(n: int) -> int:
+    return -(-n // KV_ALIGN) * KV_ALIGN
+
+
 def kv_dims(config) -> tuple[int, int]:
     """(kv_heads, head_dim) of a transformers model config (GQA and explicit head_dim included)."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -35,8 +39,7 @@ class SlotKVCache:
     def __init__(self, num_layers: int, slots: int, kv_heads: int, head_dim: int, capacity: int,
                  headroom: int, dtype: torch.dtype, device: torch.device | str):
         # headroom: padded tokens of a batched forward are written past `capacity`, never out of bounds
-        columns = -(-(capacity + headroom) // KV_ALIGN) * KV_ALIGN
-        shape = (slots, kv_heads, columns, head_dim)
+        shape = (slots, kv_heads, _aligned(capacity + headroom), head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.length = torch.zeros(slots, dtype=torch.long)
@@ -63,7 +66,7 @@ class SlotKVCache:
         entries. Returns (`start` [R]: each row's first new column, `kv_len` the key length seen)."""
         idx = torch.tensor(rows, dtype=torch.long)
         start = self.length[idx]
-        kv_len = -(-(int(start.max()) + width) // KV_ALIGN) * KV_ALIGN  # <= the buffers' columns
+        kv_len = _aligned(int(start.max()) + width)  # <= the buffers' columns
         contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
         self._rows = slice(rows[0], rows[0] + len(rows)) if contiguous else idx
         self._kv_len = kv_len

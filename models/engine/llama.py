@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.models.llama.modeling_llama import rotate_half
 
 from models.quant import Int4Linear
 
@@ -100,7 +101,7 @@ class LlamaForward:
         for i, layer in enumerate(self.layers):
             qkv = self._project(layer, "qkv", _rms_norm(layer.input_norm, x))  # [R*T, (Hq + 2 Hkv) D]
             qk = qkv[:, :qk_width].view(R, T, heads + kv_heads, D)
-            qk = qk * cos + _rotate_half(qk) * sin  # RoPE on q and k at once
+            qk = qk * cos + rotate_half(qk) * sin  # RoPE on q and k at once
             q = qk[:, :, :heads].unflatten(2, (kv_heads, group)).permute(0, 2, 3, 1, 4).reshape(R, kv_heads, -1, D)
             k = qk[:, :, heads:].transpose(1, 2)  # [R, Hkv, T, D]
             v = qkv[:, qk_width:].view(R, T, kv_heads, D).transpose(1, 2)
@@ -120,8 +121,7 @@ class LlamaForward:
             return y
         h_sat = h[index]  # y[rows, cols] += s · B A h[rows] per adapted projection (models/adapter.py)
         for lora, cols in layer.loras[name]:
-            delta = (h_sat @ lora.lora_a.t().to(h.dtype)) @ lora.lora_b.t().to(h.dtype) * lora.scale
-            y[index, cols] += delta.to(y.dtype)
+            y[index, cols] += lora.delta(h_sat).to(y.dtype)
         return y
 
 
@@ -132,7 +132,3 @@ def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, x.shape[-1:], norm.weight, eps=eps)
     return norm.weight * F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
 
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
