@@ -279,6 +279,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
                   f"({row['fraction_of_floor']:.2f} of its floor, r(8)={row['cost_ratio_r']['8']:.2f}, "
                   f"identical to {report['reference']}: {row['identical_to_reference']:.2f})")
         return 0
+    if args.identity:
+        from services.bench_identity import identity_report, parse_variants, print_table
+
+        report = identity_report(model, prompts, parse_variants(args.identity), args.max_new_tokens, args.reps,
+                                 progress=not args.no_progress)
+        write_json(args.json or "-", report)
+        if args.json not in (None, "-"):
+            print_table(report)
+        return 0
     if args.dtype_compare:
         write_json(args.json or "-", {"dtype_comparison": bench.dtype_comparison(model, prompts, args.max_new_tokens)})
         return 0
@@ -337,6 +346,9 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--engine-compare", metavar="VARIANTS",
                    help="instead: single-stream ar speed, floor fraction, r(w) and agreement per dtype:forward "
                         "variant, e.g. float32:transformers,float32:lean,int4:lean (the first is the reference)")
+    p.add_argument("--identity", metavar="VARIANTS",
+                   help="instead: per dtype:attention variant (e.g. int4:invariant,int4:sdpa), the start-up "
+                        "self-check, ar ms/token, r(w), and how many outputs of each speculative method equal ar's")
     p.add_argument("--methods", default="sdsat,sdsat-fused,mlp,prompt-lookup,hf-generate,hf-prompt-lookup",
                    help="methods besides ar (default: all; mlp only for a model with a speculator)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own)")

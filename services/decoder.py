@@ -39,6 +39,11 @@ def engine_from_config(cfg: DecoderConfig):
     engine = Engine.from_pretrained(cfg.model_dir, build_config(EngineConfig, overrides=overrides))
     from models.engine.drafters import drafter_for
 
+    report = engine.invariance
+    if report is not None and not report.lossless:  # the engine serves ar for speculative methods: say so
+        log.warning("speculation self-check failed: %s; failures: %s", report.summary(), report.failures[:4])
+    elif report is not None:
+        log.info("speculation self-check: %s", report.summary())
     why = drafter_for(engine.config.method).unavailable(engine)
     if why:  # e.g. the configured sdsat method on a base without an adapter: serve it plainly, and say so
         log.warning("default method %r is unavailable for %s (%s): the default is 'ar'", engine.config.method,
@@ -106,6 +111,7 @@ class Decoder:
         self.engine.batch_sizes.clear()
         self.tracing = Tracing("sdsat-decoder", TelemetryConfig(**(telemetry or {})).otlp_endpoint)
         self.metrics = DecoderMetrics(self.config.model_name)
+        self.metrics.self_check(self.engine.speculation_lossless, self.engine.weights_dtype)
         self.runner = EngineRunner(self.engine, lambda e: self.metrics.engine_step(len(e.running), len(e.waiting)))
         self.replica_id = serve.get_replica_context().replica_id.unique_id
 
@@ -140,8 +146,12 @@ class Decoder:
                                      k: v for k, v in speculation_attributes(out.stats).items() if v is not None}})
 
     def ready(self) -> dict:
+        report = self.engine.invariance
         return {"ready": True, "model": self.config.model_name, "max_context": self.engine.max_context,
-                "sat": dataclasses.asdict(self.engine.sat) if self.engine.sat else None}
+                "sat": dataclasses.asdict(self.engine.sat) if self.engine.sat else None,
+                "speculation": {"lossless": self.engine.speculation_lossless,
+                                "self_check": report.to_dict() if report is not None else None,
+                                "summary": report.summary() if report is not None else "not checked"}}
 
     def stats(self) -> dict:
         """Engine counters for tests and debugging: decode batch sizes, load."""

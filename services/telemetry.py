@@ -144,6 +144,9 @@ class DecoderMetrics:
             ("miss_blocks", "prefix blocks not found"),
             ("errors", "Redis errors (each one a miss)"),
             ("corrupt", "bad entries found in Redis (deleted)"))}
+        self.lossless = Gauge("sdsat_speculation_lossless", "1: the start-up self-check found verify rows equal to "
+                              "the 1-token forward (speculation is lossless); 0: speculative methods serve ar",
+                              tag_keys=("model", "dtype"))
         self._cache_seen: dict[str, int] = {}
         self._iterations = self._accepted = 0
         self._lock = threading.Lock()
@@ -166,6 +169,9 @@ class DecoderMetrics:
             self._accepted += accepted
             if self._iterations:
                 self.mean_accepted.set(self._accepted / self._iterations, self.tags)
+
+    def self_check(self, lossless: bool, dtype: str) -> None:
+        self.lossless.set(1.0 if lossless else 0.0, {**self.tags, "dtype": dtype})
 
     def engine_step(self, batch: int, waiting: int) -> None:
         if batch:

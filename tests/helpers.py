@@ -41,9 +41,10 @@ def wait_for(predicate, timeout: float, period: float = 0.5) -> bool:
     return predicate()
 
 
-def one_token_and_verify_logits(engine, prompt: list[int]):
-    """After prefilling `prompt`: the logits of a 1-token forward of the next token, and row 0 of a
-    4-token (verify-shaped) forward starting with that token, at the same cache state."""
+def chain_logits(engine, prompt: list[int], widths=(1, 2, 4, 8, 16)) -> dict:
+    """After prefilling `prompt`: for each width w, the logits [w, V] of one forward of a chain of w new
+    tokens (the next token, then fixed fillers), each from the same cache state. Row 0 of every width
+    predicts the same position; width 1 is the plain 1-token forward."""
     import torch
 
     from models.engine import SamplingParams
@@ -52,8 +53,9 @@ def one_token_and_verify_logits(engine, prompt: list[int]):
     while not engine.running or not engine.running[0].output_ids:
         engine.step()
     seq = engine.running[0]
+    vocab = engine.model.config.vocab_size
+    chunk = [seq.cur] + [(7 + 13 * j) % vocab for j in range(max(widths) - 1)]
     with torch.inference_mode():
-        one = engine._forward([seq], [[seq.cur]])[0][0][0]
-        four = engine._forward([seq], [[seq.cur, 7, 8, 9]])[0][0][0]
+        out = {w: engine._forward([seq], [chunk[:w]])[0][0] for w in widths}
     engine.cancel(request)
-    return one, four
+    return out

@@ -38,6 +38,14 @@ class EngineConfig:
     forward: Literal["lean", "transformers"] = cfg_field(
         "lean", "lean = the engine's own Llama forward (models/engine/llama.py; other architectures fall back "
                 "to transformers'), transformers = the model's own forward")
+    attention: Literal["invariant", "sdpa"] = cfg_field(
+        "invariant", "lean forward's attention on CPUs: invariant = models/engine/attend.c, every row computed on "
+                     "its own in one fixed order, so a verify row equals the 1-token forward bit for bit on any "
+                     "CPU; sdpa = PyTorch's SDPA (GPUs always use it; the start-up self-check says whether "
+                     "speculation stays lossless with it)")
+    self_check: bool = cfg_field(
+        True, "at load, compare verify rows with the 1-token forward on this host (models/engine/invariance.py); "
+              "if they differ, speculative methods serve ar. false skips the check and trusts the kernels")
     device: str = cfg_field("auto", "cpu, cuda, cuda:N, or auto")
     attn_implementation: Literal["sdpa", "eager"] = cfg_field("sdpa", "transformers attention implementation")
 

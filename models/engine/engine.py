@@ -26,8 +26,10 @@ import torch
 from models.engine.config import EngineConfig, SamplingParams
 from models.engine.drafter import Drafter, sample_token
 from models.engine.drafters import DRAFTERS, drafter_for
+from models.engine.invariance import check_invariance
+from models.engine.kernels import Attention
 from models.engine.kv_cache import SlotKVCache
-from models.engine.llama import LlamaForward
+from models.engine.llama import LlamaForward, project
 from models.engine.prefix import read_blocks, write_blocks
 from models.engine.sampling import process_logits, verify_greedy, verify_sampling
 from models.engine.sequence import RequestOutput, Sequence
@@ -48,6 +50,8 @@ class Engine:
         self.decoder, self.lm_head = model.get_decoder(), model.get_output_embeddings()
         self.embed_tokens = model.get_input_embeddings()
         self.lean = LlamaForward.maybe_build(model) if config.forward == "lean" else None
+        self.kernels_unavailable: str | None = None
+        self.invariant_kernels = self._use_invariant_kernels(config)  # models/engine/kernels.py, else libraries
         if self.lean is not None and adapter is not None:
             self.lean.rows = adapter.rows
         self.quantization = quantization  # the report of models.quant.quantize_model (dtype int4), or None
@@ -61,6 +65,8 @@ class Engine:
         self._ids = itertools.count()
         self.batch_sizes: deque[int] = deque(maxlen=100_000)  # decode batch sizes of recent iterations (tests)
         self.cancelled = 0
+        # lossless speculation needs width-invariant forwards: checked here, on this host (None: not checked)
+        self.invariance = check_invariance(self) if config.self_check else None
 
     @classmethod
     def from_pretrained(cls, directory, config: EngineConfig | None = None) -> Engine:
@@ -84,6 +90,21 @@ class Engine:
         return cls(model, load_tokenizer(directory), SatSpec.maybe_load(directory), config,
                    speculator=MLPSpeculator.maybe_load(directory), adapter=adapter, quantization=report)
 
+    def _use_invariant_kernels(self, config: EngineConfig) -> bool:
+        """Whether the lean forward's attention and dense projections, and the LM head, run the
+        width-invariant kernels (CPU, `attention: invariant`, a compiler at hand)."""
+        if self.lean is None or self.device.type != "cpu" or config.attention != "invariant":
+            return False
+        from models.engine.kernels import kernel_unavailable
+
+        self.kernels_unavailable = kernel_unavailable()  # why not (the self-check's report carries it), or None
+        return self.kernels_unavailable is None
+
+    @property
+    def speculation_lossless(self) -> bool:
+        """False when the start-up self-check found a verify row that differs from the 1-token forward."""
+        return self.invariance is None or self.invariance.lossless
+
     @property
     def weights_dtype(self) -> str:
         """What the weights are served as: "int4", or the compute dtype's name ("float32", ...)."""
@@ -103,6 +124,8 @@ class Engine:
         drafter = drafter_for(method)
         if (why := drafter.unavailable(self)) is not None:
             raise InvalidRequestError(why)
+        if drafter.speculative and not self.speculation_lossless:  # never a silently lossy speculation
+            method, drafter = "ar", drafter_for("ar")
         generator = None
         if not params.greedy:
             seed = params.seed if params.seed is not None else int(torch.randint(2**62, ()))
@@ -284,19 +307,18 @@ class Engine:
             else:
                 offsets[i, :n] = torch.tensor(layout[0])
                 local[i, :n, :n] = layout[1]
-        visible = (torch.arange(kv_len)[None, None, :] < start[:, None, None]).repeat(1, T, 1)  # [R, T, L]
-        cols = (start[:, None] + torch.arange(T)[None, :])[:, None, :].expand(R, T, T)
-        visible.scatter_(2, cols, local)
-        mask = torch.zeros(R, 1, T, kv_len, dtype=self.dtype)
-        mask.masked_fill_(~visible[:, None], torch.finfo(self.dtype).min)
         ids, positions = ids.to(self.device), (start[:, None] + offsets).to(self.device)
         # SAT ids of an adapter lie past the vocabulary: the adapter embeds them and marks their rows
         embeds = self.embed_tokens(ids) if self.adapter is None else self.adapter.embed(self.model, ids)
         try:
-            if self.lean is not None:
-                hidden = self.lean(embeds, positions, mask.to(self.device), self.cache)  # [R, T, H]
+            if self.invariant_kernels:  # each row on its own, in one fixed order (models/engine/kernels.py)
+                attention = Attention(torch.tensor([s.slot for s in seqs]), start, local, self.lean.scale)
+                hidden = self.lean(embeds, positions, None, self.cache, attention)  # [R, T, H]
+            elif self.lean is not None:
+                hidden = self.lean(embeds, positions, self._mask(start, local, kv_len).to(self.device), self.cache)
             else:
-                hidden = self.decoder(inputs_embeds=embeds, position_ids=positions, attention_mask=mask.to(self.device),
+                mask = self._mask(start, local, kv_len).to(self.device)
+                hidden = self.decoder(inputs_embeds=embeds, position_ids=positions, attention_mask=mask,
                                       cache=self.cache, use_cache=True).last_hidden_state
         finally:
             if self.adapter is not None:
@@ -305,11 +327,22 @@ class Engine:
         if last_only:
             last = torch.tensor(lengths, device=self.device) - 1
             hidden = hidden[torch.arange(R, device=self.device), last][:, None]  # [R, 1, H]
-            return list(self.lm_head(hidden).float().cpu()), list(hidden)
+            logits = project(self.lm_head, hidden[:, 0], self.invariant_kernels)  # [R, V]
+            return list(logits.float().cpu()[:, None]), list(hidden)
         # the LM head runs on real rows only (padding of shorter chunks is never read)
         real = hidden[0, : lengths[0]] if R == 1 else torch.cat([h[:n] for h, n in zip(hidden, lengths, strict=True)])
-        logits = self.lm_head(real).float().cpu().split(lengths)  # per sequence [T_i, V]
+        logits = project(self.lm_head, real, self.invariant_kernels).float().cpu().split(lengths)  # [T_i, V] each
         return list(logits), [hidden[i, :n] for i, n in enumerate(lengths)]
+
+    def _mask(self, start: torch.Tensor, local: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """The additive [R, 1, T, kv_len] mask of a forward: each row sees its sequence's committed keys
+        and the new columns `local` [R, T, T] gives it."""
+        R, T = local.shape[:2]
+        visible = (torch.arange(kv_len)[None, None, :] < start[:, None, None]).repeat(1, T, 1)  # [R, T, L]
+        cols = (start[:, None] + torch.arange(T)[None, :])[:, None, :].expand(R, T, T)
+        visible.scatter_(2, cols, local)
+        mask = torch.zeros(R, 1, T, kv_len, dtype=self.dtype)
+        return mask.masked_fill_(~visible[:, None], torch.finfo(self.dtype).min)
 
     # ---- convenience ----------------------------------------------------------------------------
     def generate(self, prompt_ids: list[int], params: SamplingParams | None = None) -> dict:

@@ -10,7 +10,8 @@ quantized (models/quant.py) or wrapped by a SAT adapter's LoRA), so it computes 
 computes, and the transformers model stays whole for training and for other architectures.
 
     forward = LlamaForward.maybe_build(model)   # None for a model it does not cover
-    hidden = forward(embeds, position_ids, mask, cache)   # [R, T, H] after the final norm
+    hidden = forward(embeds, position_ids, mask, cache)   # [R, T, H] after the final norm (SDPA)
+    hidden = forward(embeds, position_ids, None, cache, Attention(slots, start, local, scale))  # invariant
 """
 
 from __future__ import annotations
@@ -20,9 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import rotate_half
 
+from models.engine import kernels
+from models.engine.kernels import Attention
 from models.quant import Int4Linear
 
-FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
+# the lean forward's projections: name -> (the attention or MLP module's projections it computes at once)
+PROJECTIONS = {"qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")), "o_proj": ("self_attn", ("o_proj",)),
+               "gate_up": ("mlp", ("gate_proj", "up_proj")), "down_proj": ("mlp", ("down_proj",))}
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -46,21 +51,20 @@ def fuse(parts: list[nn.Module]) -> nn.Module | None:
 
 class _Layer:
     def __init__(self, layer: nn.Module):
-        attn, mlp = layer.self_attn, layer.mlp
         self.input_norm, self.post_norm = layer.input_layernorm, layer.post_attention_layernorm
-        self.qkv = fuse([_unwrap(getattr(attn, n)) for n in FUSED["qkv"]])
-        self.o_proj, self.down_proj = attn.o_proj, mlp.down_proj
-        self.gate_up = fuse([_unwrap(getattr(mlp, n)) for n in FUSED["gate_up"]])
-        # a SAT adapter's LoRA on a fused projection: (the LoRA module, its columns of the fused output)
-        self.loras: dict[str, list[tuple[nn.Module, slice]]] = {"qkv": [], "gate_up": []}
-        for parent, fused in ((attn, "qkv"), (mlp, "gate_up")):
-            start = 0
-            for name in FUSED[fused]:
-                module = getattr(parent, name)
-                width = _unwrap(module).out_features
-                if module is not _unwrap(module):
-                    self.loras[fused].append((module, slice(start, start + width)))
-                start += width
+        self.projections: dict[str, nn.Module | None] = {}
+        # a SAT adapter's LoRA on a projection: (the LoRA module, its columns of the projection's output)
+        self.loras: dict[str, list[tuple[nn.Module, slice]]] = {}
+        for name, (parent_name, parts) in PROJECTIONS.items():
+            parent = getattr(layer, parent_name)
+            modules = [getattr(parent, part) for part in parts]
+            bases = [_unwrap(m) for m in modules]
+            self.projections[name] = bases[0] if len(bases) == 1 else fuse(bases)
+            self.loras[name], start = [], 0
+            for module, base in zip(modules, bases, strict=True):
+                if module is not base:
+                    self.loras[name].append((module, slice(start, start + base.out_features)))
+                start += base.out_features
 
 
 class LlamaForward:
@@ -68,6 +72,7 @@ class LlamaForward:
         config, decoder = model.config, model.get_decoder()
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.scale = getattr(decoder.layers[0].self_attn, "scaling", self.head_dim**-0.5)  # SDPA's default
         self.layers = [_Layer(layer) for layer in decoder.layers]
         self.norm, self.rotary = decoder.norm, decoder.rotary_emb
         self.rows = None  # a SAT adapter's SatRows (which rows of this forward are SATs), set by the engine
@@ -81,13 +86,17 @@ class LlamaForward:
         if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
             return None
         forward = cls(model)
-        if any(layer.qkv is None or layer.gate_up is None for layer in forward.layers):
+        if any(p is None for layer in forward.layers for p in layer.projections.values()):
             return None
         return forward
 
-    def __call__(self, embeds: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
-        """embeds [R, T, H], position_ids [R, T], mask [R, 1, T, L] additive -> hidden [R, T, H]."""
+    def __call__(self, embeds: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None, cache,
+                 attention: Attention | None = None) -> torch.Tensor:
+        """embeds [R, T, H], position_ids [R, T] -> hidden [R, T, H]. Attention runs through `attention`
+        (models/engine/kernels.py: each row on its own, width-invariant) when given, else through
+        SDPA with `mask` [R, 1, T, L] (additive)."""
         R, T, hidden = embeds.shape
+        invariant = attention is not None  # projections too through models/engine/kernels.py where dense
         cos, sin = self.rotary(embeds, position_ids)  # [R, T, D]
         cos, sin = cos[:, :, None], sin[:, :, None]  # broadcast over heads
         heads, kv_heads, D = self.heads, self.kv_heads, self.head_dim
@@ -96,26 +105,30 @@ class LlamaForward:
         # group*T, D]. Besides sparing the GQA repeat, it keeps the query length >= 2: CPU SDPA takes
         # another path for one query row, whose result differs in the last bits from the same row of a
         # wider call, enough to flip greedy tokens in bf16. Folded, a verify row equals ar's bit for bit.
-        mask = mask.repeat(1, 1, group, 1)  # [R, 1, group*T, L], row g*T + t
+        if attention is None:
+            mask = mask.repeat(1, 1, group, 1)  # [R, 1, group*T, L], row g*T + t
         x = embeds.reshape(R * T, hidden)  # rows flat: every projection is one [R*T, in] matmul
         for i, layer in enumerate(self.layers):
-            qkv = self._project(layer, "qkv", _rms_norm(layer.input_norm, x))  # [R*T, (Hq + 2 Hkv) D]
+            qkv = self._project(layer, "qkv", _rms_norm(layer.input_norm, x), invariant)  # [R*T, (Hq + 2 Hkv) D]
             qk = qkv[:, :qk_width].view(R, T, heads + kv_heads, D)
             qk = qk * cos + rotate_half(qk) * sin  # RoPE on q and k at once
-            q = qk[:, :, :heads].unflatten(2, (kv_heads, group)).permute(0, 2, 3, 1, 4).reshape(R, kv_heads, -1, D)
             k = qk[:, :, heads:].transpose(1, 2)  # [R, Hkv, T, D]
             v = qkv[:, qk_width:].view(R, T, kv_heads, D).transpose(1, 2)
             keys, values = cache.update(k, v, i)  # [R, Hkv, L, D]
-            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [R, Hkv, group*T, D]
-            attn = attn.unflatten(2, (group, T)).permute(0, 3, 1, 2, 4).reshape(R * T, heads * D)
-            x = x + layer.o_proj(attn)
-            gate, up = self._project(layer, "gate_up", _rms_norm(layer.post_norm, x)).chunk(2, dim=-1)
-            x = x + layer.down_proj(F.silu(gate) * up)
+            if attention is not None:  # [R, T, Hq, D] in, fp32 out
+                attn = attention(qk[:, :, :heads], cache.keys[i], cache.values[i]).to(x.dtype).view(R * T, heads * D)
+            else:
+                q = qk[:, :, :heads].unflatten(2, (kv_heads, group)).permute(0, 2, 3, 1, 4).reshape(R, kv_heads, -1, D)
+                attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [R, Hkv, group*T, D]
+                attn = attn.unflatten(2, (group, T)).permute(0, 3, 1, 2, 4).reshape(R * T, heads * D)
+            x = x + self._project(layer, "o_proj", attn, invariant)
+            gate, up = self._project(layer, "gate_up", _rms_norm(layer.post_norm, x), invariant).chunk(2, dim=-1)
+            x = x + self._project(layer, "down_proj", F.silu(gate) * up, invariant)
         return _rms_norm(self.norm, x).view(R, T, hidden)
 
-    def _project(self, layer: _Layer, name: str, h: torch.Tensor) -> torch.Tensor:
-        """h [N, in] -> [N, out] of a fused projection, plus the adapter's LoRA at SAT rows."""
-        y = getattr(layer, name)(h)
+    def _project(self, layer: _Layer, name: str, h: torch.Tensor, invariant: bool) -> torch.Tensor:
+        """h [N, in] -> [N, out] of one (fused) projection, plus the adapter's LoRA at SAT rows."""
+        y = project(layer.projections[name], h, invariant)
         index = self.rows.index if self.rows is not None else None
         if index is None or not layer.loras[name]:
             return y
@@ -123,6 +136,15 @@ class LlamaForward:
         for lora, cols in layer.loras[name]:
             y[index, cols] += lora.delta(h_sat).to(y.dtype)
         return y
+
+
+def project(module: nn.Module, x: torch.Tensor, invariant: bool) -> torch.Tensor:
+    """x [N, in] -> [N, out]. Dense fp32/bf16 weights on the CPU go through the width-invariant kernel
+    when `invariant`; int4/int8 modules run ATen's kernels, which are width-invariant already."""
+    if invariant and type(module) is nn.Linear and module.bias is None and module.weight.dtype in (
+            torch.float32, torch.bfloat16) and module.weight.is_contiguous():
+        return kernels.linear(x, module.weight)
+    return module(x)
 
 
 def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:

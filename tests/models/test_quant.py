@@ -5,7 +5,6 @@ and speculative greedy under int4 equals plain greedy under int4, token for toke
 import pytest
 import torch
 from conftest import tiny_llama
-from helpers import one_token_and_verify_logits
 
 from models.engine import Engine, EngineConfig, SamplingParams
 from models.engine.llama import LlamaForward
@@ -158,19 +157,3 @@ def test_int4_speculation_equals_int4_plain_decoding_trained(counting_sdsat_dir,
         return engine
 
     _assert_speculation_is_lossless(make, method, k)
-
-
-@pytest.mark.parametrize("dtype", ["bfloat16", "int4"])
-@pytest.mark.parametrize("context", [50, 600])
-def test_a_verify_row_equals_the_one_token_forward_bit_for_bit(count_tokenizer, dtype, context):
-    """The lean forward is width-invariant in bf16 and int4: row 0 of a 4-token forward equals the
-    1-token forward's logits exactly (the key length is aligned and attention never sees one query
-    row), past 512 keys too (where CPU attention splits the keys into blocks)."""
-    model = int4_ready_llama()
-    if dtype == "int4":
-        quantize_model(model)
-    else:
-        model.to(torch.bfloat16)
-    engine = Engine(model, count_tokenizer, SAT, EngineConfig(method="ar", k=0, max_context=1024))
-    one, four = one_token_and_verify_logits(engine, [1 + i % 25 for i in range(context)])
-    assert torch.equal(one, four)

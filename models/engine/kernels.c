@@ -1,0 +1,312 @@
+/* Width-invariant kernels for the engine's decode and verify forwards (built and loaded by kernels.py):
+ * attention over the slot KV cache (sdsat_attend) and dense fp32/bf16 projections (sdsat_linear).
+ *
+ * Dense projections: y[m][n] = x[m] . w[n], lane l (of 16) accumulating k = l, l+16, ... with fmaf,
+ * the lanes folded as below; a row's result depends on that row and the weights only.
+ *
+ * Attention: each query row is computed on its own, over exactly the keys it sees, taken in ascending column
+ * order, with one fixed order of floating-point operations:
+ *   - q.k: lane l (of 16) accumulates d = l, l+16, l+32, ... with fmaf; the lanes fold as
+ *     l += l+8, l += l+4, l += l+2, l += l+1;
+ *   - softmax: the maximum (exact), an exponential written here (libm's differs across versions and
+ *     CPUs), and the sum accumulated in 16 lanes by visible-key index, folded the same way;
+ *   - the values: out[d] = fmaf(p_i, v_i[d], out[d]) key after key, then one division by the sum.
+ * So a row's bits depend on its query and its visible keys only: not on how many rows the forward
+ * has, which other rows share it, the length of the aligned key buffer, or the CPU. IEEE 754 rounds
+ * fmaf, +, * and / exactly whatever instruction implements them, and the file is compiled with
+ * -ffp-contract=off so the compiler fuses nothing on its own. The AVX-512 dot product below computes
+ * the same operations as the portable one, sixteen keys at a time (tests compare the two paths).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+
+#define LANES 16
+
+static inline float bf16_to_f32(uint16_t b) {
+    union { uint32_t u; float f; } x;
+    x.u = (uint32_t)b << 16;
+    return x.f;
+}
+
+/* exp(x) for x <= 0: 2^n * p(r) with x = n ln2 + r, |r| <= ln2/2 and p the degree-7 Taylor polynomial
+ * (relative error < 2e-7); 0 below -87 (and wherever 2^n would leave the normal range). */
+static inline float exp_nonpositive(float x) {
+    const float y = x < -87.0f ? -87.0f : (x > 0.0f ? 0.0f : x);
+    const float n = floorf(fmaf(y, 1.44269504088896341f, 0.5f));
+    float r = fmaf(0.0f - n, 0.693359375f, y);  /* ln2 in two parts: n * 0.693359375 is exact */
+    r = fmaf(0.0f - n, -2.12194440e-4f, r);
+    float p = 1.0f / 5040.0f;
+    p = fmaf(p, r, 1.0f / 720.0f);
+    p = fmaf(p, r, 1.0f / 120.0f);
+    p = fmaf(p, r, 1.0f / 24.0f);
+    p = fmaf(p, r, 1.0f / 6.0f);
+    p = fmaf(p, r, 0.5f);
+    p = fmaf(p, r, 1.0f);
+    p = fmaf(p, r, 1.0f);
+    const int32_t bits = ((int32_t)n + 127) << 23;  /* 2^n; n >= -126 here */
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return x < -87.0f ? 0.0f : p * scale;
+}
+
+static inline float fold(float *acc) {
+    for (int w = LANES / 2; w >= 1; w /= 2)
+        for (int l = 0; l < w; l++) acc[l] += acc[l + w];
+    return acc[0];
+}
+
+/* Rows [0, L) of one kv head's [C, D] block (at `base`) as fp32 rows out[Lp][D], Lp = L rounded up
+ * to 16; the padding rows repeat row 0 (their scores are never read). */
+static void load_range(const void *buf, int bf16, int64_t base, int64_t L, int64_t D, float *restrict out) {
+    if (bf16) {
+        const uint16_t *restrict src = (const uint16_t *)buf + base;
+        for (int64_t i = 0; i < L * D; i++) out[i] = bf16_to_f32(src[i]);
+    } else {
+        memcpy(out, (const float *)buf + base, sizeof(float) * (size_t)(L * D));
+    }
+    for (int64_t c = L; c % 16; c++) memcpy(out + c * D, out, sizeof(float) * (size_t)D);
+}
+
+/* out[d] = (sum over visible columns c, ascending, of p[c] * v[c][d]) / sum, one fmaf a term: the
+ * prefix [0, prefix) is visible, and new column u when vis[u]. */
+static void values_portable(const float *restrict p, const float *restrict v, int64_t prefix,
+                            const uint8_t *restrict vis, int64_t T, int64_t D, float sum, float *restrict out) {
+    memset(out, 0, sizeof(float) * (size_t)D);
+    for (int64_t c = 0; c < prefix + T; c++) {
+        if (c >= prefix && !vis[c - prefix]) continue;
+        for (int64_t d = 0; d < D; d++) out[d] = fmaf(p[c], v[c * D + d], out[d]);
+    }
+    for (int64_t d = 0; d < D; d++) out[d] = out[d] / sum;
+}
+
+/* out[j] = scale * q . tile[j] for j < n, each the 16-lane sum folded by fold(). */
+static void dots_portable(const float *restrict q, const float *restrict tile, int64_t n, int64_t D, float scale,
+                          float *restrict out) {
+    for (int64_t j = 0; j < n; j++) {
+        float acc[LANES] = {0};
+        for (int64_t d = 0; d < D; d++) acc[d % LANES] = fmaf(q[d], tile[j * D + d], acc[d % LANES]);
+        out[j] = fold(acc) * scale;
+    }
+}
+
+static inline float weight_at(const void *w, int bf16, int64_t i) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)w)[i]) : ((const float *)w)[i];
+}
+
+static void linear_portable(const float *restrict x, int64_t M, int64_t K, const void *w, int w_bf16, int64_t N,
+                            float *restrict out) {
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t n = 0; n < N; n++) {
+            float acc[LANES] = {0};
+            for (int64_t k = 0; k < K; k++)
+                acc[k % LANES] = fmaf(x[m * K + k], weight_at(w, w_bf16, n * K + k), acc[k % LANES]);
+            out[m * N + n] = fold(acc);
+        }
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define HAVE_AVX512 1
+
+__attribute__((target("avx512f"))) static inline __m512 load16(const void *w, int bf16, int64_t offset) {
+    if (bf16) {
+        const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)w + offset));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    return _mm512_loadu_ps((const float *)w + offset);
+}
+
+/* values_portable with the accumulators in registers (D a multiple of 16, at most 256). */
+__attribute__((target("avx512f"))) static void values_avx512(const float *restrict p, const float *restrict v,
+                                                             int64_t prefix, const uint8_t *restrict vis, int64_t T,
+                                                             int64_t D, float sum, float *restrict out) {
+    __m512 acc[16];
+    const int64_t blocks = D / 16;
+    for (int64_t b = 0; b < blocks; b++) acc[b] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < prefix + T; c++) {
+        if (c >= prefix && !vis[c - prefix]) continue;
+        const __m512 pc = _mm512_set1_ps(p[c]);
+        for (int64_t b = 0; b < blocks; b++) acc[b] = _mm512_fmadd_ps(pc, _mm512_loadu_ps(v + c * D + 16 * b), acc[b]);
+    }
+    const __m512 vsum = _mm512_set1_ps(sum);
+    for (int64_t b = 0; b < blocks; b++) _mm512_storeu_ps(out + 16 * b, _mm512_div_ps(acc[b], vsum));
+}
+
+/* Sixteen keys' lane sums acc[0..15] -> one vector of their folds, key j in lane j. The shuffles
+ * pair lanes exactly as fold() does: l + 8, then l + 4, then l + 2, then l + 1. */
+__attribute__((target("avx512f"))) static inline __m512 fold16(__m512 *acc) {
+    __m512 v[8], w[4], x[2];
+    for (int k = 0; k < 8; k++)
+        v[k] = _mm512_add_ps(_mm512_shuffle_f32x4(acc[k], acc[k + 8], 0x44), _mm512_shuffle_f32x4(acc[k], acc[k + 8], 0xEE));
+    for (int k = 0; k < 4; k++)
+        w[k] = _mm512_add_ps(_mm512_shuffle_f32x4(v[k], v[k + 4], 0x88), _mm512_shuffle_f32x4(v[k], v[k + 4], 0xDD));
+    for (int k = 0; k < 2; k++)
+        x[k] = _mm512_add_ps(_mm512_shuffle_ps(w[k], w[k + 2], 0x44), _mm512_shuffle_ps(w[k], w[k + 2], 0xEE));
+    __m512 r = _mm512_add_ps(_mm512_shuffle_ps(x[0], x[1], 0x88), _mm512_shuffle_ps(x[0], x[1], 0xDD));
+    /* r holds the keys in lane order 0 2 1 3 | 8 10 9 11 | 4 6 5 7 | 12 14 13 15 */
+    const __m512i where = _mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15);
+    return _mm512_permutexvar_ps(where, r);
+}
+
+/* The same as dots_portable, sixteen keys at once (D a multiple of 16). */
+__attribute__((target("avx512f"))) static void dots_avx512(const float *restrict q, const float *restrict tile,
+                                                           int64_t n, int64_t D, float scale, float *restrict out) {
+    __m512 acc[16];
+    for (int64_t j = 0; j < 16; j++) {
+        __m512 a = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D; d += 16)
+            a = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(tile + j * D + d), a);
+        acc[j] = a;
+    }
+    float all[16];
+    _mm512_storeu_ps(all, _mm512_mul_ps(fold16(acc), _mm512_set1_ps(scale)));
+    memcpy(out, all, sizeof(float) * (size_t)n);
+}
+
+/* s[c] = exp_nonpositive(s[c] - top) for c < L: the same operations, sixteen at a time. */
+__attribute__((target("avx512f"))) static void exp_avx512(float *s, int64_t L, float top) {
+    const __m512 lo = _mm512_set1_ps(-87.0f), zero = _mm512_setzero_ps(), vtop = _mm512_set1_ps(top);
+    int64_t c = 0;
+    for (; c + 16 <= L; c += 16) {
+        const __m512 x = _mm512_sub_ps(_mm512_loadu_ps(s + c), vtop);
+        const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+        __m512 y = _mm512_mask_blend_ps(under, x, lo);
+        y = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(y, zero, _CMP_GT_OQ), y, zero);
+        const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(y, _mm512_set1_ps(1.44269504088896341f),
+                                                              _mm512_set1_ps(0.5f)),
+                                              _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+        __m512 r = _mm512_fmadd_ps(_mm512_sub_ps(zero, n), _mm512_set1_ps(0.693359375f), y);
+        r = _mm512_fmadd_ps(_mm512_sub_ps(zero, n), _mm512_set1_ps(-2.12194440e-4f), r);
+        __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+        const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)), 23);
+        const __m512 e = _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+        _mm512_storeu_ps(s + c, _mm512_mask_blend_ps(under, e, zero));
+    }
+    for (; c < L; c++) s[c] = exp_nonpositive(s[c] - top);
+}
+/* linear_portable, sixteen outputs at a time (K a multiple of 16). */
+__attribute__((target("avx512f"))) static void linear_avx512(const float *restrict x, int64_t M, int64_t K,
+                                                             const void *w, int w_bf16, int64_t N,
+                                                             float *restrict out) {
+    for (int64_t n0 = 0; n0 < N; n0 += 16) {
+        const int64_t nn = N - n0 < 16 ? N - n0 : 16;
+        for (int64_t m = 0; m < M; m++) {
+            __m512 acc[16];
+            for (int j = 0; j < 16; j++) acc[j] = _mm512_setzero_ps();
+            for (int64_t k = 0; k < K; k += 16) {
+                const __m512 xv = _mm512_loadu_ps(x + m * K + k);
+                for (int j = 0; j < 16; j++)  /* a short block's missing outputs repeat its first row */
+                    acc[j] = _mm512_fmadd_ps(xv, load16(w, w_bf16, (n0 + (j < nn ? j : 0)) * K + k), acc[j]);
+            }
+            float all[16];
+            _mm512_storeu_ps(all, fold16(acc));
+            memcpy(out + m * N + n0, all, sizeof(float) * (size_t)nn);
+        }
+    }
+}
+
+#endif
+
+static int use_avx512(int64_t D) {
+#ifdef HAVE_AVX512
+    static int forced = -1;
+    if (forced < 0) {
+        const char *env = getenv("SDSAT_KERNELS_PORTABLE");
+        forced = env != NULL && env[0] == '1';
+    }
+    return !forced && D % LANES == 0 && __builtin_cpu_supports("avx512f");
+#else
+    (void)D;
+    return 0;
+#endif
+}
+
+/* x: [M, K] fp32, w: [N, K] (bf16 if w_bf16, else fp32), contiguous -> out [M, N] fp32. */
+void sdsat_linear(const float *x, int64_t M, int64_t K, const void *w, int w_bf16, int64_t N, float *out) {
+#ifdef HAVE_AVX512
+    if (use_avx512(K)) {
+        linear_avx512(x, M, K, w, w_bf16, N, out);
+        return;
+    }
+#endif
+    linear_portable(x, M, K, w, w_bf16, N, out);
+}
+
+/* q: [R, T, Hq, D] fp32 (T new rows for each of R sequences, after RoPE); k_buf, v_buf: one layer's
+ * cache buffers [slots, Hkv, C, D] (bf16 if kv_bf16, else fp32), contiguous. Sequence r lives in
+ * cache row slot[r], whose committed keys are columns [0, start[r]); its T new columns follow, and
+ * its row t sees new column u when local[(r * T + t) * T + u] is 1. out: [R, T, Hq, D] fp32.
+ * Returns 0, or -1 when scratch memory could not be had. */
+int sdsat_attend(const float *q, int64_t R, int64_t T, int64_t Hq, int64_t Hkv, int64_t D, const void *k_buf,
+                 const void *v_buf, int kv_bf16, int64_t C, const int64_t *slot, const int64_t *start,
+                 const uint8_t *local, float scale, float *out) {
+    const int64_t group = Hq / Hkv, Q = T * group;  /* query vectors per sequence and kv head */
+    const int fast = use_avx512(D) && D <= 256;  /* values_avx512 keeps D / 16 accumulators */
+    int64_t most = 16;
+    for (int64_t r = 0; r < R; r++)
+        if (start[r] + T > most) most = start[r] + T;
+    most = (most + 15) / 16 * 16;
+    float *scores = malloc(sizeof(float) * (size_t)(most * Q));  /* [Q, L] */
+    float *keys = malloc(sizeof(float) * (size_t)(most * D));    /* [L, D] fp32 */
+    float *values = malloc(sizeof(float) * (size_t)(most * D));
+    if (!scores || !keys || !values) {
+        free(scores); free(keys); free(values);
+        return -1;
+    }
+    for (int64_t r = 0; r < R; r++) {
+        const int64_t L = start[r] + T, prefix = start[r];
+        const uint8_t *vis = local + r * T * T;  /* [T, T] */
+        for (int64_t g = 0; g < Hkv; g++) {
+            const int64_t base = (slot[r] * Hkv + g) * C * D;  /* this kv head's [C, D] block */
+            load_range(k_buf, kv_bf16, base, L, D, keys);
+            load_range(v_buf, kv_bf16, base, L, D, values);
+            for (int64_t t = 0; t < T; t++)
+                for (int64_t h = 0; h < group; h++) {  /* query vector (t, h) */
+                    const float *qv = q + ((r * T + t) * Hq + g * group + h) * D;
+                    float *s = scores + (t * group + h) * L, *o = out + ((r * T + t) * Hq + g * group + h) * D;
+                    for (int64_t c0 = 0; c0 < L; c0 += 16) {  /* scores against columns [0, L) */
+                        const int64_t n = L - c0 < 16 ? L - c0 : 16;
+#ifdef HAVE_AVX512
+                        if (fast) dots_avx512(qv, keys + c0 * D, n, D, scale, s + c0);
+                        else
+#endif
+                            dots_portable(qv, keys + c0 * D, n, D, scale, s + c0);
+                    }
+                    /* softmax over the visible columns: the prefix, then the new columns row t sees */
+                    const uint8_t *seen_by_t = vis + t * T;
+                    float top = -INFINITY;  /* a maximum is exact in any order */
+                    for (int64_t c = 0; c < prefix; c++) top = fmaxf(top, s[c]);
+                    for (int64_t u = 0; u < T; u++)
+                        if (seen_by_t[u]) top = fmaxf(top, s[prefix + u]);
+#ifdef HAVE_AVX512
+                    if (fast) exp_avx512(s, L, top);
+                    else
+#endif
+                        for (int64_t c = 0; c < L; c++) s[c] = exp_nonpositive(s[c] - top);
+                    float lanes[LANES] = {0};
+                    int64_t seen = 0;
+                    for (; seen + LANES <= prefix; seen += LANES)
+                        for (int l = 0; l < LANES; l++) lanes[l] += s[seen + l];
+                    for (int64_t c = seen; c < L; c++)
+                        if (c < prefix || seen_by_t[c - prefix]) lanes[seen++ % LANES] += s[c];
+                    const float sum = fold(lanes);
+#ifdef HAVE_AVX512
+                    if (fast) values_avx512(s, values, prefix, seen_by_t, T, D, sum, o);
+                    else
+#endif
+                        values_portable(s, values, prefix, seen_by_t, T, D, sum, o);
+                }
+        }
+    }
+    free(scores); free(keys); free(values);
+    return 0;
+}

@@ -1,0 +1,145 @@
+"""Width-invariant CPU kernels (kernels.c, built once per host, called with ctypes): attention over
+the slot KV cache and dense fp32/bf16 projections.
+
+Speculative decoding is lossless only if a verify row computes the same bits as the 1-token forward
+of the same token at the same position. Library kernels do not promise that: SDPA's flash attention
+and the oneDNN/MKL GEMMs under it pick their blocking and micro-kernels from the number of rows, the
+key length and the CPU, so a verify row can come out a few ULPs away from the same row decoded
+alone (enough to flip greedy tokens in bf16), and whether it does differs between Intel and AMD hosts
+and between GEMM sizes (fp32 `F.linear` of one row differs from the same row among two on an Intel
+Xeon here). kernels.c computes every row on its own in one fixed order of IEEE operations, so a row's
+bits depend on its inputs only: not on the forward's width, the batch, the key buffer's length or the
+CPU (the AVX-512 and the portable paths give the same bits; a test compares them). The int4 and int8
+projections (models/quant.py) already run ATen's own kernels, which reduce each row in a fixed order.
+
+The shared library is compiled with the system C compiler (`cc`, or $CC) into the model cache folder,
+keyed by the source's hash, the first time it is needed (`make setup` does it up front; under a
+second). Where there is no compiler, `kernel_unavailable()` says why, the engine falls back to the
+library kernels, and its start-up self-check (models/engine/invariance.py) says whether speculation
+stays lossless on that host.
+
+    attention = Attention(slots, start, local, scale)   # once per forward
+    out = attention(q, k_buf, v_buf)                      # per layer: q [R, T, Hq, D] -> fp32
+    y = linear(x, weight)                                 # x [M, K], weight [N, K] -> [M, N]
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("kernels.c")
+
+
+def _flags() -> list[str]:
+    # -ffp-contract=off: the compiler fuses no multiply-add on its own; the kernel's fmaf calls are the
+    # only fused operations, and IEEE 754 rounds those exactly whatever instruction implements them.
+    flags = ["-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        flags += ["-mavx2", "-mfma"]  # every x86 host this serves (Haswell / Zen 1 and later) has both
+    return flags
+
+
+def _library_path() -> Path:
+    from models.base_model import cache_root
+
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(_flags()).encode()).hexdigest()[:16]
+    return cache_root() / "kernels" / f"sdsat-kernels-{platform.machine()}-{digest}.so"
+
+
+def build() -> Path:
+    """Compile kernels.c into the cache folder (once per source and host architecture); its path."""
+    path = _library_path()
+    if path.exists():
+        return path
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        raise RuntimeError("no C compiler found (cc, gcc or clang; or set CC)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # built aside, then moved: replicas race safely
+        out = Path(tmp) / path.name
+        subprocess.run([compiler, *_flags(), str(SOURCE), "-o", str(out), "-lm"], check=True,
+                       capture_output=True, text=True)
+        os.replace(out, path)
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def _load() -> tuple[ctypes.CDLL | None, str | None]:
+    try:
+        lib = ctypes.CDLL(str(build()))
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        return None, f"the width-invariant kernels could not be built: {detail.strip()[:300]}"
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.sdsat_attend.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, ctypes.c_int, i64, ptr, ptr, ptr,
+                                 ctypes.c_float, ptr]
+    lib.sdsat_attend.restype = ctypes.c_int
+    lib.sdsat_linear.argtypes = [ptr, i64, i64, ptr, ctypes.c_int, i64, ptr]
+    lib.sdsat_linear.restype = None
+    return lib, None
+
+
+def kernel_unavailable() -> str | None:
+    """Why the kernel cannot run here (no compiler, build error), or None."""
+    return _load()[1]
+
+
+class Attention:
+    """One forward's attention calls: the rows' layout is converted once, then each layer calls
+    `__call__` with its queries and cache buffers.
+
+    slots, start: [R] (each sequence's cache row and committed length); local: [R, T, T] bool (which
+    of the forward's T new columns each of its rows sees); scale: the softmax scale."""
+
+    def __init__(self, slots: torch.Tensor, start: torch.Tensor, local: torch.Tensor, scale: float):
+        lib, why = _load()
+        if lib is None:
+            raise RuntimeError(why)
+        self._fn = lib.sdsat_attend
+        self.slots = slots.to(torch.int64).contiguous()
+        self.start = start.to(torch.int64).contiguous()
+        self.local = local.to(torch.uint8).contiguous()
+        self.R, self.T = self.local.shape[:2]
+        self.scale = scale
+
+    def __call__(self, q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor) -> torch.Tensor:
+        """q [R, T, Hq, D] (any float dtype), k_buf / v_buf one layer's cache [slots, Hkv, C, D] (fp32 or
+        bf16, contiguous) holding the forward's new keys and values -> [R, T, Hq, D] fp32."""
+        q = q.float().contiguous()
+        R, T, Hq, D = q.shape
+        _, Hkv, C, _ = k_buf.shape
+        out = torch.empty_like(q)
+        status = self._fn(q.data_ptr(), R, T, Hq, Hkv, D, k_buf.data_ptr(), v_buf.data_ptr(),
+                          int(k_buf.dtype == torch.bfloat16), C, self.slots.data_ptr(), self.start.data_ptr(),
+                          self.local.data_ptr(), self.scale, out.data_ptr())
+        if status != 0:
+            raise MemoryError("kernels.c could not allocate its scratch memory")
+        return out
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ weight [N, K]^T with each output row computed on its own in one fixed order (the
+    weight fp32 or bf16, contiguous) -> [M, N] in x's dtype."""
+    lib, why = _load()
+    if lib is None:
+        raise RuntimeError(why)
+    x32 = x.float().contiguous()
+    M, K = x32.shape
+    out = torch.empty(M, weight.shape[0], dtype=torch.float32)
+    lib.sdsat_linear(x32.data_ptr(), M, K, weight.data_ptr(), int(weight.dtype == torch.bfloat16), weight.shape[0],
+                     out.data_ptr())
+    return out.to(x.dtype)
+
+
+if __name__ == "__main__":  # `python -m models.engine.attention`: build at set-up
+    print(build())

@@ -1,0 +1,113 @@
+"""The width-invariant kernels (models/engine/kernels.c): a row's bits depend on its own inputs only,
+whatever the width, the batch, the tree layout or the key buffer's length; the AVX-512 and portable
+paths give the same bits; and the results are the attention and the projection they claim to be."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.engine.kernels import Attention, linear
+
+HQ, HKV, D, C = 6, 2, 32, 1024  # GQA group of 3, as the real base
+
+
+def chain(T: int) -> torch.Tensor:
+    return torch.ones(1, T, T, dtype=torch.bool).tril()
+
+
+def attend(q, k_buf, v_buf, slots, start, local, scale=D**-0.5):
+    return Attention(torch.tensor(slots), torch.tensor(start), local, scale)(q, k_buf, v_buf)
+
+
+def random_cache(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(3, HKV, C, D, generator=g).to(dtype), torch.randn(3, HKV, C, D, generator=g).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("context", [0, 5, 63, 300, 700])
+def test_a_rows_attention_does_not_depend_on_the_forwards_width(dtype, context):
+    k_buf, v_buf = random_cache(dtype)
+    q = torch.randn(1, 16, HQ, D, generator=torch.Generator().manual_seed(context))
+    widest = attend(q, k_buf, v_buf, [0], [context], chain(16))[0]  # [16, HQ, D]
+    for width in (1, 2, 4, 8):
+        out = attend(q[:, :width], k_buf, v_buf, [0], [context], chain(width))[0]
+        assert torch.equal(out, widest[:width]), width
+    for j in (1, 7, 15):  # row j of a chain == that token decoded alone at its position
+        alone = attend(q[:, j : j + 1], k_buf, v_buf, [0], [context + j], chain(1))[0, 0]
+        assert torch.equal(alone, widest[j]), j
+
+
+def test_batched_and_tree_rows_equal_their_rows_alone():
+    k_buf, v_buf = random_cache(torch.bfloat16, seed=1)
+    q = torch.randn(2, 4, HQ, D)
+    alone = attend(q[1:], k_buf, v_buf, [2], [40], chain(4))[0]
+    # beside a longer sequence in another slot, and listed first / second
+    for slots, start, order in (([0, 2], [900, 40], 1), ([2, 0], [40, 900], 0)):
+        qs = q if order == 1 else q.flip(0)
+        out = attend(qs, k_buf, v_buf, slots, start, torch.cat([chain(4), chain(4)]))[order]
+        assert torch.equal(out, alone)
+    # a tree: rows 1 and 2 are siblings (both see row 0 only), row 3 follows row 2
+    tree = torch.tensor([[[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 1, 1]]], dtype=torch.bool)
+    out = attend(q[1:], k_buf, v_buf, [2], [40], tree)[0]
+    assert torch.equal(out[:2], alone[:2])
+    # row 2 sees [prefix, row 0, itself]: the same keys as a 2-row chain whose second row is row 2's
+    k2, v2 = k_buf.clone(), v_buf.clone()
+    k2[2, :, 41], v2[2, :, 41] = k_buf[2, :, 42], v_buf[2, :, 42]
+    pair = attend(q[1:, [0, 2]], k2, v2, [2], [40], chain(2))[0]
+    assert torch.equal(out[2], pair[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_is_the_softmax_attention_it_claims(dtype):
+    k_buf, v_buf = random_cache(dtype, seed=2)
+    T, start = 4, 100
+    q = torch.randn(1, T, HQ, D)
+    out = attend(q, k_buf, v_buf, [1], [start], chain(T))[0]  # [T, HQ, D]
+    keys = k_buf[1, :, : start + T].float().repeat_interleave(HQ // HKV, 0)  # [HQ, L, D]
+    values = v_buf[1, :, : start + T].float().repeat_interleave(HQ // HKV, 0)
+    mask = torch.ones(T, start + T, dtype=torch.bool)
+    mask[:, start:] = chain(T)[0]
+    ref = F.scaled_dot_product_attention(q[0].transpose(0, 1), keys, values, attn_mask=mask)  # [HQ, T, D]
+    torch.testing.assert_close(out, ref.transpose(0, 1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_projection_rows_result_does_not_depend_on_the_other_rows(dtype):
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(16, 96, generator=g).to(dtype), torch.randn(200, 96, generator=g).to(dtype)
+    full = linear(x, w)
+    for i in (0, 5, 15):
+        assert torch.equal(linear(x[i : i + 1], w)[0], full[i])
+        assert torch.equal(linear(torch.stack([x[(i + 3) % 16], x[i]]), w)[1], full[i])
+    torch.testing.assert_close(full.float(), x.float() @ w.float().t(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
+                               atol=1e-2 if dtype == torch.bfloat16 else 1e-4)
+
+
+SNIPPET = """
+import sys, torch
+from models.engine.kernels import Attention, linear
+g = torch.Generator().manual_seed(0)
+k = torch.randn(2, 2, 256, 32, generator=g).bfloat16(); v = torch.randn(2, 2, 256, 32, generator=g).bfloat16()
+q = torch.randn(2, 3, 6, 32, generator=g)
+tree = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool)
+a = Attention(torch.tensor([1, 0]), torch.tensor([17, 200]), torch.stack([tree, tree]), 0.17)(q, k, v)
+y = linear(torch.randn(5, 48, generator=g), torch.randn(70, 48, generator=g))
+torch.save({"attention": a, "linear": y}, sys.argv[1])
+"""
+
+
+def test_the_avx512_and_the_portable_paths_give_the_same_bits(tmp_path):
+    """The same rows through the AVX-512 code and through the portable C (what a CPU without AVX-512
+    runs): identical. On a host without AVX-512 both runs take the portable path."""
+    results = {}
+    for name, env in (("default", {}), ("portable", {"SDSAT_KERNELS_PORTABLE": "1"})):
+        path = tmp_path / f"{name}.pt"
+        subprocess.run([sys.executable, "-c", SNIPPET, str(path)], check=True, env={**os.environ, **env})
+        results[name] = torch.load(path)
+    for key in ("attention", "linear"):
+        assert torch.equal(results["default"][key], results["portable"][key]), key
