@@ -269,12 +269,17 @@ int sdsat_attend(const float *q, int64_t R, int64_t T, int64_t Hq, int64_t Hkv, 
             const int64_t base = (slot[r] * Hkv + g) * C * D;  /* this kv head's [C, D] block */
             load_range(k_buf, kv_bf16, base, L, D, keys);
             load_range(v_buf, kv_bf16, base, L, D, values);
-            for (int64_t t = 0; t < T; t++)
+            for (int64_t t = 0; t < T; t++) {
+                /* row t sees the prefix and the new columns u with vis[t][u]; Lt: past its last one */
+                const uint8_t *seen_by_t = vis + t * T;
+                int64_t Tt = T;
+                while (Tt > 0 && !seen_by_t[Tt - 1]) Tt--;
+                const int64_t Lt = prefix + Tt;
                 for (int64_t h = 0; h < group; h++) {  /* query vector (t, h) */
                     const float *qv = q + ((r * T + t) * Hq + g * group + h) * D;
                     float *s = scores + (t * group + h) * L, *o = out + ((r * T + t) * Hq + g * group + h) * D;
-                    for (int64_t c0 = 0; c0 < L; c0 += 16) {  /* scores against columns [0, L) */
-                        const int64_t n = L - c0 < 16 ? L - c0 : 16;
+                    for (int64_t c0 = 0; c0 < Lt; c0 += 16) {  /* scores against columns [0, Lt) */
+                        const int64_t n = Lt - c0 < 16 ? Lt - c0 : 16;
 #ifdef HAVE_AVX512
                         if (fast) dots_avx512(qv, keys + c0 * D, n, D, scale, s + c0);
                         else
@@ -282,29 +287,29 @@ int sdsat_attend(const float *q, int64_t R, int64_t T, int64_t Hq, int64_t Hkv, 
                             dots_portable(qv, keys + c0 * D, n, D, scale, s + c0);
                     }
                     /* softmax over the visible columns: the prefix, then the new columns row t sees */
-                    const uint8_t *seen_by_t = vis + t * T;
                     float top = -INFINITY;  /* a maximum is exact in any order */
                     for (int64_t c = 0; c < prefix; c++) top = fmaxf(top, s[c]);
-                    for (int64_t u = 0; u < T; u++)
+                    for (int64_t u = 0; u < Tt; u++)
                         if (seen_by_t[u]) top = fmaxf(top, s[prefix + u]);
 #ifdef HAVE_AVX512
-                    if (fast) exp_avx512(s, L, top);
+                    if (fast) exp_avx512(s, Lt, top);
                     else
 #endif
-                        for (int64_t c = 0; c < L; c++) s[c] = exp_nonpositive(s[c] - top);
+                        for (int64_t c = 0; c < Lt; c++) s[c] = exp_nonpositive(s[c] - top);
                     float lanes[LANES] = {0};
                     int64_t seen = 0;
                     for (; seen + LANES <= prefix; seen += LANES)
                         for (int l = 0; l < LANES; l++) lanes[l] += s[seen + l];
-                    for (int64_t c = seen; c < L; c++)
+                    for (int64_t c = seen; c < Lt; c++)
                         if (c < prefix || seen_by_t[c - prefix]) lanes[seen++ % LANES] += s[c];
                     const float sum = fold(lanes);
 #ifdef HAVE_AVX512
-                    if (fast) values_avx512(s, values, prefix, seen_by_t, T, D, sum, o);
+                    if (fast) values_avx512(s, values, prefix, seen_by_t, Tt, D, sum, o);
                     else
 #endif
-                        values_portable(s, values, prefix, seen_by_t, T, D, sum, o);
+                        values_portable(s, values, prefix, seen_by_t, Tt, D, sum, o);
                 }
+            }
         }
     }
     free(scores); free(keys); free(values);

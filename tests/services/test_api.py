@@ -66,6 +66,9 @@ def test_models_health_ready(service):
     assert httpx.get(service + "/health").json() == {"status": "ok"}
     ready = httpx.get(service + "/ready", timeout=30)
     assert ready.status_code == 200 and ready.json()["ready"] is True
+    speculation = ready.json()["speculation"]  # the decoder's start-up self-check, on this host
+    assert speculation["lossless"] is True and speculation["self_check"]["kernels"] == "invariant"
+    assert speculation["self_check"]["failures"] == [] and speculation["self_check"]["widths"] == [2, 4, 8, 16]
     models = httpx.get(service + "/v1/models").json()
     assert [m["id"] for m in models["data"]] == ["counting"]
 

@@ -163,6 +163,9 @@ def test_metrics_move_by_what_responses_report(obs_url):
     key = ("ray_sdsat_time_to_first_token_seconds_count", ("route", "/v1/completions"))
     assert seen[key] - before.get(key, 0) == len(bodies)
     assert seen[("ray_sdsat_batch_size_count",)] > 0 and ("ray_sdsat_queue_depth",) in seen
+    lossless = [s.value for f in text_string_to_metric_families(httpx.get(f"{obs_url}/metrics", timeout=10).text)
+                for s in f.samples if s.name == "ray_sdsat_speculation_lossless" and s.labels.get("model") == MODEL]
+    assert lossless and set(lossless) == {1.0}  # every decoder's start-up self-check passed
 
 
 def test_tracing_off_means_no_exporter_and_no_spans(service):
