@@ -6,9 +6,9 @@ Each variant is an engine with one `dtype` and one `attention` (EngineConfig; `i
 width-invariant kernels of models/engine/kernels.py, `sdpa` = the library kernels). For each: the
 start-up self-check's verdict on this host (models/engine/invariance.py), single-stream `ar` ms per
 token (median over interleaved repetitions, the variants' order rotating), the forward cost ratios
-r(w), and, per speculative method, how many greedy outputs equal that variant's greedy `ar` token for
-token. The speculative runs skip the self-check's fallback (self_check false), so a library variant
-shows what it would serve if nothing checked it.
+r(w), the prefill time of long prompts, and, per speculative method, how many greedy outputs equal
+that variant's greedy `ar` token for token. The speculative runs skip the self-check's fallback
+(self_check false), so a library variant shows what it would serve if nothing checked it.
 """
 
 from __future__ import annotations
@@ -37,6 +37,22 @@ def cpu_model() -> str:
 def parse_variants(text: str) -> list[tuple[str, str]]:
     """"int4:invariant,float32:sdpa" -> [(dtype, attention), ...] (attention defaults to invariant)."""
     return [(d, a or "invariant") for d, _, a in (item.strip().partition(":") for item in text.split(","))]
+
+
+def prefill_seconds(engines: dict, lengths=(256, 1000, 1900), reps: int = 3) -> dict:
+    """Per engine, median seconds to prefill a prompt of each length and give its first token
+    (interleaved across the engines)."""
+    from models.engine import SamplingParams
+
+    times = {v: {n: [] for n in lengths} for v in engines}
+    for n in lengths:
+        prompt = [100 + (7 * i) % 5000 for i in range(n)]
+        for _ in range(reps):
+            for v, engine in engines.items():
+                t0 = time.perf_counter()
+                engine.generate(prompt, SamplingParams(max_new_tokens=1))
+                times[v][n].append(time.perf_counter() - t0)
+    return {v: {str(n): round(statistics.median(t), 3) for n, t in by_n.items()} for v, by_n in times.items()}
 
 
 def identity_report(model_dir: str, prompts: list, variants: list[tuple[str, str]], max_new_tokens: int = 128,
@@ -70,6 +86,7 @@ def identity_report(model_dir: str, prompts: list, variants: list[tuple[str, str
                 outputs[(v, (method, k))][p] = engines[v].generate(ids, params)["token_ids"]
                 bar.update(1)
     bar.close()
+    prefill = prefill_seconds(engines)
     rows = []
     for v, engine in engines.items():
         ms = 1e3 * sum(statistics.median(t) for t in ar_times[v]) / (len(encoded) * max_new_tokens)
@@ -83,7 +100,8 @@ def identity_report(model_dir: str, prompts: list, variants: list[tuple[str, str
         rows.append({"dtype": v[0], "attention": v[1], "self_check": checks[v].to_dict(),
                      "ar_ms_per_token": round(ms, 2), "tokens_per_s": round(1e3 / ms, 1),
                      "cost_ratio_r": {str(w): round(ratios[w], 3) for w in widths},
-                     "t_forward_1_token_ms": round(ratios["t1_ms"], 2), "identical_to_ar": identity})
+                     "t_forward_1_token_ms": round(ratios["t1_ms"], 2), "prefill_s_by_prompt_tokens": prefill[v],
+                     "identical_to_ar": identity})
     return {"model": model_dir, "host": cpu_model(), "threads": torch.get_num_threads(), "prompts": len(encoded),
             "max_new_tokens": max_new_tokens, "reps": reps, "variants": rows}
 
@@ -94,4 +112,5 @@ def print_table(report: dict) -> None:
     for row in report["variants"]:
         same = ", ".join(f"{m} {c['identical']}/{c['of']}" for m, c in row["identical_to_ar"].items())
         print(f"{row['dtype']:>8}:{row['attention']:<9} self-check {'ok' if row['self_check']['lossless'] else 'FAIL'}"
-              f"  ar {row['ar_ms_per_token']:6.2f} ms/token  r(4)={row['cost_ratio_r'].get('4')}  identical: {same}")
+              f"  ar {row['ar_ms_per_token']:6.2f} ms/token  r(4)={row['cost_ratio_r'].get('4')}  "
+              f"prefill {row['prefill_s_by_prompt_tokens']} s  identical: {same}")
