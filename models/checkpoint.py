@@ -9,13 +9,11 @@ are local, and `HF_HUB_OFFLINE=1` is set before transformers loads.
 from __future__ import annotations
 
 import os
-import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from models.base_model import BASE_NAME, ensure_base_model, replacing
 from models.sat import SatSpec
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -55,7 +53,6 @@ def weights_dir(directory: str | Path) -> Path:
 
     if not is_adapter_dir(directory):
         return Path(directory)
-    from models.base_model import BASE_NAME, ensure_base_model
 
     config = AdapterConfig.load(directory)
     if config.base_name == BASE_NAME and not config.base_dir:
@@ -125,21 +122,3 @@ def save_checkpoint(directory: str | Path, model, tokenizer, sat: SatSpec | None
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER_STATE)
     return Path(directory)
-
-
-@contextmanager
-def replacing(directory: str | Path) -> Iterator[Path]:
-    """Write a directory atomically: fill the yielded temporary sibling; on success it replaces `directory`."""
-    target = Path(directory)
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    yield tmp
-    if target.exists():
-        old = target.with_name(target.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
-        tmp.rename(target)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(target)

@@ -9,22 +9,43 @@ The engine (models/engine/engine.py) runs the same iteration for every method,
 
 so a drafter is one object with a few hooks (as vLLM's proposers). Drafters are stateless
 singletons: per-request state lives on the `Sequence` (`drafts`, `draft_probs` [len(drafts), V] q
-or None for point-mass drafts, `k_now`, `hidden`). The engine is passed to each hook; a drafter may
-use its `_forward` (the batched model forward), `cache`, `sat`, `speculator`, `device`, `config`
-and `max_context`. Register a new one in models/engine/drafters.py (or with `register_drafter`).
+or None for point-mass drafts, `k_now`, `hidden`). The engine is passed to each hook as an
+`EngineView`: what a drafter may use of it (the batched model forward, the cache, the SAT vocabulary,
+the speculator, the device, the config, the context limit). Drafters import nothing from the engine
+module, so the engine can import the registry (models/engine/drafters.py; or `register_drafter`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from models.engine.sampling import process_logits, sample_from
 
 if TYPE_CHECKING:
-    from models.engine.engine import Engine
+    from models.engine.config import EngineConfig
+    from models.engine.kv_cache import SlotKVCache
     from models.engine.sequence import Sequence
+    from models.sat import SatSpec
+    from models.speculator import MLPSpeculator
+
+
+class EngineView(Protocol):
+    """The part of the engine (models/engine/engine.py) that drafters use."""
+
+    cache: SlotKVCache
+    config: EngineConfig
+    device: torch.device
+    sat: SatSpec | None
+    speculator: MLPSpeculator | None
+    max_context: int
+
+    def _forward(self, seqs: list, chunks: list[list[int]], layouts=None, last_only: bool = False
+                 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """One batched forward over new tokens of several sequences: per sequence [T_i, V] logits (CPU)
+        and [T_i, H] final hidden states."""
+        ...
 
 Layout = tuple[list[int], torch.Tensor]  # (position offsets [T], local visibility [T, T] bool) of a verify chunk
 
@@ -35,28 +56,28 @@ class Drafter:
     name: str = ""
     speculative: bool = True  # False: the request's k is ignored (stored as 0)
 
-    def unavailable(self, engine: Engine) -> str | None:
+    def unavailable(self, engine: EngineView) -> str | None:
         """Why this engine cannot run the method (the request is refused with it), or None."""
         return None
 
-    def k_for(self, engine: Engine, seq: Sequence, k: int) -> int:
+    def k_for(self, engine: EngineView, seq: Sequence, k: int) -> int:
         """This iteration's draft length, given k after the engine's own limits (request k, load
         policy, room for k drafts + the bonus token). Drafters that need more room clamp further."""
         return k
 
-    def propose(self, engine: Engine, seqs: list[Sequence]) -> None:
+    def propose(self, engine: EngineView, seqs: list[Sequence]) -> None:
         """Set `seq.drafts` (at most `seq.k_now`) and `seq.draft_probs` for every sequence, all with
         k_now > 0 (the engine clears the others). Batched: a drafter that needs a forward runs one for
         all of them. It may also emit tokens (a sequence that finishes is not verified)."""
         for seq in seqs:
             seq.drafts, seq.draft_probs = [], None
 
-    def verify_rows(self, engine: Engine, seq: Sequence) -> tuple[list[int], Layout | None]:
+    def verify_rows(self, engine: EngineView, seq: Sequence) -> tuple[list[int], Layout | None]:
         """Extra token ids the verify forward carries after [cur, *drafts], and the layout of the
         whole chunk (None: causal). The chain's rows must stay causal: they are what is verified."""
         return [], None
 
-    def after_accept(self, engine: Engine, seq: Sequence, logits: torch.Tensor, hidden: torch.Tensor,
+    def after_accept(self, engine: EngineView, seq: Sequence, logits: torch.Tensor, hidden: torch.Tensor,
                      accepted: int) -> None:
         """Keep what the next iteration needs from the forward that just chose the next token: this
         sequence's rows logits [T, V] (CPU) and hidden [T, H] (model device); row `accepted`

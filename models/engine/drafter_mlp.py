@@ -8,26 +8,25 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from models.engine.drafter import Drafter
+from models.engine.drafter import Drafter, EngineView
 from models.engine.sampling import process_logits, sample_from
 
 if TYPE_CHECKING:
-    from models.engine.engine import Engine
     from models.engine.sequence import Sequence
 
 
 class MLPDrafter(Drafter):
     name = "mlp"
 
-    def unavailable(self, engine: Engine) -> str | None:
+    def unavailable(self, engine: EngineView) -> str | None:
         if engine.speculator is None:
             return f"method {self.name!r} needs a model with a speculator (speculator/); this one has none"
         return None
 
-    def k_for(self, engine: Engine, seq: Sequence, k: int) -> int:
+    def k_for(self, engine: EngineView, seq: Sequence, k: int) -> int:
         return min(k, engine.speculator.n_predict)  # one head per draft
 
-    def propose(self, engine: Engine, seqs: list[Sequence]) -> None:
+    def propose(self, engine: EngineView, seqs: list[Sequence]) -> None:
         state = torch.stack([s.hidden for s in seqs])  # [B, H]
         tokens = torch.tensor([s.cur for s in seqs], device=engine.device)  # [B]
         drafts, draft_probs = [[] for _ in seqs], [[] for _ in seqs]
@@ -48,6 +47,6 @@ class MLPDrafter(Drafter):
         for seq, d, q in zip(seqs, drafts, draft_probs, strict=True):
             seq.drafts, seq.draft_probs = d, torch.stack(q) if q else None
 
-    def after_accept(self, engine: Engine, seq: Sequence, logits: torch.Tensor, hidden: torch.Tensor,
+    def after_accept(self, engine: EngineView, seq: Sequence, logits: torch.Tensor, hidden: torch.Tensor,
                      accepted: int) -> None:
         seq.hidden = hidden[accepted]  # [H], the state that predicted the next cur: the chain's next start

@@ -7,10 +7,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from models.engine.drafter import Drafter
+from models.engine.drafter import Drafter, EngineView
 
 if TYPE_CHECKING:
-    from models.engine.engine import Engine
     from models.engine.sequence import Sequence
 
 
@@ -32,7 +31,7 @@ def prompt_lookup(context: list[int], k: int, max_ngram: int) -> list[int]:
 class PromptLookupDrafter(Drafter):
     name = "prompt-lookup"
 
-    def propose(self, engine: Engine, seqs: list[Sequence]) -> None:
+    def propose(self, engine: EngineView, seqs: list[Sequence]) -> None:
         for seq in seqs:
             context = seq.prompt_ids + seq.output_ids
             seq.drafts, seq.draft_probs = prompt_lookup(context, seq.k_now, engine.config.prompt_lookup_ngram), None

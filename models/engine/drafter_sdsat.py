@@ -6,27 +6,26 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from models.engine.drafter import Drafter, sample_token, set_drafts_from_logits
+from models.engine.drafter import Drafter, EngineView, sample_token, set_drafts_from_logits
 
 if TYPE_CHECKING:
-    from models.engine.engine import Engine
     from models.engine.sequence import Sequence
 
 
 class SdsatDrafter(Drafter):
     name = "sdsat"
 
-    def unavailable(self, engine: Engine) -> str | None:
+    def unavailable(self, engine: EngineView) -> str | None:
         if engine.sat is None:
             return f"method {self.name!r} needs an SDSAT model (sdsat.json); this one has none"
         return None
 
-    def k_for(self, engine: Engine, seq: Sequence, k: int) -> int:
+    def k_for(self, engine: EngineView, seq: Sequence, k: int) -> int:
         # the exact token is emitted before the drafts: leave room for it too
         room = seq.max_context - seq.context_len
         return max(0, min(k, seq.remaining - 2, room - 2))
 
-    def propose(self, engine: Engine, seqs: list[Sequence]) -> None:
+    def propose(self, engine: EngineView, seqs: list[Sequence]) -> None:
         chunks = [[s.cur, *engine.sat.slot_ids(s.k_now)] for s in seqs]
         logits, _ = engine._forward(seqs, chunks)  # per sequence [1 + k_now, V]
         for seq, row in zip(seqs, logits, strict=True):

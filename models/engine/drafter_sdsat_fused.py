@@ -9,10 +9,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from models.engine.drafter import Drafter, Layout, set_drafts_from_logits
+from models.engine.drafter import Drafter, EngineView, Layout, set_drafts_from_logits
 
 if TYPE_CHECKING:
-    from models.engine.engine import Engine
     from models.engine.sequence import Sequence
 
 
@@ -41,24 +40,24 @@ def fused_block_rows(num_drafts: int, k: int, j: int) -> slice:
 class FusedSdsatDrafter(Drafter):
     name = "sdsat-fused"
 
-    def unavailable(self, engine: Engine) -> str | None:
+    def unavailable(self, engine: EngineView) -> str | None:
         if engine.sat is None:
             return f"method {self.name!r} needs an SDSAT model (sdsat.json); this one has none"
         return None
 
-    def propose(self, engine: Engine, seqs: list[Sequence]) -> None:
+    def propose(self, engine: EngineView, seqs: list[Sequence]) -> None:
         # the drafts came from the previous verify (none on the first iteration); k may have shrunk since
         for seq in seqs:
             seq.drafts = seq.drafts[: seq.k_now]
             seq.draft_probs = seq.draft_probs[: seq.k_now] if seq.draft_probs is not None else None
 
-    def verify_rows(self, engine: Engine, seq: Sequence) -> tuple[list[int], Layout | None]:
+    def verify_rows(self, engine: EngineView, seq: Sequence) -> tuple[list[int], Layout | None]:
         if seq.k_now == 0:
             return [], None
         chain = 1 + len(seq.drafts)
         return engine.sat.slot_ids(seq.k_now) * chain, fused_layout(len(seq.drafts), seq.k_now)
 
-    def after_accept(self, engine: Engine, seq: Sequence, logits: torch.Tensor, hidden: torch.Tensor,
+    def after_accept(self, engine: EngineView, seq: Sequence, logits: torch.Tensor, hidden: torch.Tensor,
                      accepted: int) -> None:
         if seq.k_now == 0:  # no SAT blocks were carried (also the prefill): nothing to draft from
             seq.drafts, seq.draft_probs = [], None
