@@ -56,7 +56,14 @@ class DecoderConfig(BaseModel):
     prefix_block_size: int = Field(16, ge=1, description="tokens per cached prefix block")
     prefix_local_mb: int = Field(256, ge=1, description="in-replica prefix cache size (MiB)")
     prefix_ttl_s: int = Field(3600, ge=1, description="Redis TTL of prefix blocks (bound memory with Redis maxmemory)")
-    redis_timeout_s: float = Field(0.05, gt=0, description="per Redis call; slower means a cache miss")
+    prefix_chunk_mb: float = Field(16.0, gt=0, description="Redis value size: up to 16 consecutive blocks are "
+                                                           "stored together, within this many MiB; one round trip each")
+    prefix_write_queue_mb: int = Field(256, ge=1, description="write-back backlog bound (MiB); beyond it the oldest "
+                                                              "queued chunks are dropped and counted")
+    redis_latency_s: float = Field(0.05, gt=0, description="allowance per Redis round trip; its timeout adds the "
+                                                           "time its bytes take at redis_min_mb_s (slower = a miss)")
+    redis_min_mb_s: float = Field(50.0, gt=0, description="slowest transfer rate (MB/s) a Redis read or write may "
+                                                           "have before it counts as a miss")
     redis_url: str | None = Field(None, description="Redis for shared prefix KV (default: $REDIS_URL, else "
                                                     "redis://127.0.0.1:6379/0); may carry a password, rediss:// = TLS")
     affinity_routing: bool = Field(True, description="route requests sharing a prompt prefix to the same replica")

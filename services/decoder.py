@@ -55,7 +55,7 @@ def engine_from_config(cfg: DecoderConfig):
 def prefix_cache_from_config(cfg: DecoderConfig, engine):
     """The replica's prefix KV cache: an in-replica LRU, plus Redis when reachable (says which at start)."""
     from infra.prefix_cache import PrefixCache, model_fingerprint
-    from models.engine.prefix import block_shape
+    from models.engine.prefix import block_shape, kv_dtype
 
     url = cfg.redis_url or os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
     secret = os.environ.get("SDSAT_CACHE_SECRET")
@@ -64,9 +64,11 @@ def prefix_cache_from_config(cfg: DecoderConfig, engine):
         secret = "sdsat-development-secret"
     variant = "int4" if engine.weights_dtype == "int4" else ""
     cache = PrefixCache(model_fingerprint(cfg.model_dir, variant), secret.encode(),
-                        block_shape(engine.model.config, cfg.prefix_block_size), engine.dtype,
+                        block_shape(engine.model.config, cfg.prefix_block_size), kv_dtype(engine.cache),
                         block_size=cfg.prefix_block_size, redis_url=url, ttl_s=cfg.prefix_ttl_s,
-                        timeout_s=cfg.redis_timeout_s, local_bytes=cfg.prefix_local_mb * 2**20)
+                        latency_s=cfg.redis_latency_s, min_bytes_per_s=cfg.redis_min_mb_s * 1e6,
+                        chunk_bytes=int(cfg.prefix_chunk_mb * 2**20), local_bytes=cfg.prefix_local_mb * 2**20,
+                        write_queue_bytes=cfg.prefix_write_queue_mb * 2**20)
     if cache.redis_reachable():
         log.info("prefix cache: in-replica LRU + Redis at %s", url.split("@")[-1])
     else:

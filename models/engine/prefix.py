@@ -32,6 +32,11 @@ def block_shape(config, block_size: int) -> tuple[int, ...]:
     return (config.num_hidden_layers, 2, kv_heads, block_size, head_dim)
 
 
+def kv_dtype(cache) -> torch.dtype:
+    """The dtype blocks are read and written in: the KV cache's own (bf16 under int4 or bf16 weights)."""
+    return cache.keys[0].dtype
+
+
 def read_blocks(cache, slot: int, start_block: int, end_block: int, block_size: int) -> list[torch.Tensor]:
     """Blocks [start_block, end_block) of a cache row as [layers, 2, kv_heads, block, head_dim] tensors."""
     out = []
