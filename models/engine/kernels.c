@@ -258,8 +258,9 @@ int sdsat_attend(const float *q, int64_t R, int64_t T, int64_t Hq, int64_t Hkv, 
     float *scores = malloc(sizeof(float) * (size_t)(most * Q));  /* [Q, L] */
     float *keys = malloc(sizeof(float) * (size_t)(most * D));    /* [L, D] fp32 */
     float *values = malloc(sizeof(float) * (size_t)(most * D));
-    if (!scores || !keys || !values) {
-        free(scores); free(keys); free(values);
+    int64_t *Lrow = malloc(sizeof(int64_t) * (size_t)T);
+    if (!scores || !keys || !values || !Lrow) {
+        free(scores); free(keys); free(values); free(Lrow);
         return -1;
     }
     for (int64_t r = 0; r < R; r++) {
@@ -269,23 +270,35 @@ int sdsat_attend(const float *q, int64_t R, int64_t T, int64_t Hq, int64_t Hkv, 
             const int64_t base = (slot[r] * Hkv + g) * C * D;  /* this kv head's [C, D] block */
             load_range(k_buf, kv_bf16, base, L, D, keys);
             load_range(v_buf, kv_bf16, base, L, D, values);
+            /* scores of every query vector (row t, head h) against the columns [0, Lt) that row t can
+             * see, tile by tile: a tile of 16 keys is read once for all query vectors */
+            int64_t Lmax = 0;
             for (int64_t t = 0; t < T; t++) {
-                /* row t sees the prefix and the new columns u with vis[t][u]; Lt: past its last one */
                 const uint8_t *seen_by_t = vis + t * T;
                 int64_t Tt = T;
                 while (Tt > 0 && !seen_by_t[Tt - 1]) Tt--;
-                const int64_t Lt = prefix + Tt;
-                for (int64_t h = 0; h < group; h++) {  /* query vector (t, h) */
-                    const float *qv = q + ((r * T + t) * Hq + g * group + h) * D;
-                    float *s = scores + (t * group + h) * L, *o = out + ((r * T + t) * Hq + g * group + h) * D;
-                    for (int64_t c0 = 0; c0 < Lt; c0 += 16) {  /* scores against columns [0, Lt) */
-                        const int64_t n = Lt - c0 < 16 ? Lt - c0 : 16;
+                Lrow[t] = prefix + Tt;  /* past row t's last visible column */
+                if (Lrow[t] > Lmax) Lmax = Lrow[t];
+            }
+            for (int64_t c0 = 0; c0 < Lmax; c0 += 16)
+                for (int64_t t = 0; t < T; t++) {
+                    if (c0 >= Lrow[t]) continue;
+                    const int64_t n = Lrow[t] - c0 < 16 ? Lrow[t] - c0 : 16;
+                    for (int64_t h = 0; h < group; h++) {
+                        const float *qv = q + ((r * T + t) * Hq + g * group + h) * D;
+                        float *s = scores + (t * group + h) * L + c0;
 #ifdef HAVE_AVX512
-                        if (fast) dots_avx512(qv, keys + c0 * D, n, D, scale, s + c0);
+                        if (fast) dots_avx512(qv, keys + c0 * D, n, D, scale, s);
                         else
 #endif
-                            dots_portable(qv, keys + c0 * D, n, D, scale, s + c0);
+                            dots_portable(qv, keys + c0 * D, n, D, scale, s);
                     }
+                }
+            for (int64_t t = 0; t < T; t++) {
+                const uint8_t *seen_by_t = vis + t * T;
+                const int64_t Lt = Lrow[t], Tt = Lt - prefix;
+                for (int64_t h = 0; h < group; h++) {  /* query vector (t, h) */
+                    float *s = scores + (t * group + h) * L, *o = out + ((r * T + t) * Hq + g * group + h) * D;
                     /* softmax over the visible columns: the prefix, then the new columns row t sees */
                     float top = -INFINITY;  /* a maximum is exact in any order */
                     for (int64_t c = 0; c < prefix; c++) top = fmaxf(top, s[c]);
@@ -312,6 +325,6 @@ int sdsat_attend(const float *q, int64_t R, int64_t T, int64_t Hq, int64_t Hkv, 
             }
         }
     }
-    free(scores); free(keys); free(values);
+    free(scores); free(keys); free(values); free(Lrow);
     return 0;
 }
