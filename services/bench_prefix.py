@@ -10,8 +10,9 @@ order, per repetition:
 - warm-redis: the same prefix on a fresh replica, whose only source is Redis.
 
 The engine runs the served settings (`infra/serve_config.yaml`'s `decoder.engine`: int4 weights, so
-bf16 KV, on this CPU), with `max_context` raised for the bench alone when the prompt needs it (and
-`max_batch` lowered so the preallocated KV stays the served size). Measured inside the engine (one
+bf16 KV, on this CPU; `run_bench_prefix(..., dtype="float32")` swaps the dtype), with `max_context`
+raised for the bench alone when the prompt needs it (and `max_batch` lowered so the preallocated KV
+stays the served size). Measured inside the engine (one
 `Engine`; a second `PrefixCache` per repetition plays the fresh replica) and end to end through the
 service (two one-replica Serve apps on one Ray, no prefix affinity: app A takes cold and warm-local,
 app B is the fresh replica; TTFT = first streamed text chunk of a `max_tokens=1` completion). Before
@@ -75,11 +76,13 @@ def _summary(samples: dict[str, list[dict]], block_size: int) -> list[dict]:
     return rows
 
 
-def served_engine(prefix_tokens: int) -> dict:
-    """The served engine settings, with room for the bench's prompt (KV kept at the served size)."""
+def served_engine(prefix_tokens: int, dtype: str | None = None) -> dict:
+    """The served engine settings (`dtype` replaces the served one), with room for the bench's prompt (KV
+    kept at the served size)."""
     import yaml
 
     engine = dict(yaml.safe_load(SERVE_CONFIG.read_text())["applications"][0]["args"]["decoder"]["engine"])
+    engine["dtype"] = dtype or engine.get("dtype", "float32")
     need = prefix_tokens + SUFFIX_ROOM
     if need > engine.get("max_context", 0):
         slots_x_context = engine.get("max_batch", 1) * engine.get("max_context", need)
@@ -236,7 +239,7 @@ def service_bench(decoder_cfg, prefix_tokens: int, reps: int, write_back_wait_s:
 
 
 def run_bench_prefix(model_dir: str, prefix_tokens: int, reps: int, modes: list[str], threads: int,
-                     write_back_wait_s: float = 1.0, progress: bool = True) -> dict:
+                     write_back_wait_s: float = 1.0, progress: bool = True, dtype: str | None = None) -> dict:
     import platform
 
     import torch
@@ -244,7 +247,7 @@ def run_bench_prefix(model_dir: str, prefix_tokens: int, reps: int, modes: list[
 
     from services.config import DecoderConfig
 
-    engine = served_engine(prefix_tokens)
+    engine = served_engine(prefix_tokens, dtype)
     decoder_cfg = DecoderConfig(model_dir=model_dir, cpu_threads=threads, device="cpu", affinity_routing=False,
                                 engine=engine)
     report = {"model": model_dir, "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}",
