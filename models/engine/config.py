@@ -39,7 +39,7 @@ class EngineConfig:
         "lean", "lean = the engine's own Llama forward (models/engine/llama.py; other architectures fall back "
                 "to transformers'), transformers = the model's own forward")
     attention: Literal["invariant", "sdpa"] = cfg_field(
-        "invariant", "lean forward's attention on CPUs: invariant = models/engine/attend.c, every row computed on "
+        "invariant", "lean forward's attention on CPUs: invariant = models/engine/kernels.c, every row computed on "
                      "its own in one fixed order, so a verify row equals the 1-token forward bit for bit on any "
                      "CPU; sdpa = PyTorch's SDPA (GPUs always use it; the start-up self-check says whether "
                      "speculation stays lossless with it)")

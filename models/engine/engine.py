@@ -93,9 +93,13 @@ class Engine:
     def _use_invariant_kernels(self, config: EngineConfig) -> bool:
         """Whether the lean forward's attention and dense projections, and the LM head, run the
         width-invariant kernels (CPU, `attention: invariant`, a compiler at hand)."""
+        from models.engine.kernels import kernel_unavailable, supports
+
         if self.lean is None or self.device.type != "cpu" or config.attention != "invariant":
             return False
-        from models.engine.kernels import kernel_unavailable
+        if not supports(self.dtype):
+            self.kernels_unavailable = f"the width-invariant kernels read fp32 and bf16, not {self.dtype}"
+            return False
 
         self.kernels_unavailable = kernel_unavailable()  # why not (the self-check's report carries it), or None
         return self.kernels_unavailable is None

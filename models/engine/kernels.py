@@ -9,7 +9,9 @@ alone (enough to flip greedy tokens in bf16), and whether it does differs betwee
 and between GEMM sizes (fp32 `F.linear` of one row differs from the same row among two on an Intel
 Xeon here). kernels.c computes every row on its own in one fixed order of IEEE operations, so a row's
 bits depend on its inputs only: not on the forward's width, the batch, the key buffer's length or the
-CPU (the AVX-512 and the portable paths give the same bits; a test compares them). The int4 and int8
+CPU (the AVX-512 and the portable paths give the same bits; a test compares them). The MLP's
+silu(gate) * up runs here too (ATen's vectorised and scalar exponentials differ, and which one an
+element gets depends on where a thread's chunk ends). The int4 and int8
 projections (models/quant.py) already run ATen's own kernels, which reduce each row in a fixed order.
 
 The shared library is compiled with the system C compiler (`cc`, or $CC) into the model cache folder,
@@ -21,6 +23,7 @@ stays lossless on that host.
     attention = Attention(slots, start, local, scale)   # once per forward
     out = attention(q, k_buf, v_buf)                      # per layer: q [R, T, Hq, D] -> fp32
     y = linear(x, weight)                                 # x [M, K], weight [N, K] -> [M, N]
+    h = silu_mul(gate_up)                                 # [M, 2I] -> silu(gate) * up [M, I]
 """
 
 from __future__ import annotations
@@ -44,9 +47,17 @@ def _flags() -> list[str]:
     # -ffp-contract=off: the compiler fuses no multiply-add on its own; the kernel's fmaf calls are the
     # only fused operations, and IEEE 754 rounds those exactly whatever instruction implements them.
     flags = ["-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno"]
-    if platform.machine() in ("x86_64", "AMD64"):
-        flags += ["-mavx2", "-mfma"]  # every x86 host this serves (Haswell / Zen 1 and later) has both
+    if platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma"} <= _cpu_flags():
+        flags += ["-mavx2", "-mfma"]  # faster portable code; the same bits without them (fmaf is exact)
     return flags
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
 
 
 def _library_path() -> Path:
@@ -86,6 +97,8 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     lib.sdsat_attend.restype = ctypes.c_int
     lib.sdsat_linear.argtypes = [ptr, i64, i64, ptr, ctypes.c_int, i64, ptr]
     lib.sdsat_linear.restype = None
+    lib.sdsat_silu_mul.argtypes = [ptr, i64, i64, ptr]
+    lib.sdsat_silu_mul.restype = None
     return lib, None
 
 
@@ -102,10 +115,7 @@ class Attention:
     of the forward's T new columns each of its rows sees); scale: the softmax scale."""
 
     def __init__(self, slots: torch.Tensor, start: torch.Tensor, local: torch.Tensor, scale: float):
-        lib, why = _load()
-        if lib is None:
-            raise RuntimeError(why)
-        self._fn = lib.sdsat_attend
+        self._fn = _library().sdsat_attend
         self.slots = slots.to(torch.int64).contiguous()
         self.start = start.to(torch.int64).contiguous()
         self.local = local.to(torch.uint8).contiguous()
@@ -115,9 +125,12 @@ class Attention:
     def __call__(self, q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor) -> torch.Tensor:
         """q [R, T, Hq, D] (any float dtype), k_buf / v_buf one layer's cache [slots, Hkv, C, D] (fp32 or
         bf16, contiguous) holding the forward's new keys and values -> [R, T, Hq, D] fp32."""
+        _check_buffers(k_buf, v_buf)
         q = q.float().contiguous()
         R, T, Hq, D = q.shape
         _, Hkv, C, _ = k_buf.shape
+        if int((self.start + T).max()) > C or int(self.slots.max()) >= k_buf.shape[0]:
+            raise ValueError("the forward's rows reach past the KV buffers")
         out = torch.empty_like(q)
         status = self._fn(q.data_ptr(), R, T, Hq, Hkv, D, k_buf.data_ptr(), v_buf.data_ptr(),
                           int(k_buf.dtype == torch.bfloat16), C, self.slots.data_ptr(), self.start.data_ptr(),
@@ -130,9 +143,8 @@ class Attention:
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [M, K] @ weight [N, K]^T with each output row computed on its own in one fixed order (the
     weight fp32 or bf16, contiguous) -> [M, N] in x's dtype."""
-    lib, why = _load()
-    if lib is None:
-        raise RuntimeError(why)
+    lib = _library()
+    _check_buffers(weight)
     x32 = x.float().contiguous()
     M, K = x32.shape
     out = torch.empty(M, weight.shape[0], dtype=torch.float32)
@@ -141,5 +153,32 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out.to(x.dtype)
 
 
-if __name__ == "__main__":  # `python -m models.engine.attention`: build at set-up
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [M, 2I] (gate, then up) -> silu(gate) * up [M, I] in gate_up's dtype, element by element."""
+    x = gate_up.float().contiguous()
+    M, I2 = x.shape
+    out = torch.empty(M, I2 // 2, dtype=torch.float32)
+    _library().sdsat_silu_mul(x.data_ptr(), M, I2 // 2, out.data_ptr())
+    return out.to(gate_up.dtype)
+
+
+def supports(dtype: torch.dtype) -> bool:
+    """The dtypes the kernels read: fp32 and bf16 (weights, activations, KV)."""
+    return dtype in (torch.float32, torch.bfloat16)
+
+
+def _library() -> ctypes.CDLL:
+    lib, why = _load()
+    if lib is None:
+        raise RuntimeError(why)
+    return lib
+
+
+def _check_buffers(*tensors: torch.Tensor) -> None:
+    if any(not supports(t.dtype) or t.dtype != tensors[0].dtype or not t.is_contiguous() or t.device.type != "cpu"
+           for t in tensors):
+        raise ValueError("the kernels read contiguous CPU tensors of one dtype, fp32 or bf16")
+
+
+if __name__ == "__main__":  # `python -m models.engine.kernels`: build at set-up
     print(build())

@@ -76,6 +76,7 @@ class LlamaForward:
         self.layers = [_Layer(layer) for layer in decoder.layers]
         self.norm, self.rotary = decoder.norm, decoder.rotary_emb
         self.rows = None  # a SAT adapter's SatRows (which rows of this forward are SATs), set by the engine
+        self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin [positions, D]
 
     @classmethod
     def maybe_build(cls, model: nn.Module) -> LlamaForward | None:
@@ -97,7 +98,7 @@ class LlamaForward:
         SDPA with `mask` [R, 1, T, L] (additive)."""
         R, T, hidden = embeds.shape
         invariant = attention is not None  # projections too through models/engine/kernels.py where dense
-        cos, sin = self.rotary(embeds, position_ids)  # [R, T, D]
+        cos, sin = self._rope(embeds, position_ids, invariant)  # [R, T, D]
         cos, sin = cos[:, :, None], sin[:, :, None]  # broadcast over heads
         heads, kv_heads, D = self.heads, self.kv_heads, self.head_dim
         group, qk_width = heads // kv_heads, (heads + kv_heads) * D
@@ -122,9 +123,24 @@ class LlamaForward:
                 attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [R, Hkv, group*T, D]
                 attn = attn.unflatten(2, (group, T)).permute(0, 3, 1, 2, 4).reshape(R * T, heads * D)
             x = x + self._project(layer, "o_proj", attn, invariant)
-            gate, up = self._project(layer, "gate_up", _rms_norm(layer.post_norm, x), invariant).chunk(2, dim=-1)
-            x = x + self._project(layer, "down_proj", F.silu(gate) * up, invariant)
+            gate_up = self._project(layer, "gate_up", _rms_norm(layer.post_norm, x), invariant)  # [R*T, 2I]
+            x = x + self._project(layer, "down_proj", _silu_mul(gate_up, invariant), invariant)
         return _rms_norm(self.norm, x).view(R, T, hidden)
+
+    def _rope(self, embeds: torch.Tensor, position_ids: torch.Tensor, invariant: bool):
+        """RoPE's cos and sin [R, T, D] at `position_ids`. Invariant: rows of one table computed once per
+        length (ATen's cos and sin round some elements differently by where a thread's chunk ends)."""
+        if not invariant:
+            return self.rotary(embeds, position_ids)
+        needed = int(position_ids.max()) + 1
+        if self._rope_table is None or self._rope_table[0].shape[0] < needed or \
+                self._rope_table[0].dtype != embeds.dtype:
+            size = max(needed, 2 * (self._rope_table[0].shape[0] if self._rope_table else 0), 1024)
+            positions = torch.arange(size, device=embeds.device)[None]
+            cos, sin = self.rotary(embeds[:1, :1], positions)  # [1, size, D]
+            self._rope_table = (cos[0], sin[0])
+        cos, sin = self._rope_table
+        return cos[position_ids], sin[position_ids]
 
     def _project(self, layer: _Layer, name: str, h: torch.Tensor, invariant: bool) -> torch.Tensor:
         """h [N, in] -> [N, out] of one (fused) projection, plus the adapter's LoRA at SAT rows."""
@@ -145,6 +161,14 @@ def project(module: nn.Module, x: torch.Tensor, invariant: bool) -> torch.Tensor
             torch.float32, torch.bfloat16) and module.weight.is_contiguous():
         return kernels.linear(x, module.weight)
     return module(x)
+
+
+def _silu_mul(gate_up: torch.Tensor, invariant: bool) -> torch.Tensor:
+    """silu(gate) * up of a fused gate/up output [N, 2I] -> [N, I]."""
+    if invariant and kernels.supports(gate_up.dtype):
+        return kernels.silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ width-invariant is caught and serves `ar` instead of a silently lossy speculatio
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import tiny_llama
 from helpers import chain_logits
 
@@ -17,10 +18,10 @@ SAT = SatSpec(ids=(28, 29, 30), k_train=3)  # untrained SAT ids of the random mo
 WIDTHS = (1, 2, 4, 8, 16)
 
 
-def tiny_engine(count_tokenizer, dtype: str, **config) -> Engine:
+def tiny_engine(count_tokenizer, dtype: str, intermediate_size: int = 256, **config) -> Engine:
     # GQA groups of 3 query heads, as the real base; widths the fused int4 path takes (64-multiples)
-    model = tiny_llama(32, hidden_size=192, intermediate_size=256, num_attention_heads=6, num_key_value_heads=2,
-                       max_position_embeddings=1024)
+    model = tiny_llama(32, hidden_size=192, intermediate_size=intermediate_size, num_attention_heads=6,
+                       num_key_value_heads=2, max_position_embeddings=1024)
     if dtype == "int4":
         quantize_model(model)
     elif dtype == "bfloat16":
@@ -60,7 +61,7 @@ def test_the_self_check_catches_non_invariant_kernels_and_serves_ar(count_tokeni
     engine = tiny_engine(count_tokenizer, "bfloat16")
     report = engine.invariance
     assert not report.lossless and not engine.speculation_lossless
-    assert {"case": "chain", "width": 2, "context": 3, "what": "logits"} in report.failures
+    assert {"case": "chain", "width": 2, "context": 3, "row": 0, "what": "logits"} in report.failures
     assert "bfloat16" in report.summary() and "width 2" in report.summary()
     params = SamplingParams(max_new_tokens=24, ignore_eos=True)
     ar = engine.generate([1, 2, 3, 4], params)
@@ -106,3 +107,22 @@ def test_batched_speculation_equals_plain_decoding_with_the_invariant_kernels(co
     batched = engine.generate_batch(prompts, SamplingParams(**{**params.__dict__, "method": method, "k": k}))
     assert [b["token_ids"] for b in batched] == [a["token_ids"] for a in alone]
     assert sum(b["stats"]["drafted"] for b in batched) > 0
+
+
+def test_many_rows_on_many_threads_stay_invariant(count_tokenizer, monkeypatch):
+    """Over 100 rows in one forward on more threads than cores: ATen splits element-wise work (SiLU's
+    exponential, RoPE's cos and sin) into per-thread chunks whose ends can fall inside a row, and its
+    vectorised and scalar exponentials differ in the last bit. The kernels keep such rows identical."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(6)
+    try:
+        # 128 rows x 704 = 90,112 SiLU elements: 6 chunks of 15,019, whose ends fall inside rows
+        engine = tiny_engine(count_tokenizer, "float32", intermediate_size=704, max_batch=8)
+        assert engine.cache.slots == 8 and engine.invariance.lossless, engine.invariance.failures  # 128-row batch
+        # the same engine with ATen's SiLU: a row of the batch comes out different, and the check says so
+        monkeypatch.setattr(llama, "_silu_mul", lambda gate_up, invariant: F.silu(gate_up.chunk(2, -1)[0])
+                            * gate_up.chunk(2, -1)[1])
+        report = check_invariance(engine)
+        assert not report.lossless and {f["case"] for f in report.failures} == {"batch"}
+    finally:
+        torch.set_num_threads(threads)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.engine.kernels import Attention, linear
+from models.engine.kernels import Attention, linear, silu_mul
 
 HQ, HKV, D, C = 6, 2, 32, 1024  # GQA group of 3, as the real base
 
@@ -90,7 +90,7 @@ def test_a_projection_rows_result_does_not_depend_on_the_other_rows(dtype):
 
 SNIPPET = """
 import sys, torch
-from models.engine.kernels import Attention, linear
+from models.engine.kernels import Attention, linear, silu_mul
 g = torch.Generator().manual_seed(0)
 k = torch.randn(2, 2, 256, 32, generator=g).bfloat16(); v = torch.randn(2, 2, 256, 32, generator=g).bfloat16()
 q = torch.randn(2, 3, 6, 32, generator=g)
@@ -111,3 +111,16 @@ def test_the_avx512_and_the_portable_paths_give_the_same_bits(tmp_path):
         results[name] = torch.load(path)
     for key in ("attention", "linear"):
         assert torch.equal(results["default"][key], results["portable"][key]), key
+
+
+def test_silu_times_up_is_computed_row_by_row_and_is_silu():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(7)
+    try:
+        x = torch.randn(37, 2 * 96, generator=torch.Generator().manual_seed(4)) * 4
+        full = silu_mul(x)
+        assert all(torch.equal(silu_mul(x[i : i + 1])[0], full[i]) for i in range(37))
+    finally:
+        torch.set_num_threads(threads)
+    gate, up = x.chunk(2, dim=-1)
+    torch.testing.assert_close(full, F.silu(gate) * up, rtol=1e-6, atol=1e-5)
