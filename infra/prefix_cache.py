@@ -56,11 +56,11 @@ DTYPE_CODES = {v: k for k, v in DTYPES.items()}
 
 def model_fingerprint(model_dir: str | Path, variant: str = "") -> bytes:
     """SHA-256 over the model's config and weight files (names and contents). An adapter checkpoint
-    shares its base's fingerprint: its adapter never changes a standard token's KV (models/adapter.py).
+    shares its base's fingerprint: its adapter never changes a standard token's KV (models/weights/adapter.py).
     A base converted from a GGUF is identified by the GGUF's hash instead of 538 MB of re-hashing.
-    `variant` names weights served in another form than the files' (e.g. "int4", models/quant.py):
+    `variant` names weights served in another form than the files' (e.g. "int4", models/weights/quant.py):
     their KV differs, so replicas serving it never share blocks with dense ones."""
-    from models.checkpoint import weights_dir
+    from models.weights.checkpoint import weights_dir
 
     model_dir = weights_dir(model_dir)
     h = hashlib.sha256(variant.encode())

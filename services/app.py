@@ -12,9 +12,9 @@ from __future__ import annotations
 import ray
 from ray.serve.config import BackpressureConfig, RequestRouterConfig
 
-from services.config import ApiKeyConfig, AppConfig, DecoderConfig
-from services.decoder import Decoder
-from services.router import Router
+from services.serve.config import ApiKeyConfig, AppConfig, DecoderConfig
+from services.serve.decoder import Decoder
+from services.serve.router import Router
 
 
 def cluster_has_gpus() -> bool:
@@ -44,7 +44,7 @@ def decoder_options(cfg: DecoderConfig, use_gpu: bool, retry_after_s: int) -> di
 
 
 def build_app(args: dict | AppConfig | None = None):
-    from services.access import keys_from_env
+    from services.serve.access import keys_from_env
 
     cfg = args if isinstance(args, AppConfig) else AppConfig(**(args or {}))
     env_keys = keys_from_env()  # raw keys from the environment become digests here, before any deployment sees them

@@ -35,7 +35,7 @@ def write_json(path: str | None, payload: dict) -> None:
 def _scale_from_args(args: argparse.Namespace, exclude: tuple[str, ...] = ()):
     """The Ray Train options of a training command (ScaleConfig fields, `exclude` left at their defaults)."""
     from models.config import build_config
-    from services.train_ray import ScaleConfig
+    from services.jobs.train_ray import ScaleConfig
 
     return build_config(ScaleConfig, overrides={f.name: getattr(args, f.name) for f in dataclasses.fields(ScaleConfig)
                                                 if f.name not in exclude})
@@ -43,16 +43,16 @@ def _scale_from_args(args: argparse.Namespace, exclude: tuple[str, ...] = ()):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from models.config import config_from_args
-    from models.train_config import TrainConfig
+    from models.training.train_config import TrainConfig
 
     cfg = config_from_args(TrainConfig, args)
     scale = _scale_from_args(args)
     if scale.workers:
-        from services.train_ray import fit_ray
+        from services.jobs.train_ray import fit_ray
 
         metrics = fit_ray(cfg, scale, progress=not args.no_progress)
     else:
-        from models.train import train
+        from models.training.train import train
 
         metrics = train(cfg, progress=not args.no_progress)
     write_json(args.json, metrics)
@@ -68,8 +68,8 @@ def add_training_run_arguments(p) -> None:
 
 def add_train_parser(sub) -> None:
     from models.config import add_arguments
-    from models.train_config import TrainConfig
-    from services.train_ray import ScaleConfig
+    from models.training.train_config import TrainConfig
+    from services.jobs.train_ray import ScaleConfig
 
     p = sub.add_parser(
         "train", help="fine-tune a causal LM into an SDSAT model (or train a plain LM with --sat-k 0)",
@@ -87,18 +87,18 @@ def add_train_parser(sub) -> None:
 def cmd_train_adapter(args: argparse.Namespace) -> int:
     from models.config import config_from_args
     from models.errors import ConfigError
-    from models.train_config import AdapterTrainConfig
+    from models.training.train_config import AdapterTrainConfig
 
     cfg = config_from_args(AdapterTrainConfig, args)
     if args.fsdp:
         raise ConfigError("--fsdp does not apply to the adapter (a few million parameters): workers replicate it")
     scale = _scale_from_args(args, exclude=("fsdp",))
     if scale.workers:
-        from services.train_ray import fit_ray_adapter
+        from services.jobs.train_ray import fit_ray_adapter
 
         metrics = fit_ray_adapter(cfg, scale, progress=not args.no_progress)
     else:
-        from models.train_adapter import train
+        from models.training.train_adapter import train
 
         metrics = train(cfg, progress=not args.no_progress)
     write_json(args.json, metrics)
@@ -107,16 +107,16 @@ def cmd_train_adapter(args: argparse.Namespace) -> int:
 
 def add_train_adapter_parser(sub) -> None:
     from models.config import add_arguments
-    from models.train_config import AdapterTrainConfig
-    from services.train_ray import ScaleConfig
+    from models.training.train_config import AdapterTrainConfig
+    from services.jobs.train_ray import ScaleConfig
 
     p = sub.add_parser(
         "train-adapter", help="train a lossless SAT adapter on a frozen base (SDSAT without changing the model)",
         description="SDSAT on a frozen base: trainable SAT embeddings plus a LoRA that acts only at SAT rows, "
-                    "trained on self-distilled rows (python -m models.adapter_data). A run resumes from "
+                    "trained on self-distilled rows (python -m models.training.data.self_distill). A run resumes from "
                     "OUTPUT_DIR/checkpoint-last.pt; the adapter is written to OUTPUT_DIR/final. The full "
                     "fine-tune of the paper stays `sdsat train`. --workers N runs it data-parallel on N Ray "
-                    "Train workers. See models/train_adapter.py.",
+                    "Train workers. See models/training/train_adapter.py.",
     )
     add_training_run_arguments(p)
     add_arguments(p, AdapterTrainConfig)
@@ -127,8 +127,8 @@ def add_train_adapter_parser(sub) -> None:
 
 def cmd_train_speculator(args: argparse.Namespace) -> int:
     from models.config import config_from_args
-    from models.train_config import SpeculatorTrainConfig
-    from models.train_speculator import train_speculator
+    from models.training.train_config import SpeculatorTrainConfig
+    from models.training.train_speculator import train_speculator
 
     metrics = train_speculator(config_from_args(SpeculatorTrainConfig, args), progress=not args.no_progress)
     write_json(args.json, metrics)
@@ -137,7 +137,7 @@ def cmd_train_speculator(args: argparse.Namespace) -> int:
 
 def add_train_speculator_parser(sub) -> None:
     from models.config import add_arguments
-    from models.train_config import SpeculatorTrainConfig
+    from models.training.train_config import SpeculatorTrainConfig
 
     p = sub.add_parser(
         "train-speculator", help="train an MLP speculator for a frozen base model (decoding method `mlp`)",
@@ -153,20 +153,20 @@ def add_train_speculator_parser(sub) -> None:
 
 
 def default_model_dir() -> str:
-    from services.config import default_model_dir as configured_default
+    from services.serve.config import default_model_dir as configured_default
 
     return configured_default()
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from models.engine import Engine, EngineConfig, SamplingParams
-    from models.sat import SatSpec
+    from models.weights.sat import SatSpec
 
     method = args.method or ("sdsat" if SatSpec.maybe_load(args.model) else "ar")  # a base alone has no SATs
     engine = Engine.from_pretrained(args.model, EngineConfig(
         method=method, k=args.k, max_k=max(16, args.k), device=args.device, dtype=args.dtype, max_batch=1))
     if args.chat:
-        from models.chat import encode_chat
+        from models.weights.chat import encode_chat
 
         prompt_ids = encode_chat(engine.tokenizer, [{"role": "user", "content": args.prompt}])
     else:
@@ -213,7 +213,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from models.errors import ConfigError
-    from models.sat import SatSpec
+    from models.weights.sat import SatSpec
 
     directory = Path(args.model)
     if not (directory / "config.json").is_file():
@@ -244,19 +244,19 @@ def add_convert_parser(sub) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from services import bench
+    from services.bench import common as bench
 
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.toy:  # the tiny counting model of the tests, on counting prompts
-        from models.toy import counting_documents, train_counting_sdsat
+        from models.training.toy import counting_documents, train_counting_sdsat
 
         model = str(train_counting_sdsat(args.toy))
         prompts = [" ".join(d.split()[:6]) for d in counting_documents(args.limit, 6, seed=123)]
         sets = None
     else:
-        from models.chat import has_chat_template
-        from models.checkpoint import load_tokenizer
+        from models.weights.chat import has_chat_template
+        from models.weights.checkpoint import load_tokenizer
 
         model = args.model
         chat = has_chat_template(load_tokenizer(model))  # a model without a template: its prompts in completion form
@@ -269,7 +269,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         write_json(args.json or "-", report)
         return 0
     if args.engine_compare:
-        from services.bench_engine import engine_comparison, parse_variants
+        from services.bench.engine import engine_comparison, parse_variants
 
         report = engine_comparison(model, prompts, parse_variants(args.engine_compare), args.max_new_tokens,
                                    args.reps, progress=not args.no_progress)
@@ -280,7 +280,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                   f"identical to {report['reference']}: {row['identical_to_reference']:.2f})")
         return 0
     if args.identity:
-        from services.bench_identity import identity_report, parse_variants, print_table
+        from services.bench.identity import identity_report, parse_variants, print_table
 
         report = identity_report(model, prompts, parse_variants(args.identity), args.max_new_tokens, args.reps,
                                  progress=not args.no_progress)
@@ -323,7 +323,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="measure ar / sdsat / sdsat-fused / mlp / prompt-lookup / transformers generate",
-                       description="Speed of every decoding method on one model in one run (see services/bench.py).")
+                       description="Speed of every decoding method on one model in one run "
+                                   "(see services/bench/common.py).")
     p.add_argument("--model", default=default_model_dir(), help="model directory (default: the embedded model)")
     p.add_argument("--toy", metavar="DIR", help="use (training it first if needed) the tiny counting model in DIR")
     # Defaults sized so a full run on the 135M default stays under an hour on 2 cores (about 7 s per
@@ -365,8 +366,8 @@ def add_bench_parser(sub) -> None:
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
-    from services.bench import humaneval_chat_prompts, humaneval_prompts
-    from services.bench_serve import run_bench_serve
+    from services.bench.common import humaneval_chat_prompts, humaneval_prompts
+    from services.bench.serve import run_bench_serve
 
     prompts = humaneval_chat_prompts(args.limit) if args.chat else humaneval_prompts(args.limit)
     report = run_bench_serve(args.url, prompts, [int(c) for c in args.concurrency.split(",")],
@@ -394,7 +395,7 @@ def add_bench_serve_parser(sub) -> None:
 
 
 def cmd_bench_prefix(args: argparse.Namespace) -> int:
-    from services.bench_prefix import run_bench_prefix
+    from services.bench.prefix import run_bench_prefix
 
     report = run_bench_prefix(args.model, args.prefix_tokens, args.reps, args.modes.split(","), args.threads,
                               args.write_back_wait, progress=not args.no_progress)
@@ -409,7 +410,7 @@ def cmd_bench_prefix(args: argparse.Namespace) -> int:
 
 def add_bench_prefix_parser(sub) -> None:
     p = sub.add_parser("bench-prefix", help="time to first token with the prefix KV cache: cold, warm-local, "
-                                            "warm from Redis", description="See services/bench_prefix.py.")
+                                            "warm from Redis", description="See services/bench/prefix.py.")
     p.add_argument("--model", default=default_model_dir(), help="model directory (default: the embedded model)")
     p.add_argument("--prefix-tokens", type=int, default=1000, help="shared prefix length (default: %(default)s)")
     p.add_argument("--reps", type=int, default=5, help="repetitions, reported as medians (default: %(default)s)")
@@ -441,7 +442,7 @@ def start_service(config: str | None, host: str | None = None, port: int | None 
     from ray import serve
 
     from services.app import build_app
-    from services.config import AppConfig
+    from services.serve.config import AppConfig
 
     http, app_args = load_serve_config(config)
     host, port = host or http.get("host", "127.0.0.1"), port or http.get("port", 8000)
@@ -485,7 +486,7 @@ def add_serve_parser(sub) -> None:
 
 def decoder_from_args(args: argparse.Namespace):
     """The engine of `batch` and `eval` actors, configured as the service's decoder (unset = its default)."""
-    from services.config import DecoderConfig
+    from services.serve.config import DecoderConfig
 
     engine = {k: v for k, v in {"method": args.method, "k": args.k, "max_batch": args.batch_size,
                                 "dtype": args.dtype, "max_context": args.max_context}.items() if v is not None}
@@ -497,7 +498,7 @@ def decoder_from_args(args: argparse.Namespace):
 def add_engine_job_arguments(p) -> None:
     """Options shared by `batch` and `eval`: the model, its engine actors and the Ray cluster."""
     from models.engine.config import METHODS
-    from services.config import DecoderConfig
+    from services.serve.config import DecoderConfig
 
     fields = DecoderConfig.model_fields
     p.add_argument("--model", default=default_model_dir(), help="model directory (default: the embedded model)")
@@ -524,7 +525,7 @@ def add_engine_job_arguments(p) -> None:
 
 
 def batch_job_from_args(args: argparse.Namespace, input_path: str, output: str, errors: str | None = None):
-    from services.batch import BatchJob
+    from services.jobs.batch import BatchJob
 
     return BatchJob(input=input_path, output=output, errors=errors, decoder=decoder_from_args(args),
                     replicas=args.replicas, batch_size=args.batch_size, address=args.address,
@@ -532,7 +533,7 @@ def batch_job_from_args(args: argparse.Namespace, input_path: str, output: str, 
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from services.batch import run_batch
+    from services.jobs.batch import run_batch
 
     summary = run_batch(batch_job_from_args(args, args.input, args.output, args.errors))
     write_json(args.json, summary)
@@ -549,7 +550,7 @@ def add_batch_parser(sub) -> None:
         description='Each input line is {"id", "prompt", ...} with optional max_tokens, temperature, top_p, top_k, '
                     'seed, stop, speculation, ignore_eos (greedy by default). Output lines are {"id", "completion", '
                     '"finish_reason", "usage", "speculation"}. A re-run skips ids already in the output, so a killed '
-                    'job resumes where it stopped. See services/batch.py.')
+                    'job resumes where it stopped. See services/jobs/batch.py.')
     p.add_argument("--input", required=True, help="JSONL file of prompts")
     p.add_argument("--output", required=True, help="JSONL file of results (appended to; resumed from)")
     p.add_argument("--errors", default=None,
@@ -559,8 +560,8 @@ def add_batch_parser(sub) -> None:
 
 
 def cmd_eval_humaneval(args: argparse.Namespace) -> int:
-    from services.humaneval import run_humaneval
-    from services.sandbox import SandboxLimits
+    from services.jobs.humaneval import run_humaneval
+    from services.jobs.sandbox import SandboxLimits
 
     limits = SandboxLimits(timeout_s=args.timeout, cpu_s=args.cpu_s, memory_mb=args.memory_mb)
     report = run_humaneval(batch_job_from_args(args, "", args.output), args.limit, args.max_tokens, limits,
@@ -575,12 +576,12 @@ def cmd_eval_humaneval(args: argparse.Namespace) -> int:
 
 
 def add_eval_parser(sub) -> None:
-    from services.sandbox import SandboxLimits
+    from services.jobs.sandbox import SandboxLimits
 
     p = sub.add_parser("eval", help="functional-correctness benchmarks of a model (HumanEval)")
     benchmarks = p.add_subparsers(dest="benchmark", required=True)
     h = benchmarks.add_parser("humaneval", help="pass@1 on HumanEval: a batch job, then each sample's tests in a "
-                                                "sandboxed subprocess", description="See services/humaneval.py.")
+                                                "sandboxed subprocess", description="See services/jobs/humaneval.py.")
     h.add_argument("--limit", type=int, default=20, help="first N problems, 0 = all 164 (default: %(default)s)")
     h.add_argument("--form", choices=["auto", "completion", "chat"], default="auto",
                    help="chat: the prompt in a user message, the answer's code block checked; auto: chat when the "

@@ -10,7 +10,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from models.toy import counting_documents, counting_tokenizer  # noqa: E402
+from models.training.toy import counting_documents, counting_tokenizer  # noqa: E402
 
 torch.set_num_threads(1)  # 2 threads on 2 shared cores oversubscribe badly
 
@@ -35,20 +35,10 @@ def count_corpus(tmp_path_factory):
     return path
 
 
-def tiny_llama(vocab_size: int, attn: str = "sdpa", seed: int = 0, **overrides):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
-    config = LlamaConfig(vocab_size=vocab_size, **{**shape, **overrides})
-    return LlamaForCausalLM._from_config(config, attn_implementation=attn).eval()
-
-
 @pytest.fixture(scope="session")
 def counting_sdsat_dir(tmp_path_factory):
     """A tiny SDSAT model trained on the counting task (k_train=4): it drafts well, so speculative
     decoding accepts many drafts and every rollback path runs."""
-    from models.toy import train_counting_sdsat
+    from models.training.toy import train_counting_sdsat
 
     return train_counting_sdsat(tmp_path_factory.mktemp("counting_sdsat"))

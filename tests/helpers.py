@@ -1,4 +1,6 @@
-"""Helpers shared by tests in several directories: free ports, a test-owned redis-server, polling."""
+"""Helpers shared by tests in several directories: free ports, a test-owned redis-server, polling, a tiny
+random Llama and the logits of chains of several widths. (Test modules import from here, never from
+conftest: two conftest.py files share that module name.)"""
 
 from __future__ import annotations
 
@@ -59,3 +61,15 @@ def chain_logits(engine, prompt: list[int], widths=(1, 2, 4, 8, 16)) -> dict:
         out = {w: engine._forward([seq], [chunk[:w]])[0][0] for w in widths}
     engine.cancel(request)
     return out
+
+
+def tiny_llama(vocab_size: int, attn: str = "sdpa", seed: int = 0, **overrides):
+    """A small random Llama (2 layers, GQA) for engine and training tests; `overrides` change its shape."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
+    config = LlamaConfig(vocab_size=vocab_size, **{**shape, **overrides})
+    return LlamaForCausalLM._from_config(config, attn_implementation=attn).eval()

@@ -34,7 +34,7 @@ class EngineConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16", "int4"] = cfg_field(
         "float32", "compute dtype; auto = bf16 on GPUs and on CPUs with native bf16 (avx512_bf16/amx_bf16), "
                    "else fp32; int4 (CPU) = the base's Q4_1 blocks as 4-bit weights, bf16 activations "
-                   "(models/quant.py)")
+                   "(models/weights/quant.py)")
     forward: Literal["lean", "transformers"] = cfg_field(
         "lean", "lean = the engine's own Llama forward (models/engine/llama.py; other architectures fall back "
                 "to transformers'), transformers = the model's own forward")
@@ -43,6 +43,10 @@ class EngineConfig:
                      "its own in one fixed order, so a verify row equals the 1-token forward bit for bit on any "
                      "CPU; sdpa = PyTorch's SDPA (GPUs always use it; the start-up self-check says whether "
                      "speculation stays lossless with it)")
+    invariant_prefill: bool = cfg_field(
+        False, "prefill chunks wider than 16 rows through the invariant kernels too: a prompt's KV is then the same "
+               "bits however it is chunked, batched or taken from the prefix cache; costs 1.3-1.5x prefill time on a "
+               "1,000-1,900-token prompt on 2 vCPUs (docs/engine.md). Decode and verify always use them")
     self_check: bool = cfg_field(
         True, "at load, compare verify rows with the 1-token forward on this host (models/engine/invariance.py); "
               "if they differ, speculative methods serve ar. false skips the check and trusts the kernels")

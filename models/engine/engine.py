@@ -8,7 +8,7 @@ Each `step()` admits waiting requests into free KV slots, prefills up to `prefil
 tokens (batched, so long prompts do not stall running streams) and runs one decoding iteration for
 every running sequence, the same loop for every method:
 
-    draft   -> each sequence's drafter (models/engine/drafters.py) proposes, batched per drafter
+    draft   -> each sequence's drafter (models/engine/drafters/__init__.py) proposes, batched per drafter
     verify  -> one batched forward over each sequence's [cur, d_1..d_k] + the rows its drafter adds
     accept  -> greedy match or exact speculative sampling with the drafter's q, per sequence
     commit  -> keep the KV of cur + accepted drafts (a length change), let the drafter keep what it
@@ -24,8 +24,8 @@ from collections import deque
 import torch
 
 from models.engine.config import EngineConfig, SamplingParams
-from models.engine.drafter import Drafter, sample_token
 from models.engine.drafters import DRAFTERS, drafter_for
+from models.engine.drafters.base import Drafter, sample_token
 from models.engine.invariance import check_invariance
 from models.engine.kernels import Attention
 from models.engine.kv_cache import SlotKVCache
@@ -34,15 +34,17 @@ from models.engine.prefix import read_blocks, write_blocks
 from models.engine.sampling import process_logits, verify_greedy, verify_sampling
 from models.engine.sequence import RequestOutput, Sequence
 from models.errors import ConfigError, InvalidRequestError, PromptTooLongError
-from models.sat import SatSpec
-from models.speculator import MLPSpeculator
+from models.weights.sat import SatSpec
+from models.weights.speculator import MLPSpeculator
+
+PREFILL_LIBRARY_ROWS = 16  # the widest forward the self-check and the identity tests cover
 
 
 class Engine:
     def __init__(self, model, tokenizer, sat: SatSpec | None, config: EngineConfig, prefix_store=None,
                  speculator: MLPSpeculator | None = None, adapter=None, quantization: dict | None = None):
         self.model, self.tokenizer, self.sat, self.config = model.eval(), tokenizer, sat, config
-        self.adapter = adapter  # a models.adapter.SatAdapter attached to `model` (SAT rows only), or None
+        self.adapter = adapter  # a models.weights.adapter.SatAdapter attached to `model` (SAT rows only), or None
         self.prefix_store = prefix_store  # a models.engine.prefix.PrefixStore, or None
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -54,7 +56,7 @@ class Engine:
         self.invariant_kernels = self._use_invariant_kernels(config)  # models/engine/kernels.py, else libraries
         if self.lean is not None and adapter is not None:
             self.lean.rows = adapter.rows
-        self.quantization = quantization  # the report of models.quant.quantize_model (dtype int4), or None
+        self.quantization = quantization  # the report of models.weights.quant.quantize_model (dtype int4), or None
         positions = model.config.max_position_embeddings  # never beyond what the model was trained for
         self.max_context = min(config.max_context, positions) if config.max_context else positions
         headroom = max(config.prefill_chunk, (config.max_k + 1) ** 2)
@@ -70,7 +72,7 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, directory, config: EngineConfig | None = None) -> Engine:
-        from models.checkpoint import load_adapter, load_model, load_tokenizer, resolve_device, resolve_dtype
+        from models.weights.checkpoint import load_adapter, load_model, load_tokenizer, resolve_device, resolve_dtype
 
         config = config or EngineConfig()
         device = resolve_device(config.device)
@@ -82,7 +84,7 @@ class Engine:
         adapter = load_adapter(directory, model)
         report = None
         if quantized:  # after the adapter is attached: its LoRA wrappers keep the quantized projections
-            from models.quant import quantize_model
+            from models.weights.quant import quantize_model
 
             report = quantize_model(model)
             if adapter is not None:
@@ -312,10 +314,15 @@ class Engine:
                 offsets[i, :n] = torch.tensor(layout[0])
                 local[i, :n, :n] = layout[1]
         ids, positions = ids.to(self.device), (start[:, None] + offsets).to(self.device)
+        # decode and verify forwards always run the invariant kernels (speculation == ar needs them); a
+        # prefill chunk wider than PREFILL_LIBRARY_ROWS runs the libraries' faster kernels unless
+        # `invariant_prefill` (prefill is the same for every method, so identity does not need it)
+        invariant = self.invariant_kernels and (not last_only or self.config.invariant_prefill
+                                                or T <= PREFILL_LIBRARY_ROWS)
         # SAT ids of an adapter lie past the vocabulary: the adapter embeds them and marks their rows
         embeds = self.embed_tokens(ids) if self.adapter is None else self.adapter.embed(self.model, ids)
         try:
-            if self.invariant_kernels:  # each row on its own, in one fixed order (models/engine/kernels.py)
+            if invariant:  # each row on its own, in one fixed order (models/engine/kernels.py)
                 attention = Attention(torch.tensor([s.slot for s in seqs]), start, local, self.lean.scale)
                 hidden = self.lean(embeds, positions, None, self.cache, attention)  # [R, T, H]
             elif self.lean is not None:
@@ -331,11 +338,11 @@ class Engine:
         if last_only:
             last = torch.tensor(lengths, device=self.device) - 1
             hidden = hidden[torch.arange(R, device=self.device), last][:, None]  # [R, 1, H]
-            logits = project(self.lm_head, hidden[:, 0], self.invariant_kernels)  # [R, V]
+            logits = project(self.lm_head, hidden[:, 0], invariant)  # [R, V]
             return list(logits.float().cpu()[:, None]), list(hidden)
         # the LM head runs on real rows only (padding of shorter chunks is never read)
         real = hidden[0, : lengths[0]] if R == 1 else torch.cat([h[:n] for h, n in zip(hidden, lengths, strict=True)])
-        logits = project(self.lm_head, real, self.invariant_kernels).float().cpu().split(lengths)  # [T_i, V] each
+        logits = project(self.lm_head, real, invariant).float().cpu().split(lengths)  # [T_i, V] each
         return list(logits), [hidden[i, :n] for i, n in enumerate(lengths)]
 
     def _mask(self, start: torch.Tensor, local: torch.Tensor, kv_len: int) -> torch.Tensor:

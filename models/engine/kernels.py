@@ -12,7 +12,7 @@ bits depend on its inputs only: not on the forward's width, the batch, the key b
 CPU (the AVX-512 and the portable paths give the same bits; a test compares them). The MLP's
 silu(gate) * up runs here too (ATen's vectorised and scalar exponentials differ, and which one an
 element gets depends on where a thread's chunk ends). The int4 and int8
-projections (models/quant.py) already run ATen's own kernels, which reduce each row in a fixed order.
+projections (models/weights/quant.py) already run ATen's own kernels, which reduce each row in a fixed order.
 
 The shared library is compiled with the system C compiler (`cc`, or $CC) into the model cache folder,
 keyed by the source's hash, the first time it is needed (`make setup` does it up front; under a
@@ -61,7 +61,7 @@ def _cpu_flags() -> set[str]:
 
 
 def _library_path() -> Path:
-    from models.base_model import cache_root
+    from models.weights.base_model import cache_root
 
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(_flags()).encode()).hexdigest()[:16]
     return cache_root() / "kernels" / f"sdsat-kernels-{platform.machine()}-{digest}.so"

@@ -6,7 +6,7 @@ module calls around them cost as much as the weights' own reads. This forward do
 four projections (q/k/v fused, gate/up fused), one RMSNorm call per norm, RoPE applied to q and k
 together, and SDPA over the cache's rows with the engine's 4D mask, as gpt-fast does. It uses the
 model's own modules and weights (its norms' weights, its rotary module, its projections: dense,
-quantized (models/quant.py) or wrapped by a SAT adapter's LoRA), so it computes what the model
+quantized (models/weights/quant.py) or wrapped by a SAT adapter's LoRA), so it computes what the model
 computes, and the transformers model stays whole for training and for other architectures.
 
     forward = LlamaForward.maybe_build(model)   # None for a model it does not cover
@@ -21,9 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import rotate_half
 
-from models.engine import kernels
-from models.engine.kernels import Attention
-from models.quant import Int4Linear
+from models.engine.kernels import Attention, linear, silu_mul, supports
+from models.weights.quant import Int4Linear
 
 # the lean forward's projections: name -> (the attention or MLP module's projections it computes at once)
 PROJECTIONS = {"qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")), "o_proj": ("self_attn", ("o_proj",)),
@@ -31,7 +30,7 @@ PROJECTIONS = {"qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")), "o_proj": (
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
-    """The projection under a SAT adapter's RowMaskedLoRA (models/adapter.py), else the module."""
+    """The projection under a SAT adapter's RowMaskedLoRA (models/weights/adapter.py), else the module."""
     return getattr(module, "base", module) if hasattr(module, "lora_a") else module
 
 
@@ -148,7 +147,7 @@ class LlamaForward:
         index = self.rows.index if self.rows is not None else None
         if index is None or not layer.loras[name]:
             return y
-        h_sat = h[index]  # y[rows, cols] += s · B A h[rows] per adapted projection (models/adapter.py)
+        h_sat = h[index]  # y[rows, cols] += s · B A h[rows] per adapted projection (models/weights/adapter.py)
         for lora, cols in layer.loras[name]:
             y[index, cols] += lora.delta(h_sat).to(y.dtype)
         return y
@@ -159,14 +158,14 @@ def project(module: nn.Module, x: torch.Tensor, invariant: bool) -> torch.Tensor
     when `invariant`; int4/int8 modules run ATen's kernels, which are width-invariant already."""
     if invariant and type(module) is nn.Linear and module.bias is None and module.weight.dtype in (
             torch.float32, torch.bfloat16) and module.weight.is_contiguous():
-        return kernels.linear(x, module.weight)
+        return linear(x, module.weight)
     return module(x)
 
 
 def _silu_mul(gate_up: torch.Tensor, invariant: bool) -> torch.Tensor:
     """silu(gate) * up of a fused gate/up output [N, 2I] -> [N, I]."""
-    if invariant and kernels.supports(gate_up.dtype):
-        return kernels.silu_mul(gate_up)
+    if invariant and supports(gate_up.dtype):
+        return silu_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
 

@@ -23,8 +23,8 @@ SMOLLM2_BLOCK = (30, 2, 3, 16, 64)  # the served model's block: 30 layers, 3 KV 
 
 @pytest.fixture(scope="module")
 def parts(counting_sdsat_dir):
-    from models.checkpoint import load_model, load_tokenizer
-    from models.sat import SatSpec
+    from models.weights.checkpoint import load_model, load_tokenizer
+    from models.weights.sat import SatSpec
 
     return (load_model(counting_sdsat_dir), load_tokenizer(counting_sdsat_dir), SatSpec.load(counting_sdsat_dir),
             model_fingerprint(counting_sdsat_dir))
@@ -198,8 +198,8 @@ def test_values_are_in_the_kv_dtype_and_timeouts_follow_their_bytes():
 
 
 def test_a_bf16_engine_caches_bf16_blocks(counting_sdsat_dir):
-    from services.config import DecoderConfig
-    from services.decoder import engine_from_config, prefix_cache_from_config
+    from services.serve.config import DecoderConfig
+    from services.serve.decoder import engine_from_config, prefix_cache_from_config
 
     cfg = DecoderConfig(model_dir=str(counting_sdsat_dir), device="cpu", redis_url=SHARED_REDIS,
                         engine={"method": "ar", "k": 0, "dtype": "bfloat16", "max_context": 256})

@@ -38,13 +38,13 @@ def service(ray_session, counting_sdsat_dir):
 def chat_tokenizer_dir():
     """The default model's folder (SmolLM2-135M-Instruct: a ChatML template, EOS <|im_end|>). Tests load
     only its tokenizer, which takes a second; the model itself is never loaded here."""
-    from models.base_model import ensure_base_model
+    from models.weights.base_model import ensure_base_model
 
     return ensure_base_model()  # converted by `make setup`; converts here (about 25 s) when missing
 
 
 @pytest.fixture(scope="session")
 def chat_tokenizer(chat_tokenizer_dir):
-    from models.checkpoint import load_tokenizer
+    from models.weights.checkpoint import load_tokenizer
 
     return load_tokenizer(chat_tokenizer_dir)

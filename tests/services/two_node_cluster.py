@@ -3,7 +3,7 @@ replicas: where the replicas land, then the second node removed and the service'
 
     python tests/services/two_node_cluster.py MODEL_DIR     # prints a JSON summary on its last line
 
-Run by tests/services/test_faults.py (its own Ray: a test session's `ray.init` cannot host a second node).
+Run by tests/services/serve/test_faults.py (its own Ray: a test session's `ray.init` cannot host a second node).
 """
 
 import json

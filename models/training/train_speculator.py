@@ -1,0 +1,186 @@
+"""Training an MLP speculator (models/weights/speculator.py) beside a frozen base model.
+
+    from models.training.train_speculator import train_speculator
+    from models.training.train_config import SpeculatorTrainConfig
+    train_speculator(SpeculatorTrainConfig(model="runs/sdsat/final", corpus=("code/",), max_steps=2000))
+    # or: sdsat train-speculator --model runs/sdsat/final --corpus code/ --max-steps 2000 --n-predict 4
+
+Stage 1 (the first steps) is teacher forcing on corpus windows. Stage 2 (the last `stage2_fraction` of
+the steps) trains on the base model's own greedy continuations of corpus contexts, generated once by the
+SDSAT trainer's self-distillation generator (models/training/data/windows.py), with losses only where the speculator's
+first token is one the base model produced. Each step runs one no-grad base forward for the hidden states
+(the decoder's output before the LM head, as the engine hands them to the speculator). Head i at position
+p reads the token after p+i and learns the token after p+i+1; the loss is the sum of the heads' mean
+cross-entropies. AdamW with warm-up then cosine (models/training/train.py's schedule).
+
+`output_dir/checkpoint-last` (speculator, optimizer, scheduler, step) is written every `save_every` steps
+and a restarted run resumes from it; each step's rows are a function of (seed, step), so a resumed run
+ends with the weights an uninterrupted one would have. The final speculator goes beside the base
+checkpoint (`MODEL/speculator/`, or `save_to`), where `Engine.from_pretrained` finds it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from models.config import to_yaml
+from models.errors import ConfigError
+from models.training.data.windows import (
+    Batch,
+    DistillDataset,
+    WindowDataset,
+    cached_stream,
+    corpus_documents,
+    generate_distill_data,
+)
+from models.training.train import build_optimizer
+from models.training.train_config import SpeculatorTrainConfig
+from models.weights.checkpoint import DTYPES, TRAINER_STATE, load_model, load_tokenizer, replacing, resolve_device
+from models.weights.sat import SatSpec
+from models.weights.speculator import SPECULATOR_DIR, MLPSpeculator, SpeculatorConfig
+
+LAST = "checkpoint-last"
+IGNORE = -100  # cross-entropy's ignore_index
+
+
+@dataclass
+class SpeculatorData:
+    corpus: WindowDataset
+    distill: DistillDataset | None  # None when there is no stage 2
+    stage1_steps: int
+
+    def batch(self, step: int, size: int) -> Batch:
+        if step < self.stage1_steps:
+            return self.corpus.batch(step * size, size)
+        return self.distill.batch((step - self.stage1_steps) * size, size)
+
+
+def prepare_data(cfg: SpeculatorTrainConfig, model, tokenizer, out: Path) -> SpeculatorData:
+    cache = out / "cache"
+    windows = WindowDataset(cached_stream(cache, "train", corpus_documents(cfg.corpus), tokenizer, 0.0, cfg.seed),
+                            cfg.seq_len, cfg.seed)
+    if cfg.stage1_steps == cfg.max_steps:
+        return SpeculatorData(windows, None, cfg.stage1_steps)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    path = cache / f"distill-{cfg.distill_sequences}x{cfg.distill_context}+{cfg.distill_new_tokens}-{cfg.seed}.pt"
+    if not path.is_file():  # the base model is frozen: its continuations are generated once
+        sat = SatSpec.maybe_load(cfg.model)
+        seqs, lens = generate_distill_data(model, windows, cfg, pad, tokenizer.eos_token_id,
+                                           sorted(set(sat.ids)) if sat else [])
+        torch.save({"sequences": seqs, "lengths": lens}, path)
+    data = torch.load(path)
+    distill = DistillDataset(data["sequences"], data["lengths"], cfg.distill_context, pad, cfg.seed)
+    return SpeculatorData(windows, distill, cfg.stage1_steps)
+
+
+@torch.no_grad()
+def base_hidden(model, ids: torch.Tensor) -> torch.Tensor:
+    """The frozen base model's final hidden states [B, L, H] (fp32) of ids [B, L]."""
+    return model.get_decoder()(input_ids=ids).last_hidden_state.float()
+
+
+def speculator_loss(speculator: MLPSpeculator, hidden: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, list[float]]:
+    """Sum over heads of the mean cross-entropy, and each head's. hidden: [B, L, H], the base states of
+    batch.input_ids [B, L]; positions before batch.anchor_from (stage 2: the real context) get no loss."""
+    n, (_, L) = speculator.n_predict, batch.input_ids.shape
+    ids = F.pad(batch.input_ids, (0, n + 1), value=IGNORE)  # [B, L + n + 1]
+    ids = ids.masked_fill(torch.arange(L + n + 1) >= batch.lengths[:, None], IGNORE).to(hidden.device)
+    logits = speculator(hidden, ids[:, 1 : L + n].clamp(min=0))  # [n, B, L, V]; past the end: ignored below
+    context = (torch.arange(L) < batch.anchor_from[:, None]).to(hidden.device)  # [B, L]
+    losses = torch.stack([
+        F.cross_entropy(logits[i].flatten(0, 1), ids[:, i + 2 : i + 2 + L].masked_fill(context, IGNORE).flatten(),
+                        ignore_index=IGNORE)
+        for i in range(n)
+    ])
+    return losses.sum(), losses.tolist()
+
+
+@dataclass
+class SpeculatorRun:
+    cfg: SpeculatorTrainConfig
+    speculator: MLPSpeculator
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    step: int = 0
+    metrics: dict = field(default_factory=dict)
+
+    def save(self, directory: Path, final: bool = False) -> None:
+        with replacing(directory) as tmp:
+            self.speculator.save(tmp)
+            (tmp / "train_config.yaml").write_text(to_yaml(self.cfg))
+            if final:
+                (tmp / "metrics.json").write_text(json.dumps(self.metrics, indent=2))
+            else:
+                torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                            "step": self.step, "metrics": self.metrics}, tmp / TRAINER_STATE)
+
+    def load(self, directory: Path, device) -> None:
+        saved = MLPSpeculator.load(directory, device)
+        if saved.config != self.speculator.config:
+            raise ConfigError(f"{directory} holds a speculator with {saved.config}, not {self.speculator.config}: "
+                              "use another output_dir, or --resume false")
+        self.speculator.load_state_dict(saved.state_dict())
+        state = torch.load(directory / TRAINER_STATE, weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.metrics = state["step"], state["metrics"]
+
+
+def train_step(run: SpeculatorRun, model, batch: Batch, device: torch.device) -> list[float]:
+    run.speculator.train()
+    hidden = base_hidden(model, batch.input_ids.to(device))
+    loss, per_head = speculator_loss(run.speculator, hidden, batch)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if run.cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.speculator.parameters(), run.cfg.grad_clip)
+    run.optimizer.step()
+    run.scheduler.step()
+    return per_head
+
+
+def train_speculator(cfg: SpeculatorTrainConfig, progress: bool = True) -> dict:
+    """Train (or resume) a speculator for cfg.model; returns the final metrics. See the module docstring."""
+    from tqdm.auto import tqdm
+
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    out, device = Path(cfg.output_dir), resolve_device(cfg.device)
+    out.mkdir(parents=True, exist_ok=True)
+    model = load_model(cfg.model, dtype=DTYPES[cfg.dtype], device=device).requires_grad_(False)
+    tokenizer = load_tokenizer(cfg.model)
+    data = prepare_data(cfg, model, tokenizer, out)
+    torch.manual_seed(cfg.seed)
+    speculator = MLPSpeculator(SpeculatorConfig(
+        emb_dim=model.config.hidden_size, vocab_size=model.get_output_embeddings().weight.shape[0],
+        n_predict=cfg.n_predict, inner_dim=cfg.inner_dim, tie_weights=cfg.tie_weights)).to(device)
+    run = SpeculatorRun(cfg, speculator, *build_optimizer(speculator, cfg))
+    last = out / LAST
+    resumed = cfg.resume and (last / TRAINER_STATE).is_file()
+    if resumed:
+        run.load(last, device)
+    bar = tqdm(total=cfg.max_steps, initial=run.step, desc="train speculator", disable=not progress)
+    with (out / "log.jsonl").open("a" if resumed else "w") as log:
+        while run.step < cfg.max_steps:
+            stage = 1 if run.step < data.stage1_steps else 2
+            losses = train_step(run, model, data.batch(run.step, cfg.batch_size), device)
+            run.step += 1
+            run.metrics.update(step=run.step, stage=stage, loss=sum(losses), loss_per_head=losses,
+                               lr=run.scheduler.get_last_lr()[0])
+            bar.set_postfix(stage=stage, loss=f"{sum(losses):.3f}", refresh=False)
+            bar.update(1)
+            if run.step % cfg.log_every == 0 or run.step == cfg.max_steps:
+                log.write(json.dumps(run.metrics) + "\n")
+                log.flush()
+            if run.step % cfg.save_every == 0 or run.step == cfg.max_steps:
+                run.save(last)
+    bar.close()
+    target = Path(cfg.save_to) if cfg.save_to else Path(cfg.model) / SPECULATOR_DIR
+    run.metrics.update(resumed_from=str(last) if resumed else None, saved_to=str(target))
+    run.save(target, final=True)
+    return run.metrics

@@ -1,0 +1,187 @@
+"""Weight-only quantization for CPU decoding, faithful to the base's own GGUF blocks.
+
+The embedded base (models/weights/base_model.py) is a Q4_1 GGUF: every decoder projection was stored as
+blocks of 32 weights `w = d·q + m` (q in 0..15, d and m fp16), and transformers' GGUF reader
+dequantized them to fp32 exactly that way. `recover_q4_1` reads the blocks back out of the fp32
+weights (m is the block's minimum, d its (max - min) / 15 rounded to fp16, q = (w - m) / d) and
+checks that `d·q + m` gives every weight back bit for bit, so `dtype: int4` serves the same weights
+at 1/8 of the fp32 bytes. PyTorch's CPU kernel `_weight_int4pack_mm_for_cpu` computes
+`x @ ((q - 8)·scale + zero)`, so scale = d and zero = m + 8d; its activations and scales are bf16
+(with fp32 activations it is 30x slower here), which rounds d and m to bf16: that rounding
+is the only change to the weights, and `quantize_model` reports its size.
+
+The tied LM head / embedding is Q8_0 in the GGUF (per-block int8 scales), which no PyTorch CPU
+kernel takes; it runs through `_weight_int8pack_mm` with one scale per vocabulary row (lossy at about
+1/254 of a row's largest weight; reported too). Input embeddings keep the exact table.
+
+Both kernels are batch-invariant on CPU (a row's result does not depend on the other rows of the
+call), so speculative decoding under int4 stays token-identical to plain decoding under int4.
+
+    model = load_model(folder, dtype=torch.float32); report = quantize_model(model)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+GROUP = 32  # Q4_1 block size; also a group size the int4 kernel supports
+
+
+class Int4Linear(nn.Module):
+    """y = x @ W^T with W held as packed 4-bit codes, per-group bf16 scale and zero (no bias)."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int = GROUP):
+        """q: [N, K] int codes in 0..15; scale, zero: [N, K / group] (w = (q - 8)·scale + zero)."""
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.group = group
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2))
+        sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # [K / group, N, 2]
+        self.register_buffer("scale_zero", sz.to(torch.bfloat16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K]
+        if x.dim() == 2 and x.dtype == torch.bfloat16:  # the lean forward's flat rows
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group, self.scale_zero)
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scale_zero)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    @classmethod
+    def cat(cls, parts: list[Int4Linear]) -> Int4Linear | None:
+        """One module for the concatenated outputs of `parts` (same input), without repacking: the
+        CPU packing interleaves rows in blocks of 64, so parts of 64-multiple widths concatenate."""
+        if any(p.out_features % 64 or p.group != parts[0].group or p.in_features != parts[0].in_features
+               for p in parts):
+            return None
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.in_features, fused.group = parts[0].in_features, parts[0].group
+        fused.out_features = sum(p.out_features for p in parts)
+        fused.register_buffer("packed", torch.cat([p.packed for p in parts]))
+        fused.register_buffer("scale_zero", torch.cat([p.scale_zero for p in parts], dim=1))
+        start = 0
+        for p in parts:  # the parts' codes become row views of the fused ones: no second copy
+            p.packed = fused.packed[start : start + p.out_features]
+            start += p.out_features
+        return fused
+
+    def dequantized(self) -> torch.Tensor:
+        """The [N, K] weights the kernel computes with (for tests and reports)."""
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group, self.scale_zero).t().float()
+
+
+class Int8Linear(nn.Module):
+    """y = x @ W^T with W as int8 codes and one bf16 scale per output row (no bias)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        w = weight.float()
+        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)  # [N]
+        self.register_buffer("codes", (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale.to(torch.bfloat16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int8pack_mm(flat, self.codes, self.scale)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def dequantized(self) -> torch.Tensor:
+        return self.codes.float() * self.scale.float()[:, None]
+
+
+def recover_q4_1(w: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Q4_1 blocks of fp32 weights w [N, K]: (q [N, K], d [N, K/group], m [N, K/group], the fraction of
+    blocks whose `d·q + m` equals w exactly). A block that does not come back exactly (weights that
+    were never Q4_1) still gets the nearest asymmetric 4-bit code."""
+    N, K = w.shape
+    blocks = w.float().reshape(N, K // group, group)
+    m = blocks.amin(-1)
+    d = ((blocks.amax(-1) - m) / 15).half().float()  # d was stored in fp16
+    safe = torch.where(d > 0, d, torch.ones_like(d))
+    q = ((blocks - m[..., None]) / safe[..., None]).round().clamp(0, 15)
+    exact = ((d[..., None] * q + m[..., None]) == blocks).all(-1)
+    return q.reshape(N, K).to(torch.int32), d, m, exact.float().mean().item()
+
+
+def _int4_from_linear(linear: nn.Linear) -> tuple[Int4Linear, float, float]:
+    """(module, exact-block fraction, largest weight change from rounding scale/zero to bf16)."""
+    if linear.bias is not None or linear.in_features % GROUP:
+        raise ValueError("int4 needs bias-free projections whose input size is a multiple of 32")
+    w = linear.weight.detach().float()
+    q, d, m, exact = recover_q4_1(w)
+    module = Int4Linear(q, d, m + 8 * d)
+    change = (module.dequantized() - w).abs().max().item()
+    return module, exact, change
+
+
+def quantize_model(model, scheme: str = "int4") -> dict:
+    """Replace the decoder's projections (int4) and the LM head (int8) in place; everything else
+    becomes bf16, the kernels' activation dtype. `model` must be loaded in fp32 (the exact GGUF
+    values); an attached SAT adapter's LoRA wrappers keep working (their base is swapped).
+    Returns a report: exact Q4_1 blocks, the largest weight change of each part, bytes held."""
+    if scheme != "int4":
+        raise ValueError(f"unknown quantization scheme {scheme!r} (int4)")
+    if next(model.parameters()).dtype != torch.float32:
+        raise ValueError("quantize_model needs the fp32 model (the exact dequantized GGUF values)")
+    exact, changes = [], []
+    for layer in model.get_decoder().layers:
+        for parent in list(layer.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    module, block_exact, change = _int4_from_linear(child)
+                    setattr(parent, name, module)
+                    exact.append(block_exact)
+                    changes.append(change)
+    head = model.get_output_embeddings()
+    head_weight = head.weight.detach()
+    embed = model.get_input_embeddings()
+    if embed.weight is head.weight:  # tied: the input side keeps its own exact table
+        embed.weight = nn.Parameter(head_weight.clone(), requires_grad=False)
+    int8_head = Int8Linear(head_weight)
+    head_change = (int8_head.dequantized() - head_weight.float()).abs().max().item()
+    model.config.tie_word_embeddings = False
+    model.set_output_embeddings(int8_head)
+    for p in model.parameters():  # norms, embeddings, LoRA tensors. Buffers keep their dtypes: RoPE's
+        p.data = p.data.to(torch.bfloat16)  # inv_freq stays fp32, as transformers keeps it under bf16
+    return {
+        "scheme": "int4 projections (Q4_1 blocks of 32, bf16 scale/zero), int8 LM head (per row), bf16 activations",
+        "projections": len(exact),
+        "q4_1_exact_block_fraction": round(sum(exact) / len(exact), 6),
+        "max_projection_weight_change": max(changes),
+        "max_lm_head_weight_change": head_change,
+        "decode_bytes": decode_bytes(model),
+    }
+
+
+def decode_tensors(model) -> list[tuple[str, torch.Tensor]]:
+    """What a single-stream decode step reads: every projection and the LM head (parameters and
+    quantized buffers, with their scales), each once; the input embedding table only where it is the
+    LM head too (a step reads one row of it otherwise). Norm weights and the like are left out, and
+    a SAT adapter's LoRA tensors (models/weights/adapter.py), which only SAT rows read."""
+    embed = model.get_input_embeddings().weight
+    tied = getattr(model.get_output_embeddings(), "weight", None) is embed
+    seen, out = set(), []
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if id(t) in seen or (t is embed and not tied) or (t.dim() < 2 and t.numel() <= 4096) or ".lora_" in name:
+            continue
+        seen.add(id(t))
+        out.append((name, t))
+    return out
+
+
+def decode_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for _, t in decode_tensors(model))
+
+
+def decode_weights(model) -> int:
+    """The number of weights behind `decode_tensors` (a packed int4 byte holds two; scales are not weights)."""
+    count = 0
+    for name, t in decode_tensors(model):
+        if name.endswith("packed"):
+            count += 2 * t.numel()
+        elif not name.endswith(("scale_zero", "scale")):
+            count += t.numel()
+    return count

@@ -1,0 +1,1 @@
+"""Benchmarks behind `sdsat bench`, `bench-serve` and `bench-prefix`: each prints or writes JSON."""
