@@ -30,7 +30,7 @@ from models.training.data.corpus import corpus_manifest, read_text, split_files,
 from models.training.train_config import SpeculatorTrainConfig, TrainConfig
 
 NAME = "sdsat-code-small"
-SHIP_DIR = Path(__file__).parent / "checkpoints" / NAME
+SHIP_DIR = Path(__file__).resolve().parents[1] / "checkpoints" / NAME  # models/checkpoints
 VOCAB = 4096
 
 BASE = TrainConfig(

@@ -24,7 +24,7 @@ from pathlib import Path
 from models.training.train_config import AdapterTrainConfig
 
 NAME = "smollm2-135m-instruct-sdsat"
-SHIP_DIR = Path(__file__).parent / "checkpoints" / NAME
+SHIP_DIR = Path(__file__).resolve().parents[1] / "checkpoints" / NAME  # models/checkpoints
 DATA = dict(chat=1024, completion=512, context=128, chat_new_tokens=160, completion_new_tokens=96, seed=0,
             dtype="bfloat16")
 ADAPTER = AdapterTrainConfig(k_train=5, rank=16, alpha=32.0, labels="kl", anchors_per_seq=64, batch_size=4,

@@ -33,7 +33,7 @@ import uuid
 from pathlib import Path
 
 CASES = ("cold", "warm-local", "warm-redis")
-SERVE_CONFIG = Path(__file__).resolve().parents[1] / "infra" / "serve_config.yaml"
+SERVE_CONFIG = Path(__file__).resolve().parents[2] / "infra" / "serve_config.yaml"
 SUFFIX_ROOM = 64  # tokens of suffix and output the raised max_context leaves after the prefix
 
 

@@ -143,7 +143,10 @@ class DecoderMetrics:
             ("hit_blocks_redis", "prefix blocks served from Redis"),
             ("miss_blocks", "prefix blocks not found"),
             ("errors", "Redis errors (each one a miss)"),
-            ("corrupt", "bad entries found in Redis (deleted)"))}
+            ("corrupt", "bad entries found in Redis (deleted)"),
+            ("timeouts", "Redis reads or writes past their byte-sized deadline (each one a miss or an unwritten chunk)"),
+            ("dropped_writes", "prefix blocks never written to Redis (the write queue's oldest under overload)"),
+            ("coalesced_writes", "prefix blocks not written again (this replica wrote the same chunk recently)"))}
         self.lossless = Gauge("sdsat_speculation_lossless", "1: the start-up self-check found verify rows equal to "
                               "the 1-token forward (speculation is lossless); 0: speculative methods serve ar",
                               tag_keys=("model", "dtype"))

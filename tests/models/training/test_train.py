@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from models.sat import SatSpec
-from models.toy import counting_documents
-from models.train import train
-from models.train_config import TrainConfig
 
 from models.config import build_config
 from models.errors import ConfigError, DataError, SatVocabularyError
+from models.training.toy import counting_documents
+from models.training.train import train
+from models.training.train_config import TrainConfig
+from models.weights.sat import SatSpec
 
 ROOT = Path(__file__).resolve().parents[3]
 

@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_dashboard_queries_exported_families():
-    source = (ROOT / "services" / "telemetry.py").read_text()
+    source = (ROOT / "services" / "serve" / "telemetry.py").read_text()
     defined = set(re.findall(r'"(sdsat_[a-z_]+)"', source))
     defined |= {f"sdsat_prefix_cache_{name}" for name in re.findall(r'\("([a-z_]+)", "', source)}
     dashboard = json.loads((ROOT / "infra" / "grafana-dashboard.json").read_text())
