@@ -144,13 +144,14 @@ class DecoderMetrics:
             ("miss_blocks", "prefix blocks not found"),
             ("errors", "Redis errors (each one a miss)"),
             ("corrupt", "bad entries found in Redis (deleted)"),
-            ("timeouts", "Redis reads or writes past their byte-sized deadline (each one a miss or an unwritten chunk)"),
+            ("timeouts", "Redis calls past their byte-sized deadline (each one a miss or an unwritten chunk)"),
             ("dropped_writes", "prefix blocks never written to Redis (the write queue's oldest under overload)"),
             ("coalesced_writes", "prefix blocks not written again (this replica wrote the same chunk recently)"))}
         self.lossless = Gauge("sdsat_speculation_lossless", "1: the start-up self-check found verify rows equal to "
                               "the 1-token forward (speculation is lossless); 0: speculative methods serve ar",
                               tag_keys=("model", "dtype"))
         self._cache_seen: dict[str, int] = {}
+        self._self_check: tuple[float, dict] | None = None
         self._iterations = self._accepted = 0
         self._lock = threading.Lock()
 
@@ -174,9 +175,14 @@ class DecoderMetrics:
                 self.mean_accepted.set(self._accepted / self._iterations, self.tags)
 
     def self_check(self, lossless: bool, dtype: str) -> None:
-        self.lossless.set(1.0 if lossless else 0.0, {**self.tags, "dtype": dtype})
+        """The start-up self-check's verdict; set again at every engine step (a gauge set only while the
+        replica starts can be missed by Ray's metrics export)."""
+        self._self_check = (1.0 if lossless else 0.0, {**self.tags, "dtype": dtype})
+        self.lossless.set(*self._self_check)
 
     def engine_step(self, batch: int, waiting: int) -> None:
+        if self._self_check is not None:
+            self.lossless.set(*self._self_check)
         if batch:
             self.batch.observe(batch, self.tags)
         self.running.set(batch, self.tags)
