@@ -255,6 +255,26 @@ def summarize(args: argparse.Namespace, out: Path, url: str, sampler: RssSampler
     return result
 
 
+def prefix_cache_counters(url: str, settle_s: float = 6.0) -> dict:
+    """The prefix cache's counters summed over the decoder replicas, from the service's own Prometheus
+    endpoint (the replicas export them after each request; `settle_s` lets the last export land)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    time.sleep(settle_s)
+    counters: dict[str, float] = {}
+    try:
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+    except httpx.HTTPError as e:
+        return {"error": str(e)}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("ray_sdsat_prefix_cache_") and sample.name.endswith("_total"):
+                name = sample.name.removeprefix("ray_sdsat_prefix_cache_").removesuffix("_total")
+                counters[name] = counters.get(name, 0) + sample.value
+    return counters
+
+
 def _terminate(signum, frame) -> None:
     raise SystemExit(128 + signum)  # unwinds through the `finally` that stops the service
 
@@ -309,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             sampler.stop()
         result = summarize(args, out, url, sampler, warmup_s, status, load)
+        result["prefix_cache"] = prefix_cache_counters(url)  # dropped_writes: blocks never written to Redis
     finally:
         if args.url is None and ray.is_initialized():
             from ray import serve
@@ -325,6 +346,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{result['requests']} requests, {result['failures']} failures in {result['duration_s']} s; "
           f"E2E p50/p99 {e2e['p50']}/{e2e['p99']} ms, TTFT p50/p99 {ttft['p50']}/{ttft['p99']} ms; RSS growth after "
           f"warm-up (max, %): {result['checks']['rss_flat']['max_growth_pct']}")
+    cache = result["prefix_cache"]
+    print(f"prefix cache: {cache.get('hit_blocks_local', 0):.0f} local and {cache.get('hit_blocks_redis', 0):.0f} "
+          f"Redis block hits, {cache.get('dropped_writes', 0):.0f} dropped writes, {cache.get('timeouts', 0):.0f} "
+          f"timeouts")
     for name, check in result["checks"].items():
         print(f"{'PASS' if check['passed'] else 'FAIL'} {name}")
     print(f"summary: {path}")
