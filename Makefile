@@ -71,7 +71,9 @@ loadtest: setup
 # for DURATION while sampling every Serve replica's RSS, stops the service and writes RESULTS/soak.json
 # (requests, failures, E2E/TTFT p50/p99, RSS per replica, checks) and rss.png; exits 1 when a check fails:
 # a failed request, E2E p99 over P99_S seconds, or a replica's RSS more than 10% above its value at the end of
-# the warm-up (WARMUP_S: 180 s, the time the decoder's 256 MiB prefix LRU takes to fill under this load).
+# the warm-up (WARMUP_S: 360 s, the time the decoder's 256 MiB prefix LRU takes to fill under this load: its blocks
+# are bf16 under int4, half the bytes of fp32 ones, so it holds twice as many and fills in twice the 180 s it took;
+# a soak with 180 s saw RSS rise 1,572 -> 2,001 MB by 180 s and 2,167 MB by 330 s, then 2,204 MB at 600 s).
 # URL=... soaks a running service instead; its replicas are found through Ray (RAY_ADDRESS, else the local one).
 soak: URL =
 soak: USERS = 4
@@ -79,7 +81,7 @@ soak: SPAWN_RATE = 1
 soak: DURATION = 10m
 soak: RESULTS = infra/bench/soak
 P99_S ?= 30
-soak: WARMUP_S = 180
+soak: WARMUP_S = 360
 soak: setup redis
 	$(BIN)/python -m loadtests.soak $(if $(URL),--url $(URL) --ray-address auto) \
 		--users $(USERS) --spawn-rate $(SPAWN_RATE) --duration $(DURATION) --max-tokens $(MAX_TOKENS) \
