@@ -102,7 +102,6 @@ class Engine:
         if not supports(self.dtype):
             self.kernels_unavailable = f"the width-invariant kernels read fp32 and bf16, not {self.dtype}"
             return False
-
         self.kernels_unavailable = kernel_unavailable()  # why not (the self-check's report carries it), or None
         return self.kernels_unavailable is None
 

@@ -112,7 +112,7 @@ def check_invariance(engine, widths: tuple[int, ...] = WIDTHS, contexts: tuple[i
         engine.cache.commit(0, context)
         _decode_alone(engine, context, chain[:1])  # row 0's KV back at its column, then row 2's branch alone
         branch = _decode_alone(engine, context + 1, chain[2:4])
-        compare("tree", 4, context, [rows[0], rows[1], rows[2], rows[3]], [alone[0], alone[1], *branch])
+        compare("tree", 4, context, list(rows), [alone[0], alone[1], *branch])
         if engine.cache.slots > 1:  # batched: beside a longer sequence and copies of itself, many rows at once
             # at the first context up to 6 copies (over 100 rows in all, so that ATen's per-thread chunks
             # end inside some row), later the longer neighbour alone; every copy's rows are compared

@@ -119,8 +119,10 @@ class Attention:
         self.slots = slots.to(torch.int64).contiguous()
         self.start = start.to(torch.int64).contiguous()
         self.local = local.to(torch.uint8).contiguous()
-        self.R, self.T = self.local.shape[:2]
         self.scale = scale
+        # how far into the buffers the rows reach: checked against each layer's buffers without a reduction
+        self._columns = int((self.start + self.local.shape[1]).max())
+        self._top_slot = int(self.slots.max())
 
     def __call__(self, q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor) -> torch.Tensor:
         """q [R, T, Hq, D] (any float dtype), k_buf / v_buf one layer's cache [slots, Hkv, C, D] (fp32 or
@@ -129,7 +131,7 @@ class Attention:
         q = q.float().contiguous()
         R, T, Hq, D = q.shape
         _, Hkv, C, _ = k_buf.shape
-        if int((self.start + T).max()) > C or int(self.slots.max()) >= k_buf.shape[0]:
+        if self._columns > C or self._top_slot >= k_buf.shape[0]:
             raise ValueError("the forward's rows reach past the KV buffers")
         out = torch.empty_like(q)
         status = self._fn(q.data_ptr(), R, T, Hq, Hkv, D, k_buf.data_ptr(), v_buf.data_ptr(),

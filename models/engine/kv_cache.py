@@ -78,8 +78,9 @@ class SlotKVCache:
             self._write_cols = start[:, None] + torch.arange(width)[None, :]
         return start, kv_len
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """Write [R, H, T, D] new keys/values at the prepared columns; return the rows' [R, H, L, D]."""
+    def write(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int) -> None:
+        """Write [R, H, T, D] new keys/values at the prepared columns (attention that reads the buffers
+        itself, models/engine/kernels.py, needs nothing more)."""
         k_buf, v_buf = self.keys[layer_idx], self.values[layer_idx]
         if self._write_rows is None:
             k_buf[self._rows, :, self._write_cols] = key_states
@@ -87,6 +88,11 @@ class SlotKVCache:
         else:
             k_buf[self._write_rows, :, self._write_cols] = key_states.transpose(1, 2).to(k_buf.dtype)
             v_buf[self._write_rows, :, self._write_cols] = value_states.transpose(1, 2).to(v_buf.dtype)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """`write`, then the rows' [R, H, L, D] keys and values (a copy where the rows are not contiguous)."""
+        self.write(key_states, value_states, layer_idx)
+        k_buf, v_buf = self.keys[layer_idx], self.values[layer_idx]
         return k_buf[self._rows, :, : self._kv_len], v_buf[self._rows, :, : self._kv_len]
 
     def commit(self, row: int, new_length: int) -> None:

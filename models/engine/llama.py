@@ -114,10 +114,11 @@ class LlamaForward:
             qk = qk * cos + rotate_half(qk) * sin  # RoPE on q and k at once
             k = qk[:, :, heads:].transpose(1, 2)  # [R, Hkv, T, D]
             v = qkv[:, qk_width:].view(R, T, kv_heads, D).transpose(1, 2)
-            keys, values = cache.update(k, v, i)  # [R, Hkv, L, D]
-            if attention is not None:  # [R, T, Hq, D] in, fp32 out
+            if attention is not None:  # reads the whole buffers: [R, T, Hq, D] in, fp32 out
+                cache.write(k, v, i)
                 attn = attention(qk[:, :, :heads], cache.keys[i], cache.values[i]).to(x.dtype).view(R * T, heads * D)
             else:
+                keys, values = cache.update(k, v, i)  # [R, Hkv, L, D]
                 q = qk[:, :, :heads].unflatten(2, (kv_heads, group)).permute(0, 2, 3, 1, 4).reshape(R, kv_heads, -1, D)
                 attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [R, Hkv, group*T, D]
                 attn = attn.unflatten(2, (group, T)).permute(0, 3, 1, 2, 4).reshape(R * T, heads * D)
@@ -156,8 +157,8 @@ class LlamaForward:
 def project(module: nn.Module, x: torch.Tensor, invariant: bool) -> torch.Tensor:
     """x [N, in] -> [N, out]. Dense fp32/bf16 weights on the CPU go through the width-invariant kernel
     when `invariant`; int4/int8 modules run ATen's kernels, which are width-invariant already."""
-    if invariant and type(module) is nn.Linear and module.bias is None and module.weight.dtype in (
-            torch.float32, torch.bfloat16) and module.weight.is_contiguous():
+    if invariant and type(module) is nn.Linear and module.bias is None and supports(module.weight.dtype) \
+            and module.weight.is_contiguous():
         return linear(x, module.weight)
     return module(x)
 
