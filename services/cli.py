@@ -269,9 +269,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         write_json(args.json or "-", report)
         return 0
     if args.engine_compare:
-        from services.bench.engine import engine_comparison, parse_variants
+        from services.bench.common import parse_variants
+        from services.bench.engine import engine_comparison
 
-        report = engine_comparison(model, prompts, parse_variants(args.engine_compare), args.max_new_tokens,
+        report = engine_comparison(model, prompts, parse_variants(args.engine_compare, "lean"), args.max_new_tokens,
                                    args.reps, progress=not args.no_progress)
         write_json(args.json or "-", report)
         for row in report["variants"] if args.json not in (None, "-") else []:
@@ -280,9 +281,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
                   f"identical to {report['reference']}: {row['identical_to_reference']:.2f})")
         return 0
     if args.identity:
-        from services.bench.identity import identity_report, parse_variants, print_table
+        from services.bench.common import parse_variants
+        from services.bench.identity import identity_report, print_table
 
-        report = identity_report(model, prompts, parse_variants(args.identity), args.max_new_tokens, args.reps,
+        report = identity_report(model, prompts, parse_variants(args.identity, "invariant"), args.max_new_tokens,
+                                 args.reps,
                                  progress=not args.no_progress)
         write_json(args.json or "-", report)
         if args.json not in (None, "-"):

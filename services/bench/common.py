@@ -20,8 +20,10 @@ context, the two-step ceiling (2+k)/(2 r(k+1)), the fused one (1+k)/r((k+1)^2) a
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
+import subprocess
 import time
 
 import torch
@@ -57,6 +59,27 @@ def encode_prompt(tokenizer, prompt) -> list[int]:
     if isinstance(prompt, str):
         return tokenizer(prompt, add_special_tokens=False)["input_ids"]
     return encode_chat(tokenizer, prompt)  # a tokenizer without a template raises: give it text prompts
+
+
+def parse_variants(text: str, default: str) -> list[tuple[str, str]]:
+    """"int4:invariant,float32" -> [(dtype, option), ...]; the option after ":" defaults to `default`."""
+    items = (item.strip().partition(":") for item in text.split(","))
+    return [(dtype, option or default) for dtype, _, option in items]
+
+
+def cpu_model() -> str:
+    """The host's CPU model line (lscpu's "Model name"), so every report says which host it measured."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+def machine() -> str:
+    """The host in one line: CPU model, cores, torch threads, torch version."""
+    return (f"{cpu_model()} ({platform.machine()}, {os.cpu_count()} cpus), {torch.get_num_threads()} threads, "
+            f"torch {torch.__version__}")
 
 
 def read_bandwidth_gbs(mib: int = 1024, repeats: int = 5) -> float:
@@ -260,8 +283,7 @@ def summarize(runs, prompts, times, outputs, stats, n, engine, ks, model_dir, se
 
     results = rows(list(range(len(prompts))))
     report = {
-        "model": model_dir, "machine": f"{platform.machine()} {platform.processor() or ''} "
-                                       f"{torch.get_num_threads()} threads, torch {torch.__version__}".strip(),
+        "model": model_dir, "machine": machine(),
         "dtype": engine.weights_dtype,
         "forward": engine.config.forward if engine.lean is not None else "transformers",
         "prompts": len(prompts), "max_new_tokens": n, "results": results,

@@ -21,15 +21,6 @@ import torch
 from services.bench.common import encode_prompt, first_difference, forward_cost_ratios, memory_floor, read_bandwidth_gbs
 
 
-def parse_variants(text: str) -> list[tuple[str, str]]:
-    """"float32:transformers,int4:lean" -> [(dtype, forward), ...] (forward defaults to lean)."""
-    out = []
-    for item in text.split(","):
-        dtype, _, forward = item.strip().partition(":")
-        out.append((dtype, forward or "lean"))
-    return out
-
-
 def engine_comparison(model_dir: str, prompts: list, variants: list[tuple[str, str]], max_new_tokens: int = 128,
                       reps: int = 2, widths: tuple[int, ...] = (4, 8), progress: bool = True) -> dict:
     from tqdm.auto import tqdm

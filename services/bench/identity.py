@@ -13,30 +13,14 @@ that variant's greedy `ar` token for token. The speculative runs skip the self-c
 
 from __future__ import annotations
 
-import platform
 import statistics
-import subprocess
 import time
 
 import torch
 
-from services.bench.common import encode_prompt, first_difference, forward_cost_ratios
+from services.bench.common import cpu_model, encode_prompt, first_difference, forward_cost_ratios
 
 METHODS = (("prompt-lookup", 3), ("sdsat", 3), ("sdsat-fused", 1), ("sdsat-fused", 2))
-
-
-def cpu_model() -> str:
-    """The host's CPU model line (lscpu), for the report."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown"
-
-
-def parse_variants(text: str) -> list[tuple[str, str]]:
-    """"int4:invariant,float32:sdpa" -> [(dtype, attention), ...] (attention defaults to invariant)."""
-    return [(d, a or "invariant") for d, _, a in (item.strip().partition(":") for item in text.split(","))]
 
 
 def prefill_seconds(engines: dict, lengths=(256, 1000, 1900), reps: int = 3) -> dict:
@@ -44,11 +28,13 @@ def prefill_seconds(engines: dict, lengths=(256, 1000, 1900), reps: int = 3) -> 
     (interleaved across the engines)."""
     from models.engine import SamplingParams
 
+    room = min(engine.max_context for engine in engines.values()) - 2
+    lengths = sorted({min(n, room) for n in lengths})  # what fits every engine's context
     times = {v: {n: [] for n in lengths} for v in engines}
     for n in lengths:
-        prompt = [100 + (7 * i) % 5000 for i in range(n)]
         for _ in range(reps):
             for v, engine in engines.items():
+                prompt = [(7 * i + 3) % engine.model.config.vocab_size for i in range(n)]
                 t0 = time.perf_counter()
                 engine.generate(prompt, SamplingParams(max_new_tokens=1))
                 times[v][n].append(time.perf_counter() - t0)

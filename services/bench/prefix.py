@@ -240,17 +240,16 @@ def service_bench(decoder_cfg, prefix_tokens: int, reps: int, write_back_wait_s:
 
 def run_bench_prefix(model_dir: str, prefix_tokens: int, reps: int, modes: list[str], threads: int,
                      write_back_wait_s: float = 1.0, progress: bool = True, dtype: str | None = None) -> dict:
-    import platform
 
-    import torch
     from tqdm.auto import tqdm
 
+    from services.bench.common import machine
     from services.serve.config import DecoderConfig
 
     engine = served_engine(prefix_tokens, dtype)
     decoder_cfg = DecoderConfig(model_dir=model_dir, cpu_threads=threads, device="cpu", affinity_routing=False,
                                 engine=engine)
-    report = {"model": model_dir, "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}",
+    report = {"model": model_dir, "machine": machine(),
               "prefix_tokens": prefix_tokens, "reps": reps, "engine_config": engine,
               "block_size": decoder_cfg.prefix_block_size,
               "redis": {"latency_s": decoder_cfg.redis_latency_s, "min_mb_s": decoder_cfg.redis_min_mb_s,
