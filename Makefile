@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup serve test redis lint bench model model-small constraints clean loadtest soak
+.PHONY: setup serve test redis lint bench model model-speculator model-small constraints clean loadtest soak
 
 setup: $(STAMP)
 
@@ -44,8 +44,13 @@ lint: setup
 
 # The shipped SDSAT adapter for SmolLM2 from scratch (self-distilled data, then training; every stage
 # resumes after a kill): models/training/recipe_adapter.py. `make model-small`: the 4M test model (models/training/recipe.py).
+# `make model` also reproduces the MLP speculator shipped beside it (models/training/recipe_speculator.py).
 model: setup
 	$(BIN)/python -m models.training.recipe_adapter
+	$(BIN)/python -m models.training.recipe_speculator
+
+model-speculator: setup
+	$(BIN)/python -m models.training.recipe_speculator
 
 model-small: setup
 	$(BIN)/python -m models.training.recipe

@@ -127,10 +127,20 @@ def add_train_adapter_parser(sub) -> None:
 
 def cmd_train_speculator(args: argparse.Namespace) -> int:
     from models.config import config_from_args
+    from models.errors import ConfigError
     from models.training.train_config import SpeculatorTrainConfig
     from models.training.train_speculator import train_speculator
 
-    metrics = train_speculator(config_from_args(SpeculatorTrainConfig, args), progress=not args.no_progress)
+    cfg = config_from_args(SpeculatorTrainConfig, args)
+    if args.fsdp:
+        raise ConfigError("--fsdp does not apply to the speculator (a few million parameters): workers replicate it")
+    scale = _scale_from_args(args, exclude=("fsdp",))
+    if scale.workers:
+        from services.jobs.train_ray import fit_ray_speculator
+
+        metrics = fit_ray_speculator(cfg, scale, progress=not args.no_progress)
+    else:
+        metrics = train_speculator(cfg, progress=not args.no_progress)
     write_json(args.json, metrics)
     return 0
 
@@ -138,6 +148,7 @@ def cmd_train_speculator(args: argparse.Namespace) -> int:
 def add_train_speculator_parser(sub) -> None:
     from models.config import add_arguments
     from models.training.train_config import SpeculatorTrainConfig
+    from services.jobs.train_ray import ScaleConfig
 
     p = sub.add_parser(
         "train-speculator", help="train an MLP speculator for a frozen base model (decoding method `mlp`)",
@@ -149,6 +160,8 @@ def add_train_speculator_parser(sub) -> None:
     )
     add_training_run_arguments(p)
     add_arguments(p, SpeculatorTrainConfig)
+    group = p.add_argument_group("scaling out with Ray Train (not read from --config; recorded data only)")
+    add_arguments(group, ScaleConfig)
     p.set_defaults(func=cmd_train_speculator)
 
 

@@ -50,6 +50,10 @@ class EngineConfig:
     self_check: bool = cfg_field(
         True, "at load, compare verify rows with the 1-token forward on this host (models/engine/invariance.py); "
               "if they differ, speculative methods serve ar. false skips the check and trusts the kernels")
+    record_hidden: bool = cfg_field(
+        False, "training data: keep every position's final hidden state (the state that predicted the next token, "
+               "as the served forward computes it) and hand it over with a request's last output (RequestOutput."
+               "hidden, [prompt + output - 1, H] bf16); costs the LM head over every prompt row")
     device: str = cfg_field("auto", "cpu, cuda, cuda:N, or auto")
     attn_implementation: Literal["sdpa", "eager"] = cfg_field("sdpa", "transformers attention implementation")
 

@@ -48,9 +48,13 @@ class Engine:
         self.prefix_store = prefix_store  # a models.engine.prefix.PrefixStore, or None
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self.speculator = speculator.to(self.device, self.dtype).eval() if speculator is not None else None
         self.decoder, self.lm_head = model.get_decoder(), model.get_output_embeddings()
         self.embed_tokens = model.get_input_embeddings()
+        if speculator is not None:  # a base_tied one drafts with the base's own (exact, unquantized) table
+            speculator = speculator.attach_base(self.embed_tokens.weight).to(self.device, self.dtype).eval()
+            if quantization is not None and speculator.config.base_tied:  # int4: an int8 draft head, as the LM head
+                speculator.quantize_head()
+        self.speculator = speculator
         self.lean = LlamaForward.maybe_build(model) if config.forward == "lean" else None
         self.kernels_unavailable: str | None = None
         self.invariant_kernels = self._use_invariant_kernels(config)  # models/engine/kernels.py, else libraries
@@ -67,6 +71,7 @@ class Engine:
         self._ids = itertools.count()
         self.batch_sizes: deque[int] = deque(maxlen=100_000)  # decode batch sizes of recent iterations (tests)
         self.cancelled = 0
+        self.draft_seconds = 0.0  # wall time spent drafting (benchmarks: the draft's own cost per iteration)
         # lossless speculation needs width-invariant forwards: checked here, on this host (None: not checked)
         self.invariance = check_invariance(self) if config.self_check else None
 
@@ -138,6 +143,8 @@ class Engine:
         seq = Sequence(request_id or f"req-{next(self._ids)}", list(prompt_ids), params, method,
                        k if drafter.speculative else 0, self.tokenizer.eos_token_id, self.max_context, self.tokenizer,
                        generator, tenant=tenant)
+        if self.config.record_hidden:
+            seq.hidden_trace = []
         self.waiting.append(seq)
         return seq.request_id
 
@@ -198,8 +205,12 @@ class Engine:
             chunks.append(seq.prompt_ids[seq.prefilled : seq.prefilled + n])
             owners.append(seq)
             budget -= n
-        logits, hidden = self._forward(owners, chunks, last_only=True)
+        record = self.config.record_hidden
+        logits, hidden = self._forward(owners, chunks, last_only=not record)
         for seq, chunk, row, state in zip(owners, chunks, logits, hidden, strict=True):
+            if record:
+                seq.hidden_trace.append(state.to("cpu", torch.bfloat16))
+                row, state = row[-1:], state[-1:]
             seq.prefilled += len(chunk)
             self.cache.commit(seq.slot, seq.prefilled)
             seq.stats.forwards += 1
@@ -232,7 +243,9 @@ class Engine:
         batch_k = self.config.k_under_load(self.config.max_k, len(seqs))
         self.batch_sizes.append(len(seqs))
         # draft: clamp each k, then every drafter proposes for all its sequences at once
+        t0 = time.perf_counter()
         self._draft(seqs, batch_k)
+        self.draft_seconds += time.perf_counter() - t0
         live = [s for s in seqs if not s.finished]  # a drafter may emit (two-step SDSAT's exact token)
         if not live:
             return
@@ -289,6 +302,8 @@ class Engine:
         seq.stats.record(len(seq.drafts), accepted)
         # a length change: rejected drafts and any drafter rows (SAT blocks) past it are dropped
         self.cache.commit(seq.slot, seq.context_len + accepted)  # cur + accepted drafts
+        if seq.hidden_trace is not None:
+            seq.hidden_trace.append(states[: accepted + 1].to("cpu", torch.bfloat16))
         self._drafter(seq).after_accept(self, seq, rows, states, accepted)
         seq.emit(emitted, rows[: len(emitted)])
 

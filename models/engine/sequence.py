@@ -32,6 +32,7 @@ class RequestOutput:
     cached_tokens: int  # prompt tokens served from the prefix cache
     logprobs: list[dict] | None = None  # per new token: {"token_id", "logprob", "top": [[id, logprob], ...]}
     timings: dict[str, int] | None = None  # on the last output: phase -> time.time_ns() (see Sequence.timings)
+    hidden: torch.Tensor | None = None  # on the last output, with EngineConfig.record_hidden: [L - 1, H] bf16
 
 
 @dataclass
@@ -54,6 +55,7 @@ class Sequence:
     draft_probs: torch.Tensor | None = None  # [len(drafts), V] q, None for point-mass drafts
     k_now: int = 0  # this iteration's draft length (after the load policy and the limits)
     hidden: torch.Tensor | None = None  # mlp: the base model's final state [H] where cur was predicted
+    hidden_trace: list[torch.Tensor] | None = None  # record_hidden: the states of every processed position
     finished: bool = False
     finish_reason: str | None = None
     stopped_by_string: bool = False
@@ -150,6 +152,7 @@ class Sequence:
             len(self.prompt_ids), len(self.output_ids), self.stats.to_dict(), self.cached_tokens,
             self.logprobs[self._sent_tokens :] if self.params.logprobs is not None else None,
             dict(self.timings) if self.finished else None,
+            torch.cat(self.hidden_trace) if self.finished and self.hidden_trace is not None else None,
         )
         self._sent_chars = max(self._sent_chars, safe)
         self._sent_tokens = len(self.output_ids)

@@ -81,11 +81,15 @@ def heldout_acceptance(adapter_dir: Path, dtype: str) -> dict:
 def ship(final: Path, manifest: dict, dest: Path = SHIP_DIR) -> Path:
     from models.training.recipe import file_hashes
     from models.weights.checkpoint import replacing
+    from models.weights.speculator import SPECULATOR_DIR
 
     with replacing(dest) as tmp:
         for path in final.iterdir():
             shutil.copy2(path, tmp / path.name)
-    manifest = dict(manifest, files=file_hashes(dest))
+        if (dest / SPECULATOR_DIR).is_dir():  # the MLP speculator beside it has its own recipe and manifest
+            shutil.copytree(dest / SPECULATOR_DIR, tmp / SPECULATOR_DIR)
+    manifest = dict(manifest, files={k: v for k, v in file_hashes(dest).items()
+                                     if not k.startswith(SPECULATOR_DIR + "/")})
     (dest / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return dest
 

@@ -127,8 +127,20 @@ class SpeculatorTrainConfig:
     inner_dim: int = field(0, "speculator state size; 0 = the base model's hidden size")
     tie_weights: bool = field(False, "one set of weights for every head after the first projection "
                                      "(fewer parameters when there are many heads)")
-    # Data: stage 1 = teacher forcing on corpus windows, stage 2 = the base model's own continuations
-    seq_len: int = field(256, "tokens per stage-1 training window")
+    base_tied: bool = field(False, "use the base's frozen token embedding and LM head in every head; the "
+                                   "speculator learns square maps only (a few MB instead of 2 x V x inner a head)")
+    draft_vocab: int = field(0, "base_tied: heads score the N most frequent tokens of the data (0 = all)")
+    # Data, option 1: recorded by the served engine (models/training/data/speculator_data.py). Stage 1 = every
+    # position (prompts: ordinary text), stage 2 = the answer positions (the base model's own output)
+    hidden_data: str = field("", "folder of shards with the served base's hidden states; when set, no base forward "
+                                 "runs and the corpus / distill options are unused")
+    heldout_data: str = field("", "recorded held-out shards: greedy acceptance by position every eval_every steps")
+    labels: Literal["kl", "ce"] = field("kl", "recorded data: kl = the base's distribution over the draft vocabulary "
+                                              "(its LM head on the recorded states), ce = the recorded token")
+    autocast: bool = field(False, "bf16 autocast for the speculator's matmuls (CPUs with avx512_bf16, GPUs)")
+    eval_every: int = field(0, "held-out acceptance every N steps (0 = at the end only)")
+    # Data, option 2: stage 1 = teacher forcing on corpus windows, stage 2 = the base model's own continuations
+    seq_len: int = field(256, "tokens per training window")
     stage2_fraction: float = field(0.3, "share of the steps (the last ones) trained on the base model's own greedy "
                                         "continuations, which greedy verification accepts, instead of the corpus")
     distill_sequences: int = field(256, "stage 2: generated sequences (once, cached in output_dir/cache)")
@@ -156,10 +168,13 @@ class SpeculatorTrainConfig:
         checks = [
             (bool(self.model), "--model (the base model directory) is required"),
             (self.n_predict >= 1 and self.inner_dim >= 0, "n_predict must be >= 1 and inner_dim >= 0"),
+            (self.draft_vocab >= 0 and (self.base_tied or not self.draft_vocab), "draft_vocab needs base_tied"),
+            (self.base_tied == bool(self.hidden_data),
+             "base_tied speculators train on recorded data (hidden_data), and recorded data trains base_tied ones"),
             (self.seq_len >= self.n_predict + 2, f"seq_len must be >= n_predict + 2, got {self.seq_len}"),
-            (self.stage2_fraction == 0 or 0 < self.distill_context <= self.seq_len,
+            (self.stage2_fraction == 0 or bool(self.hidden_data) or 0 < self.distill_context <= self.seq_len,
              "distill_context must be in [1, seq_len]"),
-            (self.stage2_fraction == 0 or self.distill_new_tokens >= self.n_predict + 1,
+            (self.stage2_fraction == 0 or bool(self.hidden_data) or self.distill_new_tokens >= self.n_predict + 1,
              "distill_new_tokens must be >= n_predict + 1"),
             (0.0 <= self.stage2_fraction <= 1.0, "stage2_fraction must lie in [0, 1]"),
             (self.batch_size >= 1 and self.max_steps >= 1 and self.lr > 0, "batch_size, max_steps >= 1, lr > 0"),

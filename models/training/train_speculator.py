@@ -21,6 +21,7 @@ checkpoint (`MODEL/speculator/`, or `save_to`), where `Engine.from_pretrained` f
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 
 from models.config import to_yaml
 from models.errors import ConfigError
+from models.training.data.speculator_data import RecordedBatch, RecordedData, load_rows
 from models.training.data.windows import (
     Batch,
     DistillDataset,
@@ -125,6 +127,7 @@ class SpeculatorRun:
             raise ConfigError(f"{directory} holds a speculator with {saved.config}, not {self.speculator.config}: "
                               "use another output_dir, or --resume false")
         self.speculator.load_state_dict(saved.state_dict())
+        self.speculator.set_vocab(saved.vocab_ids)
         state = torch.load(directory / TRAINER_STATE, weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -144,10 +147,165 @@ def train_step(run: SpeculatorRun, model, batch: Batch, device: torch.device) ->
     return per_head
 
 
+# ---- recorded data: the served engine's own states (models/training/data/speculator_data.py) ----------------
+def recorded_loss(speculator: MLPSpeculator, batch: RecordedBatch, labels: str) -> tuple[torch.Tensor, list[float]]:
+    """Sum over heads of the mean loss at trained positions. kl: cross-entropy to the base's distribution over
+    the draft vocabulary (its LM head on the recorded state that predicted the target); ce: the recorded token."""
+    n, W = speculator.n_predict, batch.hidden.shape[1]
+    state = batch.hidden.float()
+    if labels == "kl":
+        with torch.no_grad():
+            teacher = torch.log_softmax((batch.teacher.float() @ speculator.base_head.float().T), -1)  # [B, S, Vd]
+    else:
+        local = torch.full((speculator.config.vocab_size,), IGNORE, dtype=torch.long)
+        local[speculator.vocab_ids] = torch.arange(speculator.vocab_ids.numel())
+    losses = []
+    for i in range(n):
+        state = speculator.advance(i, state, batch.tokens[:, i : i + W])
+        mask = batch.trained & batch.valid[:, i : i + W]  # [B, W]
+        logp = torch.log_softmax(speculator.logits(i, state[mask]).float(), -1)  # [N, Vd]
+        if labels == "kl":
+            losses.append(-(teacher[:, i : i + W][mask].exp() * logp).sum(-1).mean())
+        else:
+            target = local[batch.tokens[:, i + 1 : i + 1 + W][mask]]
+            losses.append(F.nll_loss(logp, target, ignore_index=IGNORE))
+    stacked = torch.stack(losses)
+    return stacked.sum(), stacked.tolist()
+
+
+@torch.no_grad()
+def recorded_acceptance(speculator: MLPSpeculator, rows: list[dict]) -> dict:
+    """Greedy chains drafted at every answer position of recorded greedy rows against what the base produced:
+    mean accepted per iteration (the longest matching prefix) and the share reaching each position."""
+    speculator.eval()
+    states, first, truth = [], [], []
+    n = speculator.n_predict
+    for row in rows:
+        if row["kind"].endswith("-sampled"):
+            continue
+        ids, L = torch.tensor(row["ids"]), len(row["ids"])
+        pos = torch.arange(row["prompt_len"] - 1, L - 2)  # cur = ids[p + 1], drafts target ids[p + 2 ..]
+        if pos.numel() == 0:
+            continue
+        states.append(row["hidden"][pos].float())
+        first.append(ids[pos + 1])
+        ahead = pos[:, None] + 2 + torch.arange(n)[None]  # [P, n]
+        truth.append(torch.where(ahead < L, ids[ahead.clamp(max=L - 1)], -1))
+    state, token, truth = torch.cat(states), torch.cat(first), torch.cat(truth)
+    matched = []
+    for i in range(n):
+        state, logits = speculator.step(i, state, token)
+        token = speculator.vocab_ids[logits.argmax(-1)]
+        matched.append(token == truth[:, i])
+    prefix = torch.stack(matched, 1).long().cumprod(1)  # [P, n]: drafts 1..i all accepted
+    return {"positions": int(prefix.shape[0]), "mean_accepted": float(prefix.sum(1).float().mean()),
+            "by_position": [round(float(v), 4) for v in prefix.float().mean(0)]}
+
+
+def draft_vocabulary(data: RecordedData, tokenizer, vocab_size: int, size: int,
+                     data_weight: int = 10) -> tuple[torch.Tensor, float]:
+    """The `size` most frequent tokens, counted over the standard library's training split (code, comments,
+    docstrings) plus the recorded rows (prompts and the model's own answers, counted `data_weight` times:
+    they are what the speculator drafts), and the share of the recorded tokens they cover."""
+    from models.training.data.corpus import read_text
+    from models.training.data.self_distill import stdlib_split
+
+    recorded = data.token_counts(vocab_size)
+    counts = recorded * data_weight
+    for ids in tokenizer([read_text(p) for p in stdlib_split(False)], add_special_tokens=False)["input_ids"]:
+        counts += torch.bincount(torch.tensor(ids, dtype=torch.long), minlength=vocab_size)[:vocab_size]
+    top = counts.topk(size).indices.sort().values
+    return top, float(recorded[top].sum() / recorded.sum())
+
+
+def train_recorded(cfg: SpeculatorTrainConfig, progress: bool = True, rank: int = 0, world: int = 1) -> dict:
+    """Train (or resume) a base_tied speculator on recorded shards (cfg.hidden_data). One process (world=1),
+    or worker `rank` of `world` data-parallel workers whose torch.distributed group is up
+    (services/jobs/train_ray.py): each takes every world-th window of a step's batch, the gradients are
+    averaged, and rank 0 alone writes files."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    from models.training.train_adapter import _average_gradients
+
+    if world > cfg.batch_size:
+        raise ConfigError(f"{world} workers need batch_size >= {world} (each takes every {world}-th window)")
+    lead = rank == 0
+
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = load_model(cfg.model, dtype=torch.float32, device="cpu").requires_grad_(False)
+    embedding = model.get_input_embeddings().weight.detach()
+    head = model.get_output_embeddings().weight.detach()
+    data = RecordedData(load_rows(cfg.hidden_data), cfg.seq_len, cfg.n_predict, cfg.seed)
+    heldout = load_rows(cfg.heldout_data) if cfg.heldout_data else []
+    torch.manual_seed(cfg.seed)
+    speculator = MLPSpeculator(SpeculatorConfig(
+        emb_dim=model.config.hidden_size, vocab_size=embedding.shape[0], n_predict=cfg.n_predict,
+        inner_dim=cfg.inner_dim, tie_weights=cfg.tie_weights, base_tied=True, draft_vocab=cfg.draft_vocab))
+    vocab, coverage = draft_vocabulary(data, load_tokenizer(cfg.model), embedding.shape[0],
+                                       cfg.draft_vocab or embedding.shape[0])
+    speculator.set_vocab(vocab)
+    run = SpeculatorRun(cfg, speculator, *build_optimizer(speculator, cfg))
+    last = out / LAST
+    resumed = cfg.resume and (last / TRAINER_STATE).is_file()
+    if resumed:
+        run.load(last, "cpu")
+    speculator.attach_base(embedding, head)
+    run.metrics.setdefault("train_seconds", 0.0)
+    run.metrics.update(draft_vocab_coverage=round(coverage, 4), rows=len(data.rows),
+                       positions=sum(len(r["ids"]) - 1 for r in data.rows))
+    bar = tqdm(total=cfg.max_steps, initial=run.step, desc="train speculator", disable=not (progress and lead))
+    curve = run.metrics.setdefault("curve", [])
+    with (out / "log.jsonl").open("a" if resumed else "w") if lead else contextlib.nullcontext() as log:
+        while run.step < cfg.max_steps:
+            t0 = time.time()
+            stage = 1 if run.step < cfg.stage1_steps else 2
+            batch = data.batch(run.step, cfg.batch_size, answers_only=stage == 2).part(rank, world)
+            speculator.train()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.autocast):
+                loss, per_head = recorded_loss(speculator, batch, cfg.labels)
+            run.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if world > 1:
+                _average_gradients(list(speculator.parameters()), world)
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(speculator.parameters(), cfg.grad_clip)
+            run.optimizer.step()
+            run.scheduler.step()
+            run.step += 1
+            run.metrics["train_seconds"] += time.time() - t0
+            run.metrics.update(step=run.step, stage=stage, loss=sum(per_head), loss_per_head=per_head,
+                               lr=run.scheduler.get_last_lr()[0])
+            bar.set_postfix(stage=stage, loss=f"{sum(per_head):.3f}", refresh=False)
+            bar.update(1)
+            evaluate = heldout and cfg.eval_every and run.step % cfg.eval_every == 0
+            if evaluate or (heldout and run.step == cfg.max_steps):
+                acceptance = recorded_acceptance(speculator, heldout)
+                curve.append({"step": run.step, "minutes": round(run.metrics["train_seconds"] / 60, 2), **acceptance})
+                run.metrics["heldout"] = acceptance
+            if lead and (run.step % cfg.log_every == 0 or run.step == cfg.max_steps or evaluate):
+                log.write(json.dumps({k: v for k, v in run.metrics.items() if k != "curve"}) + "\n")
+                log.flush()
+            if lead and (run.step % cfg.save_every == 0 or run.step == cfg.max_steps):
+                run.save(last)
+    bar.close()
+    target = Path(cfg.save_to) if cfg.save_to else Path(cfg.model) / SPECULATOR_DIR
+    run.metrics.update(resumed_from=str(last) if resumed else None, saved_to=str(target), workers=world)
+    if lead:
+        run.save(target, final=True)
+    return run.metrics
+
+
 def train_speculator(cfg: SpeculatorTrainConfig, progress: bool = True) -> dict:
     """Train (or resume) a speculator for cfg.model; returns the final metrics. See the module docstring."""
     from tqdm.auto import tqdm
 
+    if cfg.hidden_data:
+        return train_recorded(cfg, progress)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     out, device = Path(cfg.output_dir), resolve_device(cfg.device)

@@ -30,6 +30,7 @@ from models.errors import ConfigError
 SPECULATOR_DIR = "speculator"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+VOCAB_FILE = "vocab.safetensors"  # base_tied: the draft vocabulary's token ids
 
 
 @dataclass(frozen=True)
@@ -39,10 +40,17 @@ class SpeculatorConfig:
     n_predict: int = 3  # heads: the most tokens drafted per iteration
     inner_dim: int = 0  # the speculator's state size; 0 = emb_dim
     tie_weights: bool = False  # one embedding, LN, head and (after the first) projection shared by all heads
+    # base_tied: the base's own frozen token embedding and tied LM head stand in for every head's embedding
+    # and output matrix (each V x inner, 28M parameters a head on SmolLM2); the speculator learns only square
+    # maps into and out of them, so its file stays a few MB. Needs attach_base() before use.
+    base_tied: bool = False
+    draft_vocab: int = 0  # base_tied: heads score only these many tokens (the most frequent; 0 = all)
 
     def __post_init__(self):
         if self.n_predict < 1 or self.emb_dim < 1 or self.vocab_size < 1 or self.inner_dim < 0:
             raise ConfigError(f"bad speculator config {self}: n_predict, emb_dim, vocab_size >= 1, inner_dim >= 0")
+        if not 0 <= self.draft_vocab <= self.vocab_size or (self.draft_vocab and not self.base_tied):
+            raise ConfigError(f"bad speculator config {self}: draft_vocab in [0, vocab_size], with base_tied only")
 
     @property
     def state_dim(self) -> int:
@@ -68,13 +76,21 @@ class MLPSpeculator(nn.Module):
     def __init__(self, config: SpeculatorConfig):
         super().__init__()
         self.config = config
-        n, inner, tie = config.n_predict, config.state_dim, config.tie_weights
-        self.emb = _heads(lambda: nn.Embedding(config.vocab_size, inner), n, tie)
+        n, inner, tie, dim = config.n_predict, config.state_dim, config.tie_weights, config.emb_dim
+        if config.base_tied:  # square maps around the base's frozen tables (attach_base)
+            self.emb = _heads(lambda: nn.Linear(dim, inner, bias=False), n, tie)
+            self.head = _heads(lambda: nn.Linear(inner, dim, bias=False), n, tie)
+        else:
+            self.emb = _heads(lambda: nn.Embedding(config.vocab_size, inner), n, tie)
+            self.head = _heads(lambda: nn.Linear(inner, config.vocab_size, bias=False), n, tie)
         # the first projection reads the base model's state, whose size may differ: never tied
-        self.proj = nn.ModuleList([nn.Linear(config.emb_dim, inner, bias=False),
+        self.proj = nn.ModuleList([nn.Linear(dim, inner, bias=False),
                                    *_heads(lambda: nn.Linear(inner, inner, bias=False), n - 1, tie)])
         self.ln = _heads(lambda: ScaledNorm(inner), n, tie)
-        self.head = _heads(lambda: nn.Linear(inner, config.vocab_size, bias=False), n, tie)
+        # base_tied: the draft vocabulary (saved) and the base's tables (attached, never saved)
+        self.register_buffer("vocab_ids", torch.arange(config.draft_vocab or config.vocab_size), persistent=False)
+        self.base_embedding: torch.Tensor | None = None  # [V, emb_dim]
+        self.base_head: torch.Tensor | None = None  # [draft_vocab, emb_dim]: the LM head's rows of vocab_ids
         self.activation = nn.GELU()
         # The paper's weighting: over the n_predict heads the base state's weight decays to sqrt(1/2);
         # the token embedding's grows with inner_dim, as its rows start with std 1/sqrt(inner_dim).
@@ -88,11 +104,77 @@ class MLPSpeculator(nn.Module):
     def n_predict(self) -> int:
         return self.config.n_predict
 
-    def step(self, i: int, state: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Head i: state [..., D_in] and the previous token [...] -> (next state [..., inner], logits [..., V])."""
-        mixed = self.state_weight * self.proj[i](state) + self.emb_weight * self.emb[i](tokens)
-        state = self.activation(self.ln[i](mixed))
-        return state, self.head[i](state)
+    def set_vocab(self, vocab_ids: torch.Tensor) -> None:
+        """base_tied: the draft vocabulary, [draft_vocab] token ids (training picks the most frequent)."""
+        if vocab_ids.shape != self.vocab_ids.shape:
+            raise ConfigError(f"draft vocabulary of {vocab_ids.numel()} ids; the config says {self.vocab_ids.numel()}")
+        self.vocab_ids = vocab_ids.to(self.vocab_ids.device, torch.long)
+
+    def attach_base(self, embedding: torch.Tensor, lm_head: torch.Tensor | None = None) -> MLPSpeculator:
+        """base_tied: the frozen base's token embedding [V, emb_dim] and LM head weight (default: the
+        embedding, as in tied models). Only the draft vocabulary's head rows are kept."""
+        if self.config.base_tied:
+            head = embedding if lm_head is None else lm_head
+            dtype = next(self.parameters()).dtype
+            self.base_embedding = embedding.detach()
+            self.base_head = head.detach()[self.vocab_ids.to(head.device)].to(dtype)
+        return self
+
+    def quantize_head(self) -> MLPSpeculator:
+        """int4 engines: the draft head's rows as int8 with one scale per row, the served LM head's own scheme and
+        kernel (a quarter of the bf16 rows' bytes). Not a submodule: never saved, and .to() leaves it alone."""
+        from models.weights.quant import Int8Linear
+
+        if self.base_head is None:
+            raise ConfigError("quantize_head() needs attach_base() first")
+        object.__setattr__(self, "int8_head", Int8Linear(self.base_head.float()))
+        return self
+
+    def _apply(self, fn, recurse=True):  # .to(): the attached tables follow the speculator's device and dtype
+        super()._apply(fn, recurse)
+        if self.base_head is not None:
+            self.base_head = fn(self.base_head)
+            self.base_embedding = self.base_embedding.to(self.base_head.device)
+        return self
+
+    # `linear(module, x)` runs the speculator's own nn.Linear layers: module(x) by default; the engine passes its
+    # kernels (models/engine/llama.py's project), which are several times faster for one row on a CPU.
+    def embed(self, i: int, tokens: torch.Tensor, linear=None) -> torch.Tensor:
+        if not self.config.base_tied:
+            return self.emb[i](tokens)
+        if self.base_embedding is None:
+            raise ConfigError("a base_tied speculator needs attach_base(embedding) before use")
+        x = self.base_embedding[tokens].to(self.emb[i].weight.dtype)
+        return linear(self.emb[i], x) if linear else self.emb[i](x)
+
+    def logits(self, i: int, state: torch.Tensor, linear=None) -> torch.Tensor:
+        """Head i's scores: [..., V], or [..., draft_vocab] over vocab_ids when base_tied."""
+        if not self.config.base_tied:
+            return self.head[i](state)
+        out = linear(self.head[i], state) if linear else self.head[i](state)
+        if self.__dict__.get("int8_head") is not None:
+            return self.int8_head(out).to(state.dtype)
+        return out @ self.base_head.T
+
+    def to_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """Draft-vocabulary scores [..., draft_vocab] -> [..., V], -inf elsewhere (unchanged when all are scored)."""
+        if logits.shape[-1] == self.config.vocab_size:
+            return logits
+        full = logits.new_full((*logits.shape[:-1], self.config.vocab_size), float("-inf"))
+        return full.scatter_(-1, self.vocab_ids.to(logits.device).expand_as(logits), logits)
+
+    def advance(self, i: int, state: torch.Tensor, tokens: torch.Tensor, linear=None) -> torch.Tensor:
+        """Head i's state: state [..., D_in] and the previous token [...] -> [..., inner]."""
+        projected = linear(self.proj[i], state) if linear else self.proj[i](state)
+        mixed = self.state_weight * projected + self.emb_weight * self.embed(i, tokens, linear)
+        return self.activation(self.ln[i](mixed))
+
+    def step(self, i: int, state: torch.Tensor, tokens: torch.Tensor,
+             linear=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head i: state [..., D_in] and the previous token [...] -> (next state [..., inner], logits). Logits
+        are [..., V]; with base_tied they cover vocab_ids only ([..., draft_vocab])."""
+        state = self.advance(i, state, tokens, linear)
+        return state, self.logits(i, state, linear)
 
     def forward(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Teacher forcing. hidden: [B, N, emb_dim], the base state at positions 0..N-1; tokens:
@@ -111,7 +193,12 @@ class MLPSpeculator(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         (path / CONFIG_FILE).write_text(json.dumps({"model_type": "mlp_speculator", **asdict(self.config)},
                                                    indent=2) + "\n")
-        save_model(self, str(path / WEIGHTS_FILE))  # tied heads are stored once
+        # tied heads are stored once; the draft vocabulary travels as a tensor, the base's tables never do
+        from safetensors.torch import save_file
+
+        save_model(self, str(path / WEIGHTS_FILE))
+        if self.config.base_tied:
+            save_file({"vocab_ids": self.vocab_ids.cpu().contiguous()}, str(path / VOCAB_FILE))
         return path
 
     @classmethod
@@ -128,6 +215,12 @@ class MLPSpeculator(nn.Module):
             raise ConfigError(f"{path / CONFIG_FILE}: unsupported speculator option(s) {', '.join(unknown)}")
         speculator = cls(SpeculatorConfig(**data))
         load_model(speculator, str(path / WEIGHTS_FILE))
+        if speculator.config.base_tied:
+            from safetensors.torch import load_file
+
+            if not (path / VOCAB_FILE).is_file():
+                raise ConfigError(f"{path} holds a base_tied speculator without its {VOCAB_FILE}")
+            speculator.set_vocab(load_file(str(path / VOCAB_FILE))["vocab_ids"])
         return speculator.to(device).eval()
 
     @classmethod

@@ -187,9 +187,9 @@ def _run_engine(engine, ids: list[int], method: str, k: int, n: int) -> tuple[li
     from models.engine import SamplingParams
 
     params = SamplingParams(max_new_tokens=n, ignore_eos=True, method=method, k=k)
-    t0 = time.perf_counter()
+    draft0, t0 = engine.draft_seconds, time.perf_counter()
     out = engine.generate(ids, params)
-    return out["token_ids"], out["stats"], time.perf_counter() - t0
+    return out["token_ids"], dict(out["stats"], draft_s=engine.draft_seconds - draft0), time.perf_counter() - t0
 
 
 def _run_hf(model, ids: list[int], method: str, k: int, n: int) -> tuple[list[int], dict, float]:
@@ -241,6 +241,7 @@ def run_bench(model_dir: str, prompts: list, max_new_tokens: int, ks: list[int],
     for method, k in runs:  # warm-up
         run(method, k, encoded[0][:32], 8)
     times = {r: [[] for _ in prompts] for r in runs}
+    draft_times = {r: [[] for _ in prompts] for r in runs}  # seconds spent drafting, per run
     outputs, stats = {}, {(r, p): SpecStats() for r in runs for p in range(len(prompts))}
     bar = tqdm(total=reps * len(prompts) * len(runs), desc="bench", disable=not progress)
     for rep in range(reps):
@@ -249,6 +250,7 @@ def run_bench(model_dir: str, prompts: list, max_new_tokens: int, ks: list[int],
             for r in order:
                 tokens, st, dt = run(*r, ids, max_new_tokens)
                 times[r][p].append(dt)
+                draft_times[r][p].append(st.get("draft_s", 0.0))
                 outputs.setdefault((r, p), tokens)
                 if rep == 0 and st:
                     stats[(r, p)].merge(SpecStats(**{k: st[k] for k in ("forwards", "iterations", "drafted", "accepted",
@@ -259,10 +261,10 @@ def run_bench(model_dir: str, prompts: list, max_new_tokens: int, ks: list[int],
     for name, count in (prompt_sets or {}).items():
         start = sum(len(v) for v in sets.values())
         sets[name] = list(range(start, min(start + count, len(prompts))))
-    return summarize(runs, prompts, times, outputs, stats, max_new_tokens, engine, ks, model_dir, sets)
+    return summarize(runs, prompts, times, outputs, stats, max_new_tokens, engine, ks, model_dir, sets, draft_times)
 
 
-def summarize(runs, prompts, times, outputs, stats, n, engine, ks, model_dir, sets=None) -> dict:
+def summarize(runs, prompts, times, outputs, stats, n, engine, ks, model_dir, sets=None, draft_times=None) -> dict:
     from models.engine import SpecStats
 
     widths = sorted({k + 1 for k in ks} | {(k + 1) ** 2 for k in ks})
@@ -277,8 +279,13 @@ def summarize(runs, prompts, times, outputs, stats, n, engine, ks, model_dir, se
             merged = SpecStats()
             for p in which:
                 merged.merge(stats[(r, p)])
-            out.append(_row(r, merged.to_dict() if merged.emitted else {}, n * len(which) / total,
-                            ar_time / total, same / len(which), total, ratios))
+            row = _row(r, merged.to_dict() if merged.emitted else {}, n * len(which) / total,
+                       ar_time / total, same / len(which), total, ratios)
+            if draft_times is not None and merged.iterations and r[0] != "ar":  # the draft's own cost
+                drafting = sum(statistics.median(draft_times[r][p]) for p in which)
+                row["draft_ms_per_iteration"] = 1e3 * drafting / merged.iterations
+                row["draft_share_of_time"] = drafting / total
+            out.append(row)
         return out
 
     results = rows(list(range(len(prompts))))

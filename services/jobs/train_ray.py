@@ -97,6 +97,22 @@ def fit_ray_adapter(cfg, scale: ScaleConfig, progress: bool = True) -> dict:
     return dict(trainer.fit().metrics)
 
 
+def fit_ray_speculator(cfg, scale: ScaleConfig, progress: bool = True) -> dict:
+    """A base-tied MLP speculator on recorded data (models/training/train_speculator.py's train_recorded) on
+    `scale.workers` Ray Train workers: each takes every N-th window of a step's batch and the gradients are
+    averaged; rank 0 writes checkpoint-last, which a restarted group or a re-run resumes from."""
+    if not cfg.hidden_data:
+        raise ConfigError("--workers trains the base-tied speculator on recorded data: set --hidden-data")
+    if scale.workers < 1 or scale.workers > cfg.batch_size:
+        raise ConfigError(f"the speculator trains on 1..batch_size ({cfg.batch_size}) workers, got {scale.workers}")
+    absolute = {name: str(Path(value).resolve()) for name in ("hidden_data", "heldout_data", "output_dir", "save_to",
+                                                              "model") if (value := getattr(cfg, name))}
+    cfg = dataclasses.replace(cfg, **absolute)
+    trainer = _torch_trainer(_speculator_worker_loop, {"cfg": cfg, "scale": scale, "progress": progress}, scale,
+                             Path(cfg.output_dir), {})
+    return dict(trainer.fit().metrics)
+
+
 def _torch_trainer(loop, loop_config: dict, scale: ScaleConfig, out: Path, run_options: dict):
     """A TorchTrainer of `scale.workers` workers (gloo on CPUs, NCCL on GPUs) whose run is named after
     `out` and kept under `scale.storage_path` (default out/ray); joins or starts Ray first."""
@@ -136,6 +152,23 @@ def _adapter_worker_loop(config: dict) -> None:
     final = Path(cfg.output_dir) / "final"
     checkpoint = ray.train.Checkpoint.from_directory(final) if rank == 0 else None
     ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name="final",
+                     delete_local_checkpoint_after_upload=False)
+
+
+def _speculator_worker_loop(config: dict) -> None:
+    import ray.train
+
+    from models.training.train_speculator import train_recorded
+
+    cfg, scale = config["cfg"], config["scale"]
+    ctx = ray.train.get_context()
+    if not cfg.num_threads:
+        torch.set_num_threads(max(1, int(scale.cpus_per_worker)))
+    rank = ctx.get_world_rank()
+    metrics = train_recorded(cfg, progress=config["progress"], rank=rank, world=ctx.get_world_size())
+    # the driver's result carries the metrics reported with a checkpoint: rank 0's, with the final speculator
+    checkpoint = ray.train.Checkpoint.from_directory(metrics["saved_to"]) if rank == 0 else None
+    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name="speculator",
                      delete_local_checkpoint_after_upload=False)
 
 

@@ -148,9 +148,15 @@ class Decoder:
                                      k: v for k, v in speculation_attributes(out.stats).items() if v is not None}})
 
     def ready(self) -> dict:
+        from models.engine.config import METHODS
+        from models.engine.drafters import drafter_for
+
         report = self.engine.invariance
+        unavailable = {m: why for m in METHODS if (why := drafter_for(m).unavailable(self.engine)) is not None}
         return {"ready": True, "model": self.config.model_name, "max_context": self.engine.max_context,
                 "sat": dataclasses.asdict(self.engine.sat) if self.engine.sat else None,
+                "methods": {"default": self.engine.config.method,
+                            "available": [m for m in METHODS if m not in unavailable], "unavailable": unavailable},
                 "speculation": {"lossless": self.engine.speculation_lossless,
                                 "self_check": report.to_dict() if report is not None else None,
                                 "summary": report.summary() if report is not None else "not checked"}}

@@ -175,7 +175,14 @@ class Router:
 
     @app.get("/v1/models")
     async def models(self) -> dict:
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "sdsat-serving"}
+        """OpenAI's list, each model with the decoding methods its replicas accept (`speculation.method`) once a
+        replica is up (OpenAI clients ignore the extra field)."""
+        try:
+            methods = (await asyncio.wait_for(self.decoder.ready.remote(), timeout=5))["methods"]
+        except Exception:  # no replica up yet: the list alone
+            methods = None
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "sdsat-serving",
+                                            **({"methods": methods} if methods else {})}
                                            for name in self.model_names]}
 
     @app.get("/metrics")

@@ -9,8 +9,15 @@ from svc_helpers import app_args, free_port
 
 @pytest.fixture(scope="session")
 def ray_session():
+    import os
+
     import ray
 
+    # Serve's controller marks a proxy unhealthy after 3 health checks of 10 s (ready check: 5 s); on 2 busy cores
+    # a new proxy process can take longer than that to start, and was killed before it ran. The Ray processes
+    # started below inherit these.
+    for name in ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S"):
+        os.environ.setdefault(name, "60")
     ray.init(num_cpus=4, object_store_memory=128 * 2**20, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}},
              _system_config={"metrics_report_interval_ms": 1000})  # metrics tests wait on the export

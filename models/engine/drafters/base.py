@@ -40,6 +40,7 @@ class EngineView(Protocol):
     sat: SatSpec | None
     speculator: MLPSpeculator | None
     max_context: int
+    invariant_kernels: bool  # models/engine/kernels.py runs this engine's dense projections
 
     def _forward(self, seqs: list, chunks: list[list[int]], layouts=None, last_only: bool = False
                  ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -4,15 +4,21 @@ Drafting costs no base-model forward; the verify forward is plain [cur, d_1..d_k
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import torch
 
 from models.engine.drafters.base import Drafter, EngineView
+from models.engine.llama import project
 from models.engine.sampling import process_logits, sample_from
 
 if TYPE_CHECKING:
     from models.engine.sequence import Sequence
+
+
+def _linear(module, x, invariant: bool):
+    return project(module, x.reshape(-1, x.shape[-1]), invariant).reshape(*x.shape[:-1], -1)
 
 
 class MLPDrafter(Drafter):
@@ -27,19 +33,22 @@ class MLPDrafter(Drafter):
         return min(k, engine.speculator.n_predict)  # one head per draft
 
     def propose(self, engine: EngineView, seqs: list[Sequence]) -> None:
+        spec = engine.speculator
+        linear = functools.partial(_linear, invariant=engine.invariant_kernels)
         state = torch.stack([s.hidden for s in seqs])  # [B, H]
         tokens = torch.tensor([s.cur for s in seqs], device=engine.device)  # [B]
+        vocab_ids = spec.vocab_ids.cpu()  # a base-tied speculator scores its draft vocabulary only
         drafts, draft_probs = [[] for _ in seqs], [[] for _ in seqs]
         for i in range(max(s.k_now for s in seqs)):
-            state, logits = engine.speculator.step(i, state, tokens)
-            logits = logits.float().cpu()  # [B, V]
-            chosen = logits.argmax(-1)  # [B] greedy drafts; sampled ones replace theirs below
+            state, logits = spec.step(i, state, tokens, linear)
+            logits = logits.float().cpu()  # [B, V] or [B, draft_vocab]
+            chosen = vocab_ids[logits.argmax(-1)]  # [B] greedy drafts; sampled ones replace theirs below
             for b, seq in enumerate(seqs):
                 if i >= seq.k_now:
                     continue
                 if not seq.params.greedy:
                     p = seq.params
-                    q = process_logits(logits[b], p.temperature, p.top_p, p.top_k)  # [V]
+                    q = process_logits(spec.to_vocab(logits[b]), p.temperature, p.top_p, p.top_k)  # [V]
                     chosen[b] = sample_from(q, seq.uniforms(1)[0])
                     draft_probs[b].append(q)
                 drafts[b].append(int(chosen[b]))

@@ -133,3 +133,30 @@ def test_adapter_trains_on_two_ray_workers(ray_session, tmp_path, counting_sdsat
     assert [e["step"] for e in log] == list(range(1, 31))
     assert sum(e["loss"] for e in log[-5:]) < 0.7 * sum(e["loss"] for e in log[:5])
     assert (tmp_path / "run" / "final" / "adapter.safetensors").is_file()
+
+
+def test_speculator_trains_on_two_ray_workers(ray_session, tmp_path, counting_sdsat_dir):
+    """`sdsat train-speculator --hidden-data DIR --workers 2`: each worker takes half of every batch of recorded
+    windows, gradients are averaged, rank 0 writes the log and the base-tied speculator."""
+    from models.engine import Engine, EngineConfig
+    from models.training.data.speculator_data import generate_shard
+    from models.training.toy import COUNT_MOD
+    from models.training.train_config import SpeculatorTrainConfig
+    from models.weights.speculator import MLPSpeculator
+    from services.jobs.train_ray import fit_ray_speculator
+
+    engine = Engine.from_pretrained(counting_sdsat_dir, EngineConfig(method="ar", k=0, max_batch=8, max_context=128,
+                                                                     device="cpu", record_hidden=True))
+    rows = [{"kind": "completion", "ids": [1 + (s + i) % COUNT_MOD for i in range(5)]} for s in range(0, 24, 2)]
+    (tmp_path / "data").mkdir()
+    torch.save(generate_shard(engine, rows, {"completion": 24}, seed=0), tmp_path / "data" / "shard-00000.pt")
+    cfg = SpeculatorTrainConfig(model=str(counting_sdsat_dir), hidden_data=str(tmp_path / "data"), base_tied=True,
+                                draft_vocab=20, n_predict=2, seq_len=16, batch_size=8, max_steps=30, lr=5e-3,
+                                warmup_steps=2, stage2_fraction=0.5, output_dir=str(tmp_path / "run"),
+                                save_to=str(tmp_path / "speculator"), num_threads=1, save_every=10, log_every=1)
+    metrics = fit_ray_speculator(cfg, _scale(workers=2, cpus_per_worker=0.5), progress=False)
+    assert metrics["workers"] == 2 and metrics["step"] == 30
+    log = _log(tmp_path / "run")
+    assert [e["step"] for e in log] == list(range(1, 31))
+    assert sum(e["loss"] for e in log[-5:]) < 0.7 * sum(e["loss"] for e in log[:5])
+    assert MLPSpeculator.load(tmp_path / "speculator").vocab_ids.numel() == 20

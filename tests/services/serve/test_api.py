@@ -69,8 +69,11 @@ def test_models_health_ready(service):
     speculation = ready.json()["speculation"]  # the decoder's start-up self-check, on this host
     assert speculation["lossless"] is True and speculation["self_check"]["kernels"] == "invariant"
     assert speculation["self_check"]["failures"] == [] and speculation["self_check"]["widths"] == [2, 4, 8, 16]
+    methods = ready.json()["methods"]  # the counting test model has SAT tokens but no speculator beside it
+    assert set(methods["available"]) == {"ar", "sdsat", "sdsat-fused", "prompt-lookup"}
+    assert "speculator" in methods["unavailable"]["mlp"]
     models = httpx.get(service + "/v1/models").json()
-    assert [m["id"] for m in models["data"]] == ["counting"]
+    assert [m["id"] for m in models["data"]] == ["counting"] and models["data"][0]["methods"] == methods
 
 
 def test_speculation_extension_and_seeded_sampling(service):
