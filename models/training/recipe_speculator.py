@@ -9,7 +9,8 @@ Stages, each skipped when its output exists, each resumable after a kill:
 3. speculator: a base-tied MLP speculator (the base's embedding and LM head, a draft vocabulary) trained on
    those states (models/training/train_speculator.py's train_recorded); checkpoint-last every 25 steps;
 4. ship: the speculator in bf16 to models/checkpoints/NAME/speculator/ with manifest.json (data, steps,
-   minutes, held-out acceptance by position and its curve, the engine's greedy check against `ar`).
+   minutes, held-out acceptance by position and per engine-style iteration, the training curve, the
+   engine's greedy check against `ar`).
 """
 
 from __future__ import annotations
@@ -71,6 +72,19 @@ def engine_check(model_dir: Path) -> dict:
             "accepted_by_position": [round(x, 3) for x in by_pos]}
 
 
+def heldout_acceptance(final: Path, base_dir: Path, heldout: Path) -> dict:
+    """The trained speculator on the recorded held-out answers: per position and per engine-style iteration."""
+    from models.training.data.speculator_data import load_rows
+    from models.training.train_speculator import recorded_acceptance
+    from models.weights.checkpoint import load_model
+    from models.weights.speculator import MLPSpeculator
+
+    model = load_model(base_dir)
+    speculator = MLPSpeculator.load(final).attach_base(model.get_input_embeddings().weight.detach(),
+                                                      model.get_output_embeddings().weight.detach())
+    return recorded_acceptance(speculator, load_rows(heldout))
+
+
 def ship(final: Path, manifest: dict, dest: Path) -> Path:
     """The speculator in bf16 (the int4 engine drafts in bf16; an fp32 engine upcasts) with its manifest."""
     import torch
@@ -122,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         "train_config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
         "train": {k: v for k, v in metrics.items() if k not in ("curve", "saved_to", "resumed_from")},
         "curve": metrics.get("curve", []),
+        "heldout_acceptance": heldout_acceptance(final, base_dir, heldout),
     }
     dest = ship(final, manifest, SHIP_DIR / SPECULATOR_DIR)
     manifest["engine_check"] = engine_check(SHIP_DIR)

@@ -175,31 +175,49 @@ def recorded_loss(speculator: MLPSpeculator, batch: RecordedBatch, labels: str) 
 
 @torch.no_grad()
 def recorded_acceptance(speculator: MLPSpeculator, rows: list[dict]) -> dict:
-    """Greedy chains drafted at every answer position of recorded greedy rows against what the base produced:
-    mean accepted per iteration (the longest matching prefix) and the share reaching each position."""
+    """Greedy drafting on recorded greedy answers, two ways (k = n_predict):
+    - `mean_accepted` / `by_position`: a chain drafted at every answer position, compared with what the base
+      produced (the longest matching prefix), averaged over positions;
+    - `per_iteration` / `per_iteration_by_position`: the engine's own walk: draft at the answer's start, accept
+      the matching prefix, move past it and the bonus token, draft again. Positions reached this way are
+      harder than the average one (the previous chain failed just before them): this is what `sdsat bench`
+      measures, and it is lower."""
     speculator.eval()
-    states, first, truth = [], [], []
-    n = speculator.n_predict
-    for row in rows:
-        if row["kind"].endswith("-sampled"):
-            continue
+    n, dtype = speculator.n_predict, next(speculator.parameters()).dtype
+    rows = [r for r in rows if not r["kind"].endswith("-sampled") and len(r["ids"]) - r["prompt_len"] >= 2]
+
+    def chains(states: torch.Tensor, first: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+        """Accepted drafts [P] of chains from states [P, H] and first tokens [P] against truth [P, n]."""
+        state, token, alive, accepted = states.to(dtype), first, torch.ones(len(first), dtype=torch.bool), 0
+        for i in range(n):
+            state, logits = speculator.step(i, state, token)
+            token = speculator.vocab_ids[logits.argmax(-1)]
+            alive = alive & (token == truth[:, i])
+            accepted = accepted + alive.long()
+        return accepted
+
+    def truth_at(row: dict, pos: torch.Tensor) -> torch.Tensor:
         ids, L = torch.tensor(row["ids"]), len(row["ids"])
-        pos = torch.arange(row["prompt_len"] - 1, L - 2)  # cur = ids[p + 1], drafts target ids[p + 2 ..]
-        if pos.numel() == 0:
-            continue
-        states.append(row["hidden"][pos].float())
-        first.append(ids[pos + 1])
-        ahead = pos[:, None] + 2 + torch.arange(n)[None]  # [P, n]
-        truth.append(torch.where(ahead < L, ids[ahead.clamp(max=L - 1)], -1))
-    state, token, truth = torch.cat(states), torch.cat(first), torch.cat(truth)
-    matched = []
-    for i in range(n):
-        state, logits = speculator.step(i, state, token)
-        token = speculator.vocab_ids[logits.argmax(-1)]
-        matched.append(token == truth[:, i])
-    prefix = torch.stack(matched, 1).long().cumprod(1)  # [P, n]: drafts 1..i all accepted
-    return {"positions": int(prefix.shape[0]), "mean_accepted": float(prefix.sum(1).float().mean()),
-            "by_position": [round(float(v), 4) for v in prefix.float().mean(0)]}
+        ahead = pos[:, None] + 2 + torch.arange(n)[None]  # [P, n]: cur = ids[p + 1], drafts target ids[p + 2 ..]
+        return torch.where(ahead < L, ids[ahead.clamp(max=L - 1)], -1)
+
+    every = torch.cat([chains(r["hidden"][pos], torch.tensor(r["ids"])[pos + 1], truth_at(r, pos))
+                       for r in rows for pos in [torch.arange(r["prompt_len"] - 1, len(r["ids"]) - 2)]])
+    ptr = [r["prompt_len"] - 1 for r in rows]
+    walked = []
+    while active := [j for j, r in enumerate(rows) if ptr[j] < len(r["ids"]) - 2]:
+        pos = [torch.tensor([ptr[j]]) for j in active]
+        accepted = chains(torch.cat([rows[j]["hidden"][p] for j, p in zip(active, pos, strict=True)]),
+                          torch.tensor([rows[j]["ids"][ptr[j] + 1] for j in active]),
+                          torch.cat([truth_at(rows[j], p) for j, p in zip(active, pos, strict=True)]))
+        walked.append(accepted)
+        for j, a in zip(active, accepted.tolist(), strict=True):
+            ptr[j] += a + 1
+    walked = torch.cat(walked)
+    return {"positions": int(every.numel()), "mean_accepted": round(float(every.float().mean()), 4),
+            "by_position": [round(float((every > i).float().mean()), 4) for i in range(n)],
+            "iterations": int(walked.numel()), "per_iteration": round(float(walked.float().mean()), 4),
+            "per_iteration_by_position": [round(float((walked > i).float().mean()), 4) for i in range(n)]}
 
 
 def draft_vocabulary(data: RecordedData, tokenizer, vocab_size: int, size: int,
