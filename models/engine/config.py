@@ -44,9 +44,11 @@ class EngineConfig:
                      "CPU; sdpa = PyTorch's SDPA (GPUs always use it; the start-up self-check says whether "
                      "speculation stays lossless with it)")
     invariant_prefill: bool = cfg_field(
-        False, "prefill chunks wider than 16 rows through the invariant kernels too: a prompt's KV is then the same "
-               "bits however it is chunked, batched or taken from the prefix cache; costs 1.3-1.5x prefill time on a "
-               "1,000-1,900-token prompt on 2 vCPUs (docs/engine.md). Decode and verify always use them")
+        True, "prefill chunks wider than 16 rows through the invariant kernels too: a prompt's KV is then the same "
+              "bits however it is chunked, batched or taken from the prefix cache, so a greedy answer does not "
+              "depend on what the cache held (with false, SmolLM2 int4 gave another answer when 32 of 48 prompt "
+              "tokens came from the cache). Costs 1.3-1.5x prefill time on a 1,000-1,900-token prompt on 2 vCPUs "
+              "(docs/engine.md). Decode and verify always use them")
     self_check: bool = cfg_field(
         True, "at load, compare verify rows with the 1-token forward on this host (models/engine/invariance.py); "
               "if they differ, speculative methods serve ar. false skips the check and trusts the kernels")

@@ -63,6 +63,8 @@ def prefix_cache_from_config(cfg: DecoderConfig, engine):
         log.warning("SDSAT_CACHE_SECRET is not set: prefix-cache keys and signatures use a development secret")
         secret = "sdsat-development-secret"
     variant = "int4" if engine.weights_dtype == "int4" else ""
+    if not (engine.invariant_kernels and engine.config.invariant_prefill):  # other bits: never shared with them
+        variant += "+library-prefill"
     cache = PrefixCache(model_fingerprint(cfg.model_dir, variant), secret.encode(),
                         block_shape(engine.model.config, cfg.prefix_block_size), kv_dtype(engine.cache),
                         block_size=cfg.prefix_block_size, redis_url=url, ttl_s=cfg.prefix_ttl_s,

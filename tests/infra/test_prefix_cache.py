@@ -291,3 +291,28 @@ def test_a_quantized_variant_has_its_own_fingerprint(counting_sdsat_dir):
     dense = model_fingerprint(counting_sdsat_dir)
     assert model_fingerprint(counting_sdsat_dir, "int4") != dense
     assert model_fingerprint(counting_sdsat_dir, "") == dense
+
+
+def test_real_model_answers_the_same_cold_and_warm():
+    """SmolLM2 int4, as served: a prompt whose leading blocks come from the cache gets the answer it gets
+    prefilled whole (invariant prefill; with the library kernels the answer changed: docs/engine.md)."""
+    from models.training.recipe_adapter import SHIP_DIR
+    from models.weights.base_model import ensure_base_model
+    from models.weights.chat import encode_chat
+
+    ensure_base_model()
+    engine = Engine.from_pretrained(SHIP_DIR, EngineConfig(method="ar", k=0, max_batch=2, max_context=512,
+                                                           dtype="int4", device="cpu", self_check=False))
+    assert engine.config.invariant_prefill
+    engine.prefix_store = PrefixCache(b"real-model-probe" * 2, b"server-secret", block_shape(engine.model.config, 16),
+                                      torch.bfloat16, block_size=16, redis_url=SHARED_REDIS,
+                                      key_prefix=f"sdsat-test:{uuid.uuid4().hex}:")
+    task = "Write a Python function that parses an INI file into a dict of dicts."
+    prompt = encode_chat(engine.tokenizer, [{"role": "user", "content": task}])
+    longer = encode_chat(engine.tokenizer, [{"role": "user", "content": task + " Use configparser."}])
+    params = SamplingParams(max_new_tokens=48)
+    cold = engine.generate(prompt, params)
+    engine.generate(longer, params)  # offers its own blocks too
+    warm = engine.generate(prompt, params)
+    assert cold["cached_tokens"] == 0 and warm["cached_tokens"] >= 32
+    assert warm["token_ids"] == cold["token_ids"]
