@@ -46,6 +46,8 @@ class Engine:
         self.model, self.tokenizer, self.sat, self.config = model.eval(), tokenizer, sat, config
         self.adapter = adapter  # a models.weights.adapter.SatAdapter attached to `model` (SAT rows only), or None
         self.prefix_store = prefix_store  # a models.engine.prefix.PrefixStore, or None
+        if config.record_hidden and prefix_store is not None:  # cached prompt blocks would have no states
+            raise ConfigError("record_hidden (training data) needs an engine without a prefix cache")
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.decoder, self.lm_head = model.get_decoder(), model.get_output_embeddings()

@@ -152,7 +152,9 @@ class Sequence:
             len(self.prompt_ids), len(self.output_ids), self.stats.to_dict(), self.cached_tokens,
             self.logprobs[self._sent_tokens :] if self.params.logprobs is not None else None,
             dict(self.timings) if self.finished else None,
-            torch.cat(self.hidden_trace) if self.finished and self.hidden_trace is not None else None,
+            # a stop inside an accepted run leaves states past the last kept token: the output has L - 1
+            torch.cat(self.hidden_trace)[: self.context_len - 1] if self.finished and self.hidden_trace is not None
+            else None,
         )
         self._sent_chars = max(self._sent_chars, safe)
         self._sent_tokens = len(self.output_ids)
