@@ -264,18 +264,18 @@ def train_recorded(cfg: SpeculatorTrainConfig, progress: bool = True, rank: int 
     speculator = MLPSpeculator(SpeculatorConfig(
         emb_dim=model.config.hidden_size, vocab_size=embedding.shape[0], n_predict=cfg.n_predict,
         inner_dim=cfg.inner_dim, tie_weights=cfg.tie_weights, base_tied=True, draft_vocab=cfg.draft_vocab))
-    vocab, coverage = draft_vocabulary(data, load_tokenizer(cfg.model), embedding.shape[0],
-                                       cfg.draft_vocab or embedding.shape[0])
-    speculator.set_vocab(vocab)
     run = SpeculatorRun(cfg, speculator, *build_optimizer(speculator, cfg))
     last = out / LAST
     resumed = cfg.resume and (last / TRAINER_STATE).is_file()
-    if resumed:
+    if resumed:  # the checkpoint carries the draft vocabulary (and its coverage, in the metrics)
         run.load(last, "cpu")
+    else:
+        vocab, coverage = draft_vocabulary(data, load_tokenizer(cfg.model), embedding.shape[0],
+                                           cfg.draft_vocab or embedding.shape[0])
+        speculator.set_vocab(vocab)
+        run.metrics.update(draft_vocab_coverage=round(coverage, 4), train_seconds=0.0)
     speculator.attach_base(embedding, head)
-    run.metrics.setdefault("train_seconds", 0.0)
-    run.metrics.update(draft_vocab_coverage=round(coverage, 4), rows=len(data.rows),
-                       positions=sum(len(r["ids"]) - 1 for r in data.rows))
+    run.metrics.update(rows=len(data.rows), positions=sum(len(r["ids"]) - 1 for r in data.rows))
     bar = tqdm(total=cfg.max_steps, initial=run.step, desc="train speculator", disable=not (progress and lead))
     curve = run.metrics.setdefault("curve", [])
     with (out / "log.jsonl").open("a" if resumed else "w") if lead else contextlib.nullcontext() as log:

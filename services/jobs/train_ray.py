@@ -92,8 +92,8 @@ def fit_ray_adapter(cfg, scale: ScaleConfig, progress: bool = True) -> dict:
         raise ConfigError(f"the adapter trains on 1..batch_size ({cfg.batch_size}) workers, got {scale.workers}")
     cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).resolve()), output_dir=str(Path(cfg.output_dir).resolve()),
                               model=cfg.model and str(Path(cfg.model).resolve()))
-    trainer = _torch_trainer(_adapter_worker_loop, {"cfg": cfg, "scale": scale, "progress": progress}, scale,
-                             Path(cfg.output_dir), {})
+    trainer = _torch_trainer(_frozen_base_worker_loop, {"kind": "adapter", "cfg": cfg, "scale": scale,
+                                                        "progress": progress}, scale, Path(cfg.output_dir), {})
     return dict(trainer.fit().metrics)
 
 
@@ -108,8 +108,8 @@ def fit_ray_speculator(cfg, scale: ScaleConfig, progress: bool = True) -> dict:
     absolute = {name: str(Path(value).resolve()) for name in ("hidden_data", "heldout_data", "output_dir", "save_to",
                                                               "model") if (value := getattr(cfg, name))}
     cfg = dataclasses.replace(cfg, **absolute)
-    trainer = _torch_trainer(_speculator_worker_loop, {"cfg": cfg, "scale": scale, "progress": progress}, scale,
-                             Path(cfg.output_dir), {})
+    trainer = _torch_trainer(_frozen_base_worker_loop, {"kind": "speculator", "cfg": cfg, "scale": scale,
+                                                        "progress": progress}, scale, Path(cfg.output_dir), {})
     return dict(trainer.fit().metrics)
 
 
@@ -136,10 +136,15 @@ def _torch_trainer(loop, loop_config: dict, scale: ScaleConfig, out: Path, run_o
     )
 
 
-def _adapter_worker_loop(config: dict) -> None:
+def _frozen_base_worker_loop(config: dict) -> None:
+    """A worker of fit_ray_adapter (config["kind"] "adapter") or fit_ray_speculator ("speculator"): both
+    trainers take (cfg, progress, rank, world); rank 0 reports the final folder as the run's checkpoint."""
     import ray.train
 
-    from models.training.train_adapter import train
+    if config["kind"] == "adapter":
+        from models.training.train_adapter import train
+    else:
+        from models.training.train_speculator import train_recorded as train
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cfg, scale = config["cfg"], config["scale"]
@@ -148,27 +153,10 @@ def _adapter_worker_loop(config: dict) -> None:
         torch.set_num_threads(max(1, int(scale.cpus_per_worker)))
     rank = ctx.get_world_rank()
     metrics = train(cfg, progress=config["progress"], rank=rank, world=ctx.get_world_size())
-    # the driver's result carries the metrics reported with a checkpoint: rank 0's, with the final adapter
-    final = Path(cfg.output_dir) / "final"
+    # the driver's result carries the metrics reported with a checkpoint: rank 0's, with the final folder
+    final = Path(cfg.output_dir) / "final" if config["kind"] == "adapter" else Path(metrics["saved_to"])
     checkpoint = ray.train.Checkpoint.from_directory(final) if rank == 0 else None
-    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name="final",
-                     delete_local_checkpoint_after_upload=False)
-
-
-def _speculator_worker_loop(config: dict) -> None:
-    import ray.train
-
-    from models.training.train_speculator import train_recorded
-
-    cfg, scale = config["cfg"], config["scale"]
-    ctx = ray.train.get_context()
-    if not cfg.num_threads:
-        torch.set_num_threads(max(1, int(scale.cpus_per_worker)))
-    rank = ctx.get_world_rank()
-    metrics = train_recorded(cfg, progress=config["progress"], rank=rank, world=ctx.get_world_size())
-    # the driver's result carries the metrics reported with a checkpoint: rank 0's, with the final speculator
-    checkpoint = ray.train.Checkpoint.from_directory(metrics["saved_to"]) if rank == 0 else None
-    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name="speculator",
+    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=final.name,
                      delete_local_checkpoint_after_upload=False)
 
 
