@@ -168,11 +168,9 @@ __attribute__((target("avx512f"))) static void dots_avx512(const float *restrict
 }
 
 /* s[c] = exp_nonpositive(s[c] - top) for c < L: the same operations, sixteen at a time. */
-__attribute__((target("avx512f"))) static void exp_avx512(float *s, int64_t L, float top) {
-    const __m512 lo = _mm512_set1_ps(-87.0f), zero = _mm512_setzero_ps(), vtop = _mm512_set1_ps(top);
-    int64_t c = 0;
-    for (; c + 16 <= L; c += 16) {
-        const __m512 x = _mm512_sub_ps(_mm512_loadu_ps(s + c), vtop);
+__attribute__((target("avx512f"))) static inline __m512 exp16(__m512 x) {
+    const __m512 lo = _mm512_set1_ps(-87.0f), zero = _mm512_setzero_ps();
+    {
         const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
         __m512 y = _mm512_mask_blend_ps(under, x, lo);
         y = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(y, zero, _CMP_GT_OQ), y, zero);
@@ -191,9 +189,33 @@ __attribute__((target("avx512f"))) static void exp_avx512(float *s, int64_t L, f
         p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
         const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)), 23);
         const __m512 e = _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
-        _mm512_storeu_ps(s + c, _mm512_mask_blend_ps(under, e, zero));
+        return _mm512_mask_blend_ps(under, e, zero);
     }
+}
+
+__attribute__((target("avx512f"))) static void exp_avx512(float *s, int64_t L, float top) {
+    const __m512 vtop = _mm512_set1_ps(top);
+    int64_t c = 0;
+    for (; c + 16 <= L; c += 16) _mm512_storeu_ps(s + c, exp16(_mm512_sub_ps(_mm512_loadu_ps(s + c), vtop)));
     for (; c < L; c++) s[c] = exp_nonpositive(s[c] - top);
+}
+
+/* out[i] = silu(gate[i]) * up[i], sixteen at a time, with the operations of silu_mul_row below. */
+__attribute__((target("avx512f"))) static void silu_mul_avx512(const float *gate, const float *up, int64_t I,
+                                                               float *out) {
+    const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
+    int64_t i = 0;
+    for (; i + 16 <= I; i += 16) {
+        const __m512 x = _mm512_loadu_ps(gate + i);
+        const __mmask16 negative = _mm512_cmp_ps_mask(x, zero, _CMP_LT_OQ);
+        const __m512 e = exp16(_mm512_mask_blend_ps(negative, _mm512_sub_ps(zero, x), x));  /* e^-|x| */
+        const __m512 num = _mm512_mask_blend_ps(negative, x, _mm512_mul_ps(x, e));
+        _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_div_ps(num, _mm512_add_ps(one, e)), _mm512_loadu_ps(up + i)));
+    }
+    for (; i < I; i++) {
+        const float x = gate[i], e = exp_nonpositive(x < 0.0f ? x : 0.0f - x);
+        out[i] = (x < 0.0f ? x * e / (1.0f + e) : x / (1.0f + e)) * up[i];
+    }
 }
 /* linear_portable, sixteen outputs at a time (K a multiple of 16). */
 __attribute__((target("avx512f"))) static void linear_avx512(const float *restrict x, int64_t M, int64_t K,
@@ -258,32 +280,25 @@ void sdsat_linear(const float *x, int64_t M, int64_t K, const void *w, int w_bf1
     linear_portable(x, M, K, w, w_bf16, N, out);
 }
 
-/* q: [R, T, Hq, D] fp32 (T new rows for each of R sequences, after RoPE); k_buf, v_buf: one layer's
- * cache buffers [slots, Hkv, C, D] (bf16 if kv_bf16, else fp32), contiguous. Sequence r lives in
- * cache row slot[r], whose committed keys are columns [0, start[r]); its T new columns follow, and
- * its row t sees new column u when local[(r * T + t) * T + u] is 1. out: [R, T, Hq, D] fp32.
- * Returns 0, or -1 when scratch memory could not be had. */
-int sdsat_attend(const float *q, int64_t R, int64_t T, int64_t Hq, int64_t Hkv, int64_t D, const void *k_buf,
-                 const void *v_buf, int kv_bf16, int64_t C, const int64_t *slot, const int64_t *start,
-                 const uint8_t *local, float scale, float *out) {
+/* Sequence r's rows against kv head g (its `group` query heads); see sdsat_attend. */
+static int attend_unit(const float *q, int64_t r, int64_t g, int64_t T, int64_t Hq, int64_t Hkv, int64_t D,
+                       const void *k_buf, const void *v_buf, int kv_bf16, int64_t C, const int64_t *slot,
+                       const int64_t *start, const uint8_t *local, float scale, float *out) {
     const int64_t group = Hq / Hkv, Q = T * group;  /* query vectors per sequence and kv head */
     const int fast = use_avx512(D) && D <= 256;  /* values_avx512 keeps D / 16 accumulators */
-    int64_t most = 16;
-    for (int64_t r = 0; r < R; r++)
-        if (start[r] + T > most) most = start[r] + T;
-    most = (most + 15) / 16 * 16;
+    const int64_t most = (start[r] + T + 15) / 16 * 16;
     float *scores = malloc(sizeof(float) * (size_t)(most * Q));  /* [Q, L] */
     float *keys = malloc(sizeof(float) * (size_t)(most * D));    /* [L, D] fp32 */
     float *values = malloc(sizeof(float) * (size_t)(most * D));
     int64_t *Lrow = malloc(sizeof(int64_t) * (size_t)T);
     if (!scores || !keys || !values || !Lrow) {
         free(scores); free(keys); free(values); free(Lrow);
-        return -1;
+        return 1;  /* attend() reports it */
     }
-    for (int64_t r = 0; r < R; r++) {
+    {
         const int64_t L = start[r] + T, prefix = start[r];
         const uint8_t *vis = local + r * T * T;  /* [T, T] */
-        for (int64_t g = 0; g < Hkv; g++) {
+        {
             const int64_t base = (slot[r] * Hkv + g) * C * D;  /* this kv head's [C, D] block */
             load_range(k_buf, kv_bf16, base, L, D, keys);
             load_range(v_buf, kv_bf16, base, L, D, values);
@@ -344,4 +359,159 @@ int sdsat_attend(const float *q, int64_t R, int64_t T, int64_t Hq, int64_t Hkv, 
     }
     free(scores); free(keys); free(values); free(Lrow);
     return 0;
+}
+
+
+static int attend(const float *q, int64_t R, int64_t T, int64_t Hq, int64_t Hkv, int64_t D, const void *k_buf,
+                 const void *v_buf, int kv_bf16, int64_t C, const int64_t *slot, const int64_t *start,
+                 const uint8_t *local, float scale, float *out) {
+    int failed = 0;
+    /* one unit of work per (sequence, kv head), each computed whole by one thread in the order below, so
+     * the threads change no bits; OpenMP's pool is the one PyTorch already runs (same libgomp) */
+#ifdef _OPENMP
+    #pragma omp parallel for schedule(static) reduction(| : failed) if (R * Hkv > 1)
+#endif
+    for (int64_t unit = 0; unit < R * Hkv; unit++)
+        failed |= attend_unit(q, unit / Hkv, unit % Hkv, T, Hq, Hkv, D, k_buf, v_buf, kv_bf16, C, slot, start,
+                              local, scale, out);
+    return failed ? -1 : 0;
+}
+
+/* q: [R, T, Hq, D] fp32 (T new rows for each of R sequences, after RoPE); k_buf, v_buf: one layer's
+ * cache buffers [slots, Hkv, C, D] (bf16 if kv_bf16, else fp32), contiguous. Sequence r lives in
+ * cache row slot[r], whose committed keys are columns [0, start[r]); its T new columns follow, and
+ * its row t sees new column u when local[(r * T + t) * T + u] is 1. out: [R, T, Hq, D] fp32.
+ * Returns 0, or -1 when scratch memory could not be had. */
+int sdsat_attend(const float *q, int64_t R, int64_t T, int64_t Hq, int64_t Hkv, int64_t D, const void *k_buf,
+                 const void *v_buf, int kv_bf16, int64_t C, const int64_t *slot, const int64_t *start,
+                 const uint8_t *local, float scale, float *out) {
+    return attend(q, R, T, Hq, Hkv, D, k_buf, v_buf, kv_bf16, C, slot, start, local, scale, out);
+}
+
+/* ---- The fused layer's glue (models/engine/llama.py, `LlamaForward` with the kernels) ----------------
+ * Between its four projections a decoder layer runs three calls here instead of some thirty small
+ * library ops: sdsat_add_norm (residual add, then RMSNorm), sdsat_rope_attend (RoPE, the KV write,
+ * attention) and sdsat_silu_mul_cast. The residual stream stays fp32; the projections' inputs and
+ * outputs are bf16 (int4 and int8 kernels) or fp32 (dense), said by the *_bf16 flags. Every row is
+ * computed on its own in one fixed order, as above. bf16 results are rounded to nearest even, as
+ * ATen's casts are. */
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* src [n] (bf16 or fp32) -> dst [n] fp32. */
+static void load_row(const void *src, int bf16, int64_t offset, int64_t n, float *restrict dst) {
+    if (bf16) {
+        const uint16_t *restrict h = (const uint16_t *)src + offset;
+        for (int64_t i = 0; i < n; i++) dst[i] = bf16_to_f32(h[i]);
+    } else {
+        memcpy(dst, (const float *)src + offset, sizeof(float) * (size_t)n);
+    }
+}
+
+/* src [n] fp32 -> dst [n] (bf16, rounded to nearest even, or fp32). */
+static void store_row(void *dst, int bf16, int64_t offset, int64_t n, const float *restrict src) {
+    if (bf16) {
+        uint16_t *restrict h = (uint16_t *)dst + offset;
+        for (int64_t i = 0; i < n; i++) h[i] = f32_to_bf16(src[i]);
+    } else {
+        memcpy((float *)dst + offset, src, sizeof(float) * (size_t)n);
+    }
+}
+
+/* For each of the M rows of x [M, H] (fp32, updated in place): x += delta (when delta is not NULL; [M, H],
+ * bf16 if delta_bf16), then out = x * (1 / sqrt(mean(x^2) + eps)) * w, the mean's sum taken in 16 lanes
+ * folded as fold(). out [M, H]: bf16 if out_bf16, else fp32; NULL skips the norm (the last add). */
+void sdsat_add_norm(float *x, int64_t M, int64_t H, const void *delta, int delta_bf16, const float *w, float eps,
+                    void *out, int out_bf16) {
+    float *d = malloc(sizeof(float) * (size_t)H);
+    if (d == NULL) abort();  /* H floats: only an exhausted heap fails here */
+    for (int64_t m = 0; m < M; m++) {
+        float *restrict row = x + m * H;
+        if (delta != NULL) {
+            load_row(delta, delta_bf16, m * H, H, d);
+            for (int64_t i = 0; i < H; i++) row[i] = row[i] + d[i];
+        }
+        if (out == NULL) continue;
+        float lanes[LANES] = {0};
+        int64_t i = 0;
+        for (; i + LANES <= H; i += LANES)
+            for (int l = 0; l < LANES; l++) lanes[l] = fmaf(row[i + l], row[i + l], lanes[l]);
+        for (; i < H; i++) lanes[i % LANES] = fmaf(row[i], row[i], lanes[i % LANES]);
+        const float inv = 1.0f / sqrtf(fold(lanes) / (float)H + eps);
+        for (int64_t j = 0; j < H; j++) d[j] = (row[j] * inv) * w[j];
+        store_row(out, out_bf16, m * H, H, d);
+    }
+    free(d);
+}
+
+/* RoPE (the rotate-half form) of one head vector v [D] in place: v[d] cos[d] - v[d + D/2] sin[d],
+ * v[d + D/2] cos[d + D/2] + v[d] sin[d + D/2]. */
+static inline void rope(float *restrict v, const float *restrict cos, const float *restrict sin, int64_t D) {
+    const int64_t half = D / 2;
+    for (int64_t d = 0; d < half; d++) {
+        const float a = v[d], b = v[d + half];
+        v[d] = a * cos[d] - b * sin[d];
+        v[d + half] = b * cos[d + half] + a * sin[d + half];
+    }
+}
+
+/* One layer's attention from its fused q/k/v projection. qkv: [R, T, (Hq + 2 Hkv) D] (q heads, k heads, v
+ * heads; bf16 if qkv_bf16). cos, sin: [P, D] fp32 tables; positions: [R, T]. The new keys (after RoPE) and
+ * values are written into the cache buffers (layout as sdsat_attend's) at columns start[r] + t of row
+ * slot[r], then every row attends as sdsat_attend does. out: [R, T, Hq D] (bf16 if out_bf16).
+ * Returns 0, or -1 when scratch memory could not be had. */
+int sdsat_rope_attend(const void *qkv, int qkv_bf16, int64_t R, int64_t T, int64_t Hq, int64_t Hkv, int64_t D,
+                      const float *cos, const float *sin, const int64_t *positions, void *k_buf, void *v_buf,
+                      int kv_bf16, int64_t C, const int64_t *slot, const int64_t *start, const uint8_t *local,
+                      float scale, void *out, int out_bf16) {
+    const int64_t width = (Hq + 2 * Hkv) * D, N = R * T;
+    float *q = malloc(sizeof(float) * (size_t)(N * Hq * D));
+    float *o = malloc(sizeof(float) * (size_t)(N * Hq * D));
+    float *row = malloc(sizeof(float) * (size_t)width);
+    if (!q || !o || !row) {
+        free(q); free(o); free(row);
+        return -1;
+    }
+    for (int64_t r = 0; r < R; r++)
+        for (int64_t t = 0; t < T; t++) {
+            const int64_t n = r * T + t;
+            const float *c = cos + positions[n] * D, *s = sin + positions[n] * D;
+            load_row(qkv, qkv_bf16, n * width, width, row);
+            for (int64_t h = 0; h < Hq + Hkv; h++) rope(row + h * D, c, s, D);  /* q heads, then k heads */
+            memcpy(q + n * Hq * D, row, sizeof(float) * (size_t)(Hq * D));
+            for (int64_t g = 0; g < Hkv; g++) {
+                const int64_t at = ((slot[r] * Hkv + g) * C + start[r] + t) * D;
+                store_row(k_buf, kv_bf16, at, D, row + (Hq + g) * D);
+                store_row(v_buf, kv_bf16, at, D, row + (Hq + Hkv + g) * D);
+            }
+        }
+    const int status = attend(q, R, T, Hq, Hkv, D, k_buf, v_buf, kv_bf16, C, slot, start, local, scale, o);
+    if (status == 0) store_row(out, out_bf16, 0, N * Hq * D, o);
+    free(q); free(o); free(row);
+    return status;
+}
+
+/* sdsat_silu_mul reading gate_up [M, 2I] in bf16 or fp32 and writing out [M, I] in bf16 or fp32. */
+void sdsat_silu_mul_cast(const void *gate_up, int in_bf16, int64_t M, int64_t I, void *out, int out_bf16) {
+    float *row = malloc(sizeof(float) * (size_t)(3 * I));
+    if (row == NULL) abort();
+    for (int64_t m = 0; m < M; m++) {
+        load_row(gate_up, in_bf16, m * 2 * I, 2 * I, row);
+#ifdef HAVE_AVX512
+        if (use_avx512(LANES)) silu_mul_avx512(row, row + I, I, row + 2 * I);
+        else
+#endif
+            for (int64_t i = 0; i < I; i++) {
+                const float x = row[i], e = exp_nonpositive(x < 0.0f ? x : 0.0f - x);
+                row[2 * I + i] = (x < 0.0f ? x * e / (1.0f + e) : x / (1.0f + e)) * row[I + i];
+            }
+        store_row(out, out_bf16, m * I, I, row + 2 * I);
+    }
+    free(row);
 }

@@ -78,8 +78,12 @@ def build() -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # built aside, then moved: replicas race safely
         out = Path(tmp) / path.name
-        subprocess.run([compiler, *_flags(), str(SOURCE), "-o", str(out), "-lm"], check=True,
-                       capture_output=True, text=True)
+        try:  # OpenMP: attention's (sequence, kv head) units on PyTorch's own thread pool (the same libgomp)
+            subprocess.run([compiler, *_flags(), "-fopenmp", str(SOURCE), "-o", str(out), "-lm"], check=True,
+                           capture_output=True, text=True)
+        except subprocess.CalledProcessError:  # a compiler without OpenMP: one thread, the same bits
+            subprocess.run([compiler, *_flags(), str(SOURCE), "-o", str(out), "-lm"], check=True,
+                           capture_output=True, text=True)
         os.replace(out, path)
     return path
 
@@ -99,6 +103,14 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     lib.sdsat_linear.restype = None
     lib.sdsat_silu_mul.argtypes = [ptr, i64, i64, ptr]
     lib.sdsat_silu_mul.restype = None
+    flag, f32 = ctypes.c_int, ctypes.c_float
+    lib.sdsat_add_norm.argtypes = [ptr, i64, i64, ptr, flag, ptr, f32, ptr, flag]
+    lib.sdsat_add_norm.restype = None
+    lib.sdsat_rope_attend.argtypes = [ptr, flag, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, flag, i64, ptr,
+                                      ptr, ptr, f32, ptr, flag]
+    lib.sdsat_rope_attend.restype = ctypes.c_int
+    lib.sdsat_silu_mul_cast.argtypes = [ptr, flag, i64, i64, ptr, flag]
+    lib.sdsat_silu_mul_cast.restype = None
     return lib, None
 
 
@@ -115,7 +127,8 @@ class Attention:
     of the forward's T new columns each of its rows sees); scale: the softmax scale."""
 
     def __init__(self, slots: torch.Tensor, start: torch.Tensor, local: torch.Tensor, scale: float):
-        self._fn = _library().sdsat_attend
+        self._lib = _library()
+        self._fn = self._lib.sdsat_attend
         self.slots = slots.to(torch.int64).contiguous()
         self.start = start.to(torch.int64).contiguous()
         self.local = local.to(torch.uint8).contiguous()
@@ -140,6 +153,53 @@ class Attention:
         if status != 0:
             raise MemoryError("kernels.c could not allocate its scratch memory")
         return out
+
+
+    def rope_attend(self, qkv: torch.Tensor, heads: int, kv_heads: int, rope: tuple[torch.Tensor, torch.Tensor],
+                    positions: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
+                    out_dtype: torch.dtype) -> torch.Tensor:
+        """The fused layer's attention: qkv [R*T, (Hq + 2 Hkv) D] (bf16 or fp32, contiguous) of a layer's fused
+        projection -> RoPE (rope: cos, sin [P, D] fp32 tables; positions [R*T] int64), the new keys and
+        values written into k_buf / v_buf at the forward's columns, attention as `__call__` ->
+        [R*T, Hq D] in out_dtype (bf16 or fp32)."""
+        _check_buffers(k_buf, v_buf)
+        D = k_buf.shape[-1]
+        C = k_buf.shape[2]
+        if self._columns > C or self._top_slot >= k_buf.shape[0]:
+            raise ValueError("the forward's rows reach past the KV buffers")
+        R, T = self.local.shape[:2]
+        out = torch.empty(qkv.shape[0], heads * D, dtype=out_dtype)
+        cos, sin = rope
+        status = self._lib.sdsat_rope_attend(
+            qkv.data_ptr(), int(qkv.dtype == torch.bfloat16), R, T, heads, kv_heads, D, cos.data_ptr(),
+            sin.data_ptr(), positions.data_ptr(), k_buf.data_ptr(), v_buf.data_ptr(),
+            int(k_buf.dtype == torch.bfloat16), C, self.slots.data_ptr(), self.start.data_ptr(),
+            self.local.data_ptr(), self.scale, out.data_ptr(), int(out_dtype == torch.bfloat16))
+        if status != 0:
+            raise MemoryError("kernels.c could not allocate its scratch memory")
+        return out
+
+
+def add_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor | None, eps: float,
+             out_dtype: torch.dtype) -> torch.Tensor | None:
+    """The fused layer's residual step: x [M, H] fp32 (contiguous, updated in place) += delta ([M, H], bf16
+    or fp32, contiguous; None: nothing to add), then RMSNorm(x) * weight ([H] fp32) in out_dtype (bf16 or
+    fp32); weight None: the add only (returns None)."""
+    out = torch.empty(x.shape, dtype=out_dtype) if weight is not None else None
+    _library().sdsat_add_norm(x.data_ptr(), x.shape[0], x.shape[1], None if delta is None else delta.data_ptr(),
+                              int(delta is not None and delta.dtype == torch.bfloat16),
+                              None if weight is None else weight.data_ptr(), eps,
+                              None if out is None else out.data_ptr(), int(out_dtype == torch.bfloat16))
+    return out
+
+
+def silu_mul_cast(gate_up: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """silu(gate) * up of gate_up [M, 2I] (bf16 or fp32, contiguous) -> [M, I] in out_dtype."""
+    M, I2 = gate_up.shape
+    out = torch.empty(M, I2 // 2, dtype=out_dtype)
+    _library().sdsat_silu_mul_cast(gate_up.data_ptr(), int(gate_up.dtype == torch.bfloat16), M, I2 // 2,
+                                   out.data_ptr(), int(out_dtype == torch.bfloat16))
+    return out
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import rotate_half
 
-from models.engine.kernels import Attention, linear, silu_mul, supports
+from models.engine.kernels import Attention, add_norm, linear, silu_mul, silu_mul_cast, supports
 from models.weights.quant import Int4Linear
 
 # the lean forward's projections: name -> (the attention or MLP module's projections it computes at once)
@@ -51,6 +51,8 @@ def fuse(parts: list[nn.Module]) -> nn.Module | None:
 class _Layer:
     def __init__(self, layer: nn.Module):
         self.input_norm, self.post_norm = layer.input_layernorm, layer.post_attention_layernorm
+        self.eps = _eps(self.input_norm)
+        self._norm_weights: dict[str, torch.Tensor] = {}
         self.projections: dict[str, nn.Module | None] = {}
         # a SAT adapter's LoRA on a projection: (the LoRA module, its columns of the projection's output)
         self.loras: dict[str, list[tuple[nn.Module, slice]]] = {}
@@ -64,6 +66,16 @@ class _Layer:
                 if module is not base:
                     self.loras[name].append((module, slice(start, start + base.out_features)))
                 start += base.out_features
+        # the fused forward feeds each projection its input dtype: bf16 for the int4/int8 kernels, else fp32
+        self.input_dtype = {name: torch.bfloat16 if isinstance(p, Int4Linear) else torch.float32
+                            for name, p in self.projections.items()}
+
+    def norm_weight(self, which: str) -> torch.Tensor:
+        """The input or post-attention norm's weight as an fp32 contiguous tensor (made once)."""
+        if which not in self._norm_weights:
+            norm = self.input_norm if which == "input" else self.post_norm
+            self._norm_weights[which] = norm.weight.detach().float().contiguous()
+        return self._norm_weights[which]
 
 
 class LlamaForward:
@@ -76,6 +88,8 @@ class LlamaForward:
         self.norm, self.rotary = decoder.norm, decoder.rotary_emb
         self.rows = None  # a SAT adapter's SatRows (which rows of this forward are SATs), set by the engine
         self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin [positions, D]
+        self._rope_f32: tuple[torch.Tensor, torch.Tensor] | None = None  # the fused forward's fp32 tables
+        self._final: tuple[torch.Tensor, float] | None = None  # the final norm's fp32 weight and eps
 
     @classmethod
     def maybe_build(cls, model: nn.Module) -> LlamaForward | None:
@@ -95,8 +109,10 @@ class LlamaForward:
         """embeds [R, T, H], position_ids [R, T] -> hidden [R, T, H]. Attention runs through `attention`
         (models/engine/kernels.py: each row on its own, width-invariant) when given, else through
         SDPA with `mask` [R, 1, T, L] (additive)."""
+        if attention is not None:
+            return self._fused(embeds, position_ids, cache, attention)
         R, T, hidden = embeds.shape
-        invariant = attention is not None  # projections too through models/engine/kernels.py where dense
+        invariant = False
         cos, sin = self._rope(embeds, position_ids, invariant)  # [R, T, D]
         cos, sin = cos[:, :, None], sin[:, :, None]  # broadcast over heads
         heads, kv_heads, D = self.heads, self.kv_heads, self.head_dim
@@ -126,6 +142,53 @@ class LlamaForward:
             gate_up = self._project(layer, "gate_up", _rms_norm(layer.post_norm, x), invariant)  # [R*T, 2I]
             x = x + self._project(layer, "down_proj", _silu_mul(gate_up, invariant), invariant)
         return _rms_norm(self.norm, x).view(R, T, hidden)
+
+    def _fused(self, embeds: torch.Tensor, position_ids: torch.Tensor, cache, attention: Attention) -> torch.Tensor:
+        """The forward through models/engine/kernels.py: per layer its four projections (int4/int8 through
+        ATen's kernels, dense ones through the invariant kernel) and three calls to the C glue between
+        them (residual add + RMSNorm, RoPE + KV write + attention, SiLU-gate) instead of some thirty small
+        library ops. The residual stream is fp32 throughout; every row is computed on its own."""
+        R, T, hidden = embeds.shape
+        x = embeds.reshape(R * T, hidden).to(torch.float32, copy=True)  # the residual stream, updated in place
+        positions = position_ids.reshape(-1).to(torch.int64).contiguous()
+        rope = self._rope_fp32(int(positions.max()) + 1)
+        delta: torch.Tensor | None = None
+        for i, layer in enumerate(self.layers):
+            h = add_norm(x, delta, layer.norm_weight("input"), layer.eps, layer.input_dtype["qkv"])
+            qkv = self._project_fused(layer, "qkv", h)
+            attn = attention.rope_attend(qkv, self.heads, self.kv_heads, rope, positions, cache.keys[i],
+                                         cache.values[i], layer.input_dtype["o_proj"])
+            o = self._project_fused(layer, "o_proj", attn)
+            h = add_norm(x, o, layer.norm_weight("post"), layer.eps, layer.input_dtype["gate_up"])
+            gate_up = self._project_fused(layer, "gate_up", h)
+            delta = self._project_fused(layer, "down_proj", silu_mul_cast(gate_up, layer.input_dtype["down_proj"]))
+        final = self._final_norm()
+        return add_norm(x, delta, final[0], final[1], embeds.dtype).view(R, T, hidden)
+
+    def _project_fused(self, layer: _Layer, name: str, h: torch.Tensor) -> torch.Tensor:
+        """h [N, in] in the projection's input dtype -> [N, out] contiguous (bf16 from int4/int8 kernels, fp32
+        from the dense invariant kernel), plus the adapter's LoRA at SAT rows."""
+        y = project(layer.projections[name], h, True)
+        index = self.rows.index if self.rows is not None else None
+        if index is not None and layer.loras[name]:
+            h_sat = h[index]
+            for lora, cols in layer.loras[name]:
+                y[index, cols] += lora.delta(h_sat).to(y.dtype)
+        return y.contiguous()
+
+    def _final_norm(self) -> tuple[torch.Tensor, float]:
+        if self._final is None:
+            self._final = (self.norm.weight.detach().float().contiguous(), _eps(self.norm))
+        return self._final
+
+    def _rope_fp32(self, needed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [P >= needed, D] fp32 contiguous tables for the fused forward."""
+        if self._rope_f32 is None or self._rope_f32[0].shape[0] < needed:
+            size = max(needed, 2 * (self._rope_f32[0].shape[0] if self._rope_f32 else 0), 1024)
+            probe = torch.zeros(1, 1, 1, dtype=torch.float32, device=self.norm.weight.device)
+            cos, sin = self.rotary(probe, torch.arange(size, device=probe.device)[None])  # [1, size, D]
+            self._rope_f32 = (cos[0].float().contiguous(), sin[0].float().contiguous())
+        return self._rope_f32
 
     def _rope(self, embeds: torch.Tensor, position_ids: torch.Tensor, invariant: bool):
         """RoPE's cos and sin [R, T, D] at `position_ids`. Invariant: rows of one table computed once per
@@ -160,6 +223,8 @@ def project(module: nn.Module, x: torch.Tensor, invariant: bool) -> torch.Tensor
     if invariant and type(module) is nn.Linear and module.bias is None and supports(module.weight.dtype) \
             and module.weight.is_contiguous():
         return linear(x, module.weight)
+    if type(module) is Int4Linear and x.dim() == 2 and x.dtype == torch.bfloat16:  # no module call on the hot path
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, module.packed, module.group, module.scale_zero)
     return module(x)
 
 
@@ -171,9 +236,13 @@ def _silu_mul(gate_up: torch.Tensor, invariant: bool) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def _eps(norm: nn.Module) -> float:
+    return getattr(norm, "variance_epsilon", None) or norm.eps
+
+
 def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """transformers' LlamaRMSNorm (normalised in fp32, scaled in the input's dtype); one kernel in fp32."""
-    eps = getattr(norm, "variance_epsilon", None) or norm.eps
+    eps = _eps(norm)
     if x.dtype == torch.float32:
         return F.rms_norm(x, x.shape[-1:], norm.weight, eps=eps)
     return norm.weight * F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)

@@ -119,8 +119,8 @@ def test_many_rows_on_many_threads_stay_invariant(count_tokenizer, monkeypatch):
         engine = tiny_engine(count_tokenizer, "float32", intermediate_size=704, max_batch=8)
         assert engine.cache.slots == 8 and engine.invariance.lossless, engine.invariance.failures  # 128-row batch
         # the same engine with ATen's SiLU: a row of the batch comes out different, and the check says so
-        monkeypatch.setattr(llama, "_silu_mul", lambda gate_up, invariant: F.silu(gate_up.chunk(2, -1)[0])
-                            * gate_up.chunk(2, -1)[1])
+        monkeypatch.setattr(llama, "silu_mul_cast", lambda gate_up, out_dtype: (F.silu(gate_up.chunk(2, -1)[0])
+                            * gate_up.chunk(2, -1)[1]).to(out_dtype))
         report = check_invariance(engine)
         assert not report.lossless and {f["case"] for f in report.failures} == {"batch"}
     finally:

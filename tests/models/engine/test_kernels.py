@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.engine.kernels import Attention, linear, silu_mul
+from models.engine.kernels import Attention, add_norm, linear, silu_mul, silu_mul_cast
 
 HQ, HKV, D, C = 6, 2, 32, 1024  # GQA group of 3, as the real base
 
@@ -90,14 +90,22 @@ def test_a_projection_rows_result_does_not_depend_on_the_other_rows(dtype):
 
 SNIPPET = """
 import sys, torch
-from models.engine.kernels import Attention, linear, silu_mul
+from models.engine.kernels import Attention, add_norm, linear, silu_mul_cast
 g = torch.Generator().manual_seed(0)
 k = torch.randn(2, 2, 256, 32, generator=g).bfloat16(); v = torch.randn(2, 2, 256, 32, generator=g).bfloat16()
 q = torch.randn(2, 3, 6, 32, generator=g)
 tree = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool)
-a = Attention(torch.tensor([1, 0]), torch.tensor([17, 200]), torch.stack([tree, tree]), 0.17)(q, k, v)
+att = Attention(torch.tensor([1, 0]), torch.tensor([17, 200]), torch.stack([tree, tree]), 0.17)
+a = att(q, k, v)
 y = linear(torch.randn(5, 48, generator=g), torch.randn(70, 48, generator=g))
-torch.save({"attention": a, "linear": y}, sys.argv[1])
+x = torch.randn(6, 70, generator=g) * 3
+n = add_norm(x, torch.randn(6, 70, generator=g).bfloat16(), torch.randn(70, generator=g), 1e-5, torch.float32)
+s = silu_mul_cast(torch.randn(6, 2 * 70, generator=g) * 5, torch.float32)
+rope = torch.randn(512, 32, generator=g), torch.randn(512, 32, generator=g)
+qkv = torch.randn(6, (6 + 4) * 32, generator=g).bfloat16()
+r = att.rope_attend(qkv, 6, 2, rope, torch.randint(0, 512, (6,), generator=g), k, v, torch.float32)
+torch.save({"attention": a, "linear": y, "add_norm": torch.cat([x, n]), "silu": s, "rope_attend": r, "k": k},
+           sys.argv[1])
 """
 
 
@@ -109,7 +117,8 @@ def test_the_avx512_and_the_portable_paths_give_the_same_bits(tmp_path):
         path = tmp_path / f"{name}.pt"
         subprocess.run([sys.executable, "-c", SNIPPET, str(path)], check=True, env={**os.environ, **env})
         results[name] = torch.load(path)
-    for key in ("attention", "linear"):
+    assert results["default"].keys() == results["portable"].keys()
+    for key in results["default"]:
         assert torch.equal(results["default"][key], results["portable"][key]), key
 
 
@@ -124,3 +133,58 @@ def test_silu_times_up_is_computed_row_by_row_and_is_silu():
         torch.set_num_threads(threads)
     gate, up = x.chunk(2, dim=-1)
     torch.testing.assert_close(full, F.silu(gate) * up, rtol=1e-6, atol=1e-5)
+
+
+def test_the_fused_glue_computes_the_layer_ops_it_replaces():
+    """add_norm (residual add, then RMSNorm), silu_mul_cast and rope_attend against the library ops of the
+    plain forward (models/engine/llama.py): the same results up to rounding."""
+    g = torch.Generator().manual_seed(5)
+    x, delta, w = torch.randn(7, 96, generator=g) * 2, torch.randn(7, 96, generator=g).bfloat16(), torch.rand(96)
+    residual = x + delta.float()
+    normed = add_norm(x, delta, w, 1e-5, torch.float32)
+    assert torch.equal(x, residual)  # updated in place
+    torch.testing.assert_close(normed, F.rms_norm(residual, (96,), w, eps=1e-5), rtol=1e-5, atol=1e-5)
+    assert torch.equal(add_norm(residual.clone(), None, w, 1e-5, torch.bfloat16), normed.bfloat16())
+    assert add_norm(x, delta, None, 1e-5, torch.float32) is None and torch.equal(x, residual + delta.float())
+
+    gate_up = torch.randn(5, 2 * 96, generator=g) * 6
+    gate, up = gate_up.chunk(2, dim=-1)
+    fp32 = silu_mul_cast(gate_up, torch.float32)
+    torch.testing.assert_close(fp32, F.silu(gate) * up, rtol=1e-6, atol=1e-5)
+    assert torch.equal(silu_mul_cast(gate_up, torch.bfloat16), fp32.bfloat16())
+    assert torch.equal(silu_mul_cast(gate_up.bfloat16(), torch.float32),
+                       silu_mul_cast(gate_up.bfloat16().float(), torch.float32))
+
+    # rope_attend = RoPE (rotate-half) on q and k, the KV write at the forward's columns, then attention
+    k_buf, v_buf = random_cache(torch.float32, seed=6)
+    R, T, start = 2, 3, [40, 9]
+    qkv = torch.randn(R * T, (HQ + 2 * HKV) * D, generator=g)
+    positions = torch.tensor([p + t for p in start for t in range(T)])
+    cos, sin = torch.randn(64, D, generator=g), torch.randn(64, D, generator=g)
+    attention = Attention(torch.tensor([2, 0]), torch.tensor(start), chain(T).repeat(R, 1, 1), D**-0.5)
+    ref_k, ref_v = k_buf.clone(), v_buf.clone()
+    out = attention.rope_attend(qkv, HQ, HKV, (cos, sin), positions, k_buf, v_buf, torch.float32)
+    heads = qkv.view(R, T, HQ + 2 * HKV, D)
+    c, s = cos[positions].view(R, T, 1, D), sin[positions].view(R, T, 1, D)
+    half = D // 2
+    rotated = torch.cat([-heads[..., half:], heads[..., :half]], dim=-1)
+    qk = heads[:, :, : HQ + HKV] * c + rotated[:, :, : HQ + HKV] * s
+    for r, slot in enumerate((2, 0)):
+        ref_k[slot, :, start[r] : start[r] + T] = qk[r, :, HQ:].transpose(0, 1)
+        ref_v[slot, :, start[r] : start[r] + T] = heads[r, :, HQ + HKV :].transpose(0, 1)
+    torch.testing.assert_close(k_buf, ref_k, rtol=1e-6, atol=1e-6)
+    assert torch.equal(v_buf, ref_v)
+    expected = attention(qk[:, :, :HQ].contiguous(), k_buf, v_buf).view(R * T, HQ * D)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_bf16_outputs_round_to_nearest_even_as_aten_does():
+    """The glue's own fp32 -> bf16 rounding against ATen's, on ties, subnormals, overflow and NaN: silu(128)
+    is exactly 128 (e^-128 is 0 in the kernel's exponential), so silu_mul_cast writes bf16(128 * up)."""
+    special = torch.tensor([(1.0 + 2**-8) / 128, (1.0 + 3 * 2**-8) / 128, -(1.0 + 2**-8) / 128, 2**-137,
+                            -(2**-140), 3.4e38, float("inf"), float("-inf"), 0.0, -0.0, 1e-45, float("nan")])
+    up = torch.cat([special, torch.randn(4084, generator=torch.Generator().manual_seed(7)) * 100])
+    gate_up = torch.cat([torch.full_like(up, 128.0), up])[None]
+    got, want = silu_mul_cast(gate_up, torch.bfloat16)[0], (128.0 * up).bfloat16()
+    assert torch.equal(got.isnan(), want.isnan()) and got.isnan().sum() == 1
+    assert torch.equal(got[~got.isnan()].view(torch.int16), want[~want.isnan()].view(torch.int16))
