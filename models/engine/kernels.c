@@ -59,42 +59,33 @@ static inline float fold(float *acc) {
     return acc[0];
 }
 
-/* Rows [0, L) of one kv head's [C, D] block (at `base`) as fp32 rows out[Lp][D], Lp = L rounded up
- * to 16; the padding rows repeat row 0 (their scores are never read). */
-static void load_range(const void *buf, int bf16, int64_t base, int64_t L, int64_t D, float *restrict out) {
-    if (bf16) {
-        const uint16_t *restrict src = (const uint16_t *)buf + base;
-        for (int64_t i = 0; i < L * D; i++) out[i] = bf16_to_f32(src[i]);
-    } else {
-        memcpy(out, (const float *)buf + base, sizeof(float) * (size_t)(L * D));
-    }
-    for (int64_t c = L; c % 16; c++) memcpy(out + c * D, out, sizeof(float) * (size_t)D);
+static inline float weight_at(const void *w, int bf16, int64_t i) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)w)[i]) : ((const float *)w)[i];
 }
 
 /* out[d] = (sum over visible columns c, ascending, of p[c] * v[c][d]) / sum, one fmaf a term: the
- * prefix [0, prefix) is visible, and new column u when vis[u]. */
-static void values_portable(const float *restrict p, const float *restrict v, int64_t prefix,
+ * prefix [0, prefix) is visible, and new column u when vis[u]. v: rows of D at `base` of the cache buffer
+ * (bf16 if bf16). */
+static void values_portable(const float *restrict p, const void *v, int bf16, int64_t base, int64_t prefix,
                             const uint8_t *restrict vis, int64_t T, int64_t D, float sum, float *restrict out) {
     memset(out, 0, sizeof(float) * (size_t)D);
     for (int64_t c = 0; c < prefix + T; c++) {
         if (c >= prefix && !vis[c - prefix]) continue;
-        for (int64_t d = 0; d < D; d++) out[d] = fmaf(p[c], v[c * D + d], out[d]);
+        for (int64_t d = 0; d < D; d++) out[d] = fmaf(p[c], weight_at(v, bf16, base + c * D + d), out[d]);
     }
     for (int64_t d = 0; d < D; d++) out[d] = out[d] / sum;
 }
 
-/* out[j] = scale * q . tile[j] for j < n, each the 16-lane sum folded by fold(). */
-static void dots_portable(const float *restrict q, const float *restrict tile, int64_t n, int64_t D, float scale,
-                          float *restrict out) {
+/* out[j] = scale * q . key[j] for j < n (the keys: rows of D at `base`, bf16 if bf16), each the 16-lane
+ * sum folded by fold(). */
+static void dots_portable(const float *restrict q, const void *k, int bf16, int64_t base, int64_t n, int64_t D,
+                          float scale, float *restrict out) {
     for (int64_t j = 0; j < n; j++) {
         float acc[LANES] = {0};
-        for (int64_t d = 0; d < D; d++) acc[d % LANES] = fmaf(q[d], tile[j * D + d], acc[d % LANES]);
+        for (int64_t d = 0; d < D; d++)
+            acc[d % LANES] = fmaf(q[d], weight_at(k, bf16, base + j * D + d), acc[d % LANES]);
         out[j] = fold(acc) * scale;
     }
-}
-
-static inline float weight_at(const void *w, int bf16, int64_t i) {
-    return bf16 ? bf16_to_f32(((const uint16_t *)w)[i]) : ((const float *)w)[i];
 }
 
 static void linear_portable(const float *restrict x, int64_t M, int64_t K, const void *w, int w_bf16, int64_t N,
@@ -121,16 +112,16 @@ __attribute__((target("avx512f"))) static inline __m512 load16(const void *w, in
 }
 
 /* values_portable with the accumulators in registers (D a multiple of 16, at most 256). */
-__attribute__((target("avx512f"))) static void values_avx512(const float *restrict p, const float *restrict v,
-                                                             int64_t prefix, const uint8_t *restrict vis, int64_t T,
-                                                             int64_t D, float sum, float *restrict out) {
+__attribute__((target("avx512f"))) static void values_avx512(const float *restrict p, const void *v, int bf16,
+                                                             int64_t base, int64_t prefix, const uint8_t *restrict vis,
+                                                             int64_t T, int64_t D, float sum, float *restrict out) {
     __m512 acc[16];
     const int64_t blocks = D / 16;
     for (int64_t b = 0; b < blocks; b++) acc[b] = _mm512_setzero_ps();
     for (int64_t c = 0; c < prefix + T; c++) {
         if (c >= prefix && !vis[c - prefix]) continue;
         const __m512 pc = _mm512_set1_ps(p[c]);
-        for (int64_t b = 0; b < blocks; b++) acc[b] = _mm512_fmadd_ps(pc, _mm512_loadu_ps(v + c * D + 16 * b), acc[b]);
+        for (int64_t b = 0; b < blocks; b++) acc[b] = _mm512_fmadd_ps(pc, load16(v, bf16, base + c * D + 16 * b), acc[b]);
     }
     const __m512 vsum = _mm512_set1_ps(sum);
     for (int64_t b = 0; b < blocks; b++) _mm512_storeu_ps(out + 16 * b, _mm512_div_ps(acc[b], vsum));
@@ -152,14 +143,16 @@ __attribute__((target("avx512f"))) static inline __m512 fold16(__m512 *acc) {
     return _mm512_permutexvar_ps(where, r);
 }
 
-/* The same as dots_portable, sixteen keys at once (D a multiple of 16). */
-__attribute__((target("avx512f"))) static void dots_avx512(const float *restrict q, const float *restrict tile,
-                                                           int64_t n, int64_t D, float scale, float *restrict out) {
+/* The same as dots_portable, sixteen keys at once (D a multiple of 16); a short tile's missing keys
+ * repeat its first (their results are dropped). */
+__attribute__((target("avx512f"))) static void dots_avx512(const float *restrict q, const void *k, int bf16,
+                                                           int64_t base, int64_t n, int64_t D, float scale,
+                                                           float *restrict out) {
     __m512 acc[16];
     for (int64_t j = 0; j < 16; j++) {
+        const int64_t row = base + (j < n ? j : 0) * D;
         __m512 a = _mm512_setzero_ps();
-        for (int64_t d = 0; d < D; d += 16)
-            a = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(tile + j * D + d), a);
+        for (int64_t d = 0; d < D; d += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), load16(k, bf16, row + d), a);
         acc[j] = a;
     }
     float all[16];
@@ -280,99 +273,70 @@ void sdsat_linear(const float *x, int64_t M, int64_t K, const void *w, int w_bf1
     linear_portable(x, M, K, w, w_bf16, N, out);
 }
 
-/* Sequence r's rows against kv head g (its `group` query heads); see sdsat_attend. */
-static int attend_unit(const float *q, int64_t r, int64_t g, int64_t T, int64_t Hq, int64_t Hkv, int64_t D,
+/* Sequence r's rows for query head h (of kv head h / group); see sdsat_attend. Reads the cache buffers in
+ * place (bf16 converted to fp32 as it is read: exact). */
+static int attend_unit(const float *q, int64_t r, int64_t h, int64_t T, int64_t Hq, int64_t Hkv, int64_t D,
                        const void *k_buf, const void *v_buf, int kv_bf16, int64_t C, const int64_t *slot,
                        const int64_t *start, const uint8_t *local, float scale, float *out) {
-    const int64_t group = Hq / Hkv, Q = T * group;  /* query vectors per sequence and kv head */
     const int fast = use_avx512(D) && D <= 256;  /* values_avx512 keeps D / 16 accumulators */
-    const int64_t most = (start[r] + T + 15) / 16 * 16;
-    float *scores = malloc(sizeof(float) * (size_t)(most * Q));  /* [Q, L] */
-    float *keys = malloc(sizeof(float) * (size_t)(most * D));    /* [L, D] fp32 */
-    float *values = malloc(sizeof(float) * (size_t)(most * D));
-    int64_t *Lrow = malloc(sizeof(int64_t) * (size_t)T);
-    if (!scores || !keys || !values || !Lrow) {
-        free(scores); free(keys); free(values); free(Lrow);
-        return 1;  /* attend() reports it */
-    }
-    {
-        const int64_t L = start[r] + T, prefix = start[r];
-        const uint8_t *vis = local + r * T * T;  /* [T, T] */
-        {
-            const int64_t base = (slot[r] * Hkv + g) * C * D;  /* this kv head's [C, D] block */
-            load_range(k_buf, kv_bf16, base, L, D, keys);
-            load_range(v_buf, kv_bf16, base, L, D, values);
-            /* scores of every query vector (row t, head h) against the columns [0, Lt) that row t can
-             * see, tile by tile: a tile of 16 keys is read once for all query vectors */
-            int64_t Lmax = 0;
-            for (int64_t t = 0; t < T; t++) {
-                const uint8_t *seen_by_t = vis + t * T;
-                int64_t Tt = T;
-                while (Tt > 0 && !seen_by_t[Tt - 1]) Tt--;
-                Lrow[t] = prefix + Tt;  /* past row t's last visible column */
-                if (Lrow[t] > Lmax) Lmax = Lrow[t];
-            }
-            for (int64_t c0 = 0; c0 < Lmax; c0 += 16)
-                for (int64_t t = 0; t < T; t++) {
-                    if (c0 >= Lrow[t]) continue;
-                    const int64_t n = Lrow[t] - c0 < 16 ? Lrow[t] - c0 : 16;
-                    for (int64_t h = 0; h < group; h++) {
-                        const float *qv = q + ((r * T + t) * Hq + g * group + h) * D;
-                        float *s = scores + (t * group + h) * L + c0;
+    const int64_t L = start[r] + T, prefix = start[r], g = h / (Hq / Hkv);
+    const int64_t base = (slot[r] * Hkv + g) * C * D;  /* this kv head's [C, D] block */
+    const uint8_t *vis = local + r * T * T;  /* [T, T] */
+    float *scores = malloc(sizeof(float) * (size_t)(T * L));  /* [T, L] */
+    if (scores == NULL) return 1;  /* attend() reports it */
+    for (int64_t t = 0; t < T; t++) {
+        const uint8_t *seen_by_t = vis + t * T;
+        int64_t Tt = T;
+        while (Tt > 0 && !seen_by_t[Tt - 1]) Tt--;
+        const int64_t Lt = prefix + Tt;  /* past row t's last visible column */
+        const float *qv = q + ((r * T + t) * Hq + h) * D;
+        float *s = scores + t * L, *o = out + ((r * T + t) * Hq + h) * D;
+        for (int64_t c0 = 0; c0 < Lt; c0 += 16) {
+            const int64_t n = Lt - c0 < 16 ? Lt - c0 : 16;
 #ifdef HAVE_AVX512
-                        if (fast) dots_avx512(qv, keys + c0 * D, n, D, scale, s);
-                        else
+            if (fast) dots_avx512(qv, k_buf, kv_bf16, base + c0 * D, n, D, scale, s + c0);
+            else
 #endif
-                            dots_portable(qv, keys + c0 * D, n, D, scale, s);
-                    }
-                }
-            for (int64_t t = 0; t < T; t++) {
-                const uint8_t *seen_by_t = vis + t * T;
-                const int64_t Lt = Lrow[t], Tt = Lt - prefix;
-                for (int64_t h = 0; h < group; h++) {  /* query vector (t, h) */
-                    float *s = scores + (t * group + h) * L, *o = out + ((r * T + t) * Hq + g * group + h) * D;
-                    /* softmax over the visible columns: the prefix, then the new columns row t sees */
-                    float top = -INFINITY;  /* a maximum is exact in any order */
-                    for (int64_t c = 0; c < prefix; c++) top = fmaxf(top, s[c]);
-                    for (int64_t u = 0; u < Tt; u++)
-                        if (seen_by_t[u]) top = fmaxf(top, s[prefix + u]);
-#ifdef HAVE_AVX512
-                    if (fast) exp_avx512(s, Lt, top);
-                    else
-#endif
-                        for (int64_t c = 0; c < Lt; c++) s[c] = exp_nonpositive(s[c] - top);
-                    float lanes[LANES] = {0};
-                    int64_t seen = 0;
-                    for (; seen + LANES <= prefix; seen += LANES)
-                        for (int l = 0; l < LANES; l++) lanes[l] += s[seen + l];
-                    for (int64_t c = seen; c < Lt; c++)
-                        if (c < prefix || seen_by_t[c - prefix]) lanes[seen++ % LANES] += s[c];
-                    const float sum = fold(lanes);
-#ifdef HAVE_AVX512
-                    if (fast) values_avx512(s, values, prefix, seen_by_t, Tt, D, sum, o);
-                    else
-#endif
-                        values_portable(s, values, prefix, seen_by_t, Tt, D, sum, o);
-                }
-            }
+                dots_portable(qv, k_buf, kv_bf16, base + c0 * D, n, D, scale, s + c0);
         }
+        /* softmax over the visible columns: the prefix, then the new columns row t sees */
+        float top = -INFINITY;  /* a maximum is exact in any order */
+        for (int64_t c = 0; c < prefix; c++) top = s[c] > top ? s[c] : top;
+        for (int64_t u = 0; u < Tt; u++)
+            if (seen_by_t[u] && s[prefix + u] > top) top = s[prefix + u];
+#ifdef HAVE_AVX512
+        if (fast) exp_avx512(s, Lt, top);
+        else
+#endif
+            for (int64_t c = 0; c < Lt; c++) s[c] = exp_nonpositive(s[c] - top);
+        float lanes[LANES] = {0};
+        int64_t seen = 0;
+        for (; seen + LANES <= prefix; seen += LANES)
+            for (int l = 0; l < LANES; l++) lanes[l] += s[seen + l];
+        for (int64_t c = seen; c < Lt; c++)
+            if (c < prefix || seen_by_t[c - prefix]) lanes[seen++ % LANES] += s[c];
+        const float sum = fold(lanes);
+#ifdef HAVE_AVX512
+        if (fast) values_avx512(s, v_buf, kv_bf16, base, prefix, seen_by_t, Tt, D, sum, o);
+        else
+#endif
+            values_portable(s, v_buf, kv_bf16, base, prefix, seen_by_t, Tt, D, sum, o);
     }
-    free(scores); free(keys); free(values); free(Lrow);
+    free(scores);
     return 0;
 }
-
 
 static int attend(const float *q, int64_t R, int64_t T, int64_t Hq, int64_t Hkv, int64_t D, const void *k_buf,
                  const void *v_buf, int kv_bf16, int64_t C, const int64_t *slot, const int64_t *start,
                  const uint8_t *local, float scale, float *out) {
     int failed = 0;
-    /* one unit of work per (sequence, kv head), each computed whole by one thread in the order below, so
+    /* one unit of work per (sequence, query head), each computed whole by one thread in the order below, so
      * the threads change no bits; OpenMP's pool is the one PyTorch already runs (same libgomp) */
 #ifdef _OPENMP
-    #pragma omp parallel for schedule(static) reduction(| : failed) if (R * Hkv > 1)
+    #pragma omp parallel for schedule(static) reduction(| : failed) if (R * Hq > 1)
 #endif
-    for (int64_t unit = 0; unit < R * Hkv; unit++)
-        failed |= attend_unit(q, unit / Hkv, unit % Hkv, T, Hq, Hkv, D, k_buf, v_buf, kv_bf16, C, slot, start,
+    for (int64_t unit = 0; unit < R * Hq; unit++)
+        failed |= attend_unit(q, unit / Hq, unit % Hq, T, Hq, Hkv, D, k_buf, v_buf, kv_bf16, C, slot, start,
                               local, scale, out);
     return failed ? -1 : 0;
 }
