@@ -293,6 +293,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
                   f"({row['fraction_of_floor']:.2f} of its floor, r(8)={row['cost_ratio_r']['8']:.2f}, "
                   f"identical to {report['reference']}: {row['identical_to_reference']:.2f})")
         return 0
+    if args.peers:
+        from services.bench.peers import peer_comparison, peer_unavailable, print_table
+
+        why = peer_unavailable(args.peers)
+        if why:
+            print(f"sdsat bench --peers: {why}", file=sys.stderr)
+            return 2
+        runs = [(m, k) for m in args.methods.split(",") if m in (*bench.K_SWEPT, "prompt-lookup") for k in ks]
+        report = peer_comparison(model, prompts, runs, args.dtype, args.max_new_tokens, args.reps,
+                                 progress=not args.no_progress)
+        write_json(args.json or "-", report)
+        if args.json not in (None, "-"):
+            print_table(report)
+        return 0
     if args.identity:
         from services.bench.common import parse_variants
         from services.bench.identity import identity_report, print_table
@@ -366,6 +380,9 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--identity", metavar="VARIANTS",
                    help="instead: per dtype:attention variant (e.g. int4:invariant,int4:sdpa), the start-up "
                         "self-check, ar ms/token, r(w), and how many outputs of each speculative method equal ar's")
+    p.add_argument("--peers", metavar="PEER", choices=["llama.cpp"],
+                   help="instead: this engine (ar and --methods x --ks) beside llama.cpp plain and with its prompt "
+                        "lookup on the same GGUF, decode only, with r(w) of both (needs `make bench-peers`)")
     p.add_argument("--methods", default="sdsat,sdsat-fused,mlp,prompt-lookup,hf-generate,hf-prompt-lookup",
                    help="methods besides ar (default: all; mlp only for a model with a speculator)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own)")

@@ -479,3 +479,201 @@ void sdsat_silu_mul_cast(const void *gate_up, int in_bf16, int64_t M, int64_t I,
     }
     free(row);
 }
+
+/* ---- Q4_1 projections (models/weights/quant.py, Int4Linear), as llama.cpp computes them ----------------
+ * Weights: the GGUF's own blocks of 32 (w = d * q + m, q in 0..15, d and m fp16). Activations: each row's
+ * blocks of 32 quantized to int8 as llama.cpp's Q8_1 does (dx = max|x| / 127, xq = round(x / dx),
+ * sx = dx * sum(xq)). A block's product is then exact integer arithmetic, and
+ *     y[r][n] = sum over blocks b, ascending, of  (d * dx) * isum + m * sx,   isum = sum_i q_i * xq_i,
+ * two fmaf per block in that order. Every (row, output) is computed on its own in this fixed order, so
+ * a row's result depends on that row only: not on the call's rows, the tiling, the threads or the CPU
+ * (the AVX-512 VNNI and the portable paths give the same bits; a test compares them).
+ *
+ * The codes are stored in tiles of 16 outputs: per (tile, block) 256 bytes as 4 vectors of [16 outputs][4
+ * bytes], byte j of output n in vector g holding q[n][4g + j] (low nibble) and q[n][4g + 16 + j] (high
+ * nibble), so one vpdpbusd multiplies 4 codes of 16 outputs by 4 int8 activations; d and m are [tile,
+ * block, 16] fp16. The rows' quantized activations are shared by every output, and each (tile, block)
+ * is unpacked once for up to 4 rows. */
+
+static inline float half_to_f32(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+    uint32_t bits;
+    if (exp == 0x1fu) {
+        bits = sign | 0x7f800000u | (man << 13);  /* inf, NaN */
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112u) << 23) | (man << 13);
+    } else if (man == 0) {
+        bits = sign;
+    } else {  /* a subnormal half is a normal float */
+        uint32_t e = 113u, m = man;
+        while (!(m & 0x400u)) {
+            m <<= 1;
+            e--;
+        }
+        bits = sign | (e << 23) | ((m & 0x3ffu) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* Row blocks of x [M, K] -> xq [M, K] int8, dx and sx [M, K / 32]. */
+static void q8_rows(const float *x, int64_t M, int64_t K, int8_t *xq, float *dx, float *sx) {
+    for (int64_t r = 0; r < M; r++)
+        for (int64_t b = 0; b < K / 32; b++) {
+            const float *v = x + r * K + 32 * b;
+            float amax = 0.0f;
+            for (int i = 0; i < 32; i++) {
+                const float a = fabsf(v[i]);
+                amax = a > amax ? a : amax;
+            }
+            const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+            int32_t sum = 0;
+            for (int i = 0; i < 32; i++) {
+                float q = nearbyintf(v[i] * id);  /* round half to even: the default rounding mode */
+                q = q > 127.0f ? 127.0f : (q < -127.0f ? -127.0f : q);
+                xq[r * K + 32 * b + i] = (int8_t)q;
+                sum += (int32_t)q;
+            }
+            dx[r * (K / 32) + b] = d;
+            sx[r * (K / 32) + b] = d * (float)sum;
+        }
+}
+
+/* Code i (0..31) of output j (0..15) in one (tile, block)'s 256 bytes. */
+static inline int q4_code(const uint8_t *block, int j, int i) {
+    const int g = (i % 16) / 4, byte = block[g * 64 + j * 4 + i % 4];
+    return i < 16 ? byte & 0xf : byte >> 4;
+}
+
+static void q4_tile_portable(const int8_t *xq, const float *dx, const float *sx, int64_t M, int64_t K,
+                             const uint8_t *codes, const uint16_t *d, const uint16_t *m, int64_t t, float *out,
+                             int64_t N) {
+    const int64_t B = K / 32;
+    for (int64_t r = 0; r < M; r++)
+        for (int j = 0; j < 16 && t * 16 + j < N; j++) {
+            float y = 0.0f;
+            for (int64_t b = 0; b < B; b++) {
+                const uint8_t *block = codes + (t * B + b) * 256;
+                int32_t isum = 0;
+                for (int i = 0; i < 32; i++) isum += q4_code(block, j, i) * (int32_t)xq[r * K + 32 * b + i];
+                const float dw = half_to_f32(d[(t * B + b) * 16 + j]), mw = half_to_f32(m[(t * B + b) * 16 + j]);
+                y = fmaf(dw * dx[r * B + b], (float)isum, y);
+                y = fmaf(mw, sx[r * B + b], y);
+            }
+            out[r * N + t * 16 + j] = y;
+        }
+}
+
+#if defined(HAVE_AVX512)
+#define Q4_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni,f16c")))
+/* Tile t (16 outputs) for rows [r0, r0 + rows), rows <= 4. */
+Q4_TARGET static void q4_tile_vnni(const int8_t *xq, const float *dx, const float *sx, int64_t r0, int rows,
+                                   int64_t K, const uint8_t *codes, const uint16_t *d, const uint16_t *m, int64_t t,
+                                   float *out, int64_t N) {
+    const int64_t B = K / 32;
+    const __m512i low = _mm512_set1_epi8(0x0f);
+    __m512 y[4];
+    for (int r = 0; r < 4; r++) y[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < B; b++) {
+        const uint8_t *block = codes + (t * B + b) * 256;
+        __m512i c[8];
+        for (int g = 0; g < 4; g++) {
+            const __m512i v = _mm512_loadu_si512((const void *)(block + 64 * g));
+            c[g] = _mm512_and_si512(v, low);                          /* codes 4g .. 4g + 3 */
+            c[g + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low); /* codes 16 + 4g .. */
+        }
+        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(d + (t * B + b) * 16)));
+        const __m512 mw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(m + (t * B + b) * 16)));
+        for (int r = 0; r < rows; r++) {
+            int32_t x4[8];  /* 8 groups of 4 activations */
+            memcpy(x4, xq + (r0 + r) * K + 32 * b, sizeof x4);
+            __m512i isum = _mm512_setzero_si512();
+            for (int g = 0; g < 8; g++) isum = _mm512_dpbusd_epi32(isum, c[g], _mm512_set1_epi32(x4[g]));
+            const __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(dx[(r0 + r) * B + b]));
+            y[r] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(isum), y[r]);
+            y[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(sx[(r0 + r) * B + b]), y[r]);
+        }
+    }
+    const int64_t n0 = t * 16;
+    const __mmask16 keep = N - n0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (N - n0)) - 1u);
+    for (int r = 0; r < rows; r++) _mm512_mask_storeu_ps(out + (r0 + r) * N + n0, keep, y[r]);
+}
+#endif
+
+static int use_vnni(void) {
+#if defined(HAVE_AVX512)
+    return use_avx512(LANES) && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni") &&
+           __builtin_cpu_supports("f16c");
+#else
+    return 0;
+#endif
+}
+
+/* x: [M, K] fp32 (K a multiple of 32); codes: [ceil(N / 16), K / 32, 256] bytes; d, m: [ceil(N / 16), K / 32,
+ * 16] fp16 bits -> out [M, N] fp32. Returns 0, or -1 when scratch memory could not be had. */
+int sdsat_q4_linear(const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *d,
+                    const uint16_t *m, int64_t N, float *out) {
+    int8_t *xq = malloc((size_t)(M * K));
+    float *dx = malloc(sizeof(float) * (size_t)(M * (K / 32))), *sx = malloc(sizeof(float) * (size_t)(M * (K / 32)));
+    if (!xq || !dx || !sx) {
+        free(xq); free(dx); free(sx);
+        return -1;
+    }
+    q8_rows(x, M, K, xq, dx, sx);
+    const int64_t tiles = (N + 15) / 16;
+    const int vnni = use_vnni();
+#ifdef _OPENMP
+    #pragma omp parallel for schedule(static) if (tiles > 1)
+#endif
+    for (int64_t t = 0; t < tiles; t++) {
+#if defined(HAVE_AVX512)
+        if (vnni) {
+            for (int64_t r0 = 0; r0 < M; r0 += 4)
+                q4_tile_vnni(xq, dx, sx, r0, M - r0 < 4 ? (int)(M - r0) : 4, K, codes, d, m, t, out, N);
+            continue;
+        }
+#endif
+        q4_tile_portable(xq, dx, sx, M, K, codes, d, m, t, out, N);
+    }
+    (void)vnni;
+    free(xq); free(dx); free(sx);
+    return 0;
+}
+
+/* ---- A whole int4 forward in one call ------------------------------------------------------------------
+ * The lean forward's per-layer steps (models/engine/llama.py, LlamaForward._fused) composed here for a
+ * forward without SAT rows whose projections are all Int4Linear: the same functions on the same fp32
+ * data, so the same bits as the Python loop calling them one by one, without ~200 calls from Python.
+ * layer[l]: 16 pointers: input norm weight (fp32), qkv codes, d, m, o_proj codes, d, m, post norm weight,
+ * gate_up codes, d, m, down_proj codes, d, m, then the layer's key and value cache buffers.
+ * dims: H, Hq, Hkv, D, I (intermediate). x: [R*T, H] fp32 embeddings in, the residual stream after the
+ * last layer out; hidden: [R*T, H] fp32, the final norm's output. Returns 0, or -1 (out of memory). */
+int sdsat_forward_q4(float *x, int64_t R, int64_t T, int64_t layers, void *const *layer, const int64_t *dims,
+                     float eps, const float *cos, const float *sin, const int64_t *positions, int kv_bf16, int64_t C,
+                     const int64_t *slot, const int64_t *start, const uint8_t *local, float scale,
+                     const float *final_w, float *hidden) {
+    const int64_t H = dims[0], Hq = dims[1], Hkv = dims[2], D = dims[3], I = dims[4], N = R * T;
+    const int64_t qkv_w = (Hq + 2 * Hkv) * D;
+    float *h = malloc(sizeof(float) * (size_t)(N * (H > Hq * D ? H : Hq * D)));
+    float *wide = malloc(sizeof(float) * (size_t)(N * (qkv_w > 2 * I ? qkv_w : 2 * I)));
+    float *attn = malloc(sizeof(float) * (size_t)(N * Hq * D));
+    float *act = malloc(sizeof(float) * (size_t)(N * I));
+    float *delta = malloc(sizeof(float) * (size_t)(N * H));
+    int status = (h && wide && attn && act && delta) ? 0 : -1;
+    for (int64_t l = 0; l < layers && status == 0; l++) {
+        void *const *p = layer + 16 * l;
+        sdsat_add_norm(x, N, H, l ? delta : NULL, 0, p[0], eps, h, 0);
+        status |= sdsat_q4_linear(h, N, H, p[1], p[2], p[3], qkv_w, wide);
+        status |= sdsat_rope_attend(wide, 0, R, T, Hq, Hkv, D, cos, sin, positions, p[14], p[15], kv_bf16, C, slot,
+                                    start, local, scale, attn, 0);
+        status |= sdsat_q4_linear(attn, N, Hq * D, p[4], p[5], p[6], H, delta);
+        sdsat_add_norm(x, N, H, delta, 0, p[7], eps, h, 0);
+        status |= sdsat_q4_linear(h, N, H, p[8], p[9], p[10], 2 * I, wide);
+        sdsat_silu_mul_cast(wide, 0, N, I, act, 0);
+        status |= sdsat_q4_linear(act, N, I, p[11], p[12], p[13], H, delta);
+    }
+    if (status == 0) sdsat_add_norm(x, N, H, layers ? delta : NULL, 0, final_w, eps, hidden, 0);
+    free(h); free(wide); free(attn); free(act); free(delta);
+    return status ? -1 : 0;
+}

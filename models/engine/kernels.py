@@ -111,6 +111,11 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     lib.sdsat_rope_attend.restype = ctypes.c_int
     lib.sdsat_silu_mul_cast.argtypes = [ptr, flag, i64, i64, ptr, flag]
     lib.sdsat_silu_mul_cast.restype = None
+    lib.sdsat_q4_linear.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr]
+    lib.sdsat_q4_linear.restype = ctypes.c_int
+    lib.sdsat_forward_q4.argtypes = [ptr, i64, i64, i64, ptr, ptr, f32, ptr, ptr, ptr, flag, i64, ptr, ptr, ptr, f32,
+                                     ptr, ptr]
+    lib.sdsat_forward_q4.restype = ctypes.c_int
     return lib, None
 
 
@@ -180,6 +185,43 @@ class Attention:
         return out
 
 
+    def forward_q4(self, x: torch.Tensor, plan: Q4Plan, rope: tuple[torch.Tensor, torch.Tensor],
+                   positions: torch.Tensor) -> torch.Tensor:
+        """A whole int4 forward in one call (kernels.c's sdsat_forward_q4): x [R*T, H] fp32 embeddings
+        (becomes the residual stream) -> the final norm's output [R*T, H] fp32."""
+        R, T = self.local.shape[:2]
+        if self._columns > plan.columns or self._top_slot >= plan.slots:
+            raise ValueError("the forward's rows reach past the KV buffers")
+        hidden = torch.empty_like(x)
+        cos, sin = rope
+        status = self._lib.sdsat_forward_q4(
+            x.data_ptr(), R, T, plan.layers, plan.table, plan.dims, plan.eps, cos.data_ptr(), sin.data_ptr(),
+            positions.data_ptr(), plan.kv_bf16, plan.columns, self.slots.data_ptr(), self.start.data_ptr(),
+            self.local.data_ptr(), self.scale, plan.final.data_ptr(), hidden.data_ptr())
+        if status != 0:
+            raise MemoryError("kernels.c could not allocate its scratch memory")
+        return hidden
+
+
+class Q4Plan:
+    """The pointers sdsat_forward_q4 reads, per layer (see kernels.c), gathered once per engine: the
+    tensors behind them are held here so they stay alive."""
+
+    def __init__(self, layers: list[list[torch.Tensor]], dims: tuple[int, ...], eps: float, final: torch.Tensor):
+        self.tensors = [t for row in layers for t in row] + [final]
+        for t in self.tensors:
+            if not t.is_contiguous() or t.device.type != "cpu":
+                raise ValueError("sdsat_forward_q4 reads contiguous CPU tensors")
+        self.layers = len(layers)
+        self.table = (ctypes.c_void_p * (16 * len(layers)))(*[t.data_ptr() for row in layers for t in row])
+        self.dims = (ctypes.c_int64 * len(dims))(*dims)
+        self.eps, self.final = eps, final
+        k_buf = layers[0][14]
+        _check_buffers(*[row[i] for row in layers for i in (14, 15)])
+        self.kv_bf16 = int(k_buf.dtype == torch.bfloat16)
+        self.slots, self.columns = k_buf.shape[0], k_buf.shape[2]
+
+
 def add_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor | None, eps: float,
              out_dtype: torch.dtype) -> torch.Tensor | None:
     """The fused layer's residual step: x [M, H] fp32 (contiguous, updated in place) += delta ([M, H], bf16
@@ -199,6 +241,20 @@ def silu_mul_cast(gate_up: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor
     out = torch.empty(M, I2 // 2, dtype=out_dtype)
     _library().sdsat_silu_mul_cast(gate_up.data_ptr(), int(gate_up.dtype == torch.bfloat16), M, I2 // 2,
                                    out.data_ptr(), int(out_dtype == torch.bfloat16))
+    return out
+
+
+def q4_linear(x: torch.Tensor, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor, n: int) -> torch.Tensor:
+    """x [M, K] @ Q4_1 blocks in tiles of 16 outputs (codes [tiles, K/32, 4, 16, 4] uint8; d, m [tiles, K/32,
+    16], fp16 bits in int16; models/weights/quant.py's Int4Linear) -> [M, n] fp32, llama.cpp's arithmetic
+    (kernels.c)."""
+    x32 = x.float().contiguous()
+    M, K = x32.shape
+    out = torch.empty(M, n, dtype=torch.float32)
+    status = _library().sdsat_q4_linear(x32.data_ptr(), M, K, codes.data_ptr(), d.data_ptr(), m.data_ptr(), n,
+                                        out.data_ptr())
+    if status != 0:
+        raise MemoryError("kernels.c could not allocate its scratch memory")
     return out
 
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import rotate_half
 
-from models.engine.kernels import Attention, add_norm, linear, silu_mul, silu_mul_cast, supports
+from models.engine.kernels import Attention, Q4Plan, add_norm, linear, q4_linear, silu_mul, silu_mul_cast, supports
 from models.weights.quant import Int4Linear
 
 # the lean forward's projections: name -> (the attention or MLP module's projections it computes at once)
@@ -66,9 +66,6 @@ class _Layer:
                 if module is not base:
                     self.loras[name].append((module, slice(start, start + base.out_features)))
                 start += base.out_features
-        # the fused forward feeds each projection its input dtype: bf16 for the int4/int8 kernels, else fp32
-        self.input_dtype = {name: torch.bfloat16 if isinstance(p, Int4Linear) else torch.float32
-                            for name, p in self.projections.items()}
 
     def norm_weight(self, which: str) -> torch.Tensor:
         """The input or post-attention norm's weight as an fp32 contiguous tensor (made once)."""
@@ -90,6 +87,7 @@ class LlamaForward:
         self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin [positions, D]
         self._rope_f32: tuple[torch.Tensor, torch.Tensor] | None = None  # the fused forward's fp32 tables
         self._final: tuple[torch.Tensor, float] | None = None  # the final norm's fp32 weight and eps
+        self._plan: tuple[tuple, Q4Plan | None] | None = None  # (the KV cache it was made for, the plan)
 
     @classmethod
     def maybe_build(cls, model: nn.Module) -> LlamaForward | None:
@@ -152,18 +150,44 @@ class LlamaForward:
         x = embeds.reshape(R * T, hidden).to(torch.float32, copy=True)  # the residual stream, updated in place
         positions = position_ids.reshape(-1).to(torch.int64).contiguous()
         rope = self._rope_fp32(int(positions.max()) + 1)
+        if self.rows is None or self.rows.index is None:  # no SAT rows: the same steps in one C call, if int4
+            plan = self._q4_plan(cache)
+            if plan is not None:
+                return attention.forward_q4(x, plan, rope, positions).to(embeds.dtype).view(R, T, hidden)
         delta: torch.Tensor | None = None
         for i, layer in enumerate(self.layers):
-            h = add_norm(x, delta, layer.norm_weight("input"), layer.eps, layer.input_dtype["qkv"])
+            h = add_norm(x, delta, layer.norm_weight("input"), layer.eps, torch.float32)
             qkv = self._project_fused(layer, "qkv", h)
             attn = attention.rope_attend(qkv, self.heads, self.kv_heads, rope, positions, cache.keys[i],
-                                         cache.values[i], layer.input_dtype["o_proj"])
+                                         cache.values[i], torch.float32)
             o = self._project_fused(layer, "o_proj", attn)
-            h = add_norm(x, o, layer.norm_weight("post"), layer.eps, layer.input_dtype["gate_up"])
+            h = add_norm(x, o, layer.norm_weight("post"), layer.eps, torch.float32)
             gate_up = self._project_fused(layer, "gate_up", h)
-            delta = self._project_fused(layer, "down_proj", silu_mul_cast(gate_up, layer.input_dtype["down_proj"]))
+            delta = self._project_fused(layer, "down_proj", silu_mul_cast(gate_up, torch.float32))
         final = self._final_norm()
         return add_norm(x, delta, final[0], final[1], embeds.dtype).view(R, T, hidden)
+
+    def _q4_plan(self, cache) -> Q4Plan | None:
+        """The whole-forward plan (kernels.c's sdsat_forward_q4) for a model whose projections are all
+        Int4Linear with one RMSNorm epsilon, made once per KV cache; else None (the per-layer loop)."""
+        key = (id(cache), cache.keys[0].data_ptr())
+        if self._plan is None or self._plan[0] != key:
+            plan = None
+            mods = [[layer.projections[n] for n in PROJECTIONS] for layer in self.layers]
+            eps = {layer.eps for layer in self.layers} | {self._final_norm()[1]}
+            if all(type(m) is Int4Linear for row in mods for m in row) and len(eps) == 1 \
+                    and all(supports(t.dtype) for t in cache.keys + cache.values):
+                rows = []
+                for i, (layer, (qkv, o, gate_up, down)) in enumerate(zip(self.layers, mods, strict=True)):
+                    rows.append([layer.norm_weight("input"), qkv.codes, qkv.d, qkv.m, o.codes, o.d, o.m,
+                                 layer.norm_weight("post"), gate_up.codes, gate_up.d, gate_up.m,
+                                 down.codes, down.d, down.m, cache.keys[i], cache.values[i]])
+                first = mods[0][0]
+                intermediate = mods[0][2].out_features // 2
+                plan = Q4Plan(rows, (first.in_features, self.heads, self.kv_heads, self.head_dim, intermediate),
+                              eps.pop(), self._final_norm()[0])
+            self._plan = (key, plan)
+        return self._plan[1]
 
     def _project_fused(self, layer: _Layer, name: str, h: torch.Tensor) -> torch.Tensor:
         """h [N, in] in the projection's input dtype -> [N, out] contiguous (bf16 from int4/int8 kernels, fp32
@@ -223,8 +247,8 @@ def project(module: nn.Module, x: torch.Tensor, invariant: bool) -> torch.Tensor
     if invariant and type(module) is nn.Linear and module.bias is None and supports(module.weight.dtype) \
             and module.weight.is_contiguous():
         return linear(x, module.weight)
-    if type(module) is Int4Linear and x.dim() == 2 and x.dtype == torch.bfloat16:  # no module call on the hot path
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, module.packed, module.group, module.scale_zero)
+    if invariant and type(module) is Int4Linear:  # no module call on the hot path; fp32 rows in and out
+        return q4_linear(x, module.codes, module.d, module.m, module.out_features)
     return module(x)
 
 

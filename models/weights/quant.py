@@ -29,47 +29,101 @@ GROUP = 32  # Q4_1 block size; also a group size the int4 kernel supports
 
 
 class Int4Linear(nn.Module):
-    """y = x @ W^T with W held as packed 4-bit codes, per-group bf16 scale and zero (no bias)."""
+    """y = x @ W^T with W held as the GGUF's Q4_1 blocks (w = d·q + m per block of 32; 4-bit codes, fp16 d
+    and m); no bias.
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int = GROUP):
-        """q: [N, K] int codes in 0..15; scale, zero: [N, K / group] (w = (q - 8)·scale + zero)."""
+    On the CPU it runs models/engine/kernels.c's `sdsat_q4_linear`, llama.cpp's own arithmetic for these
+    blocks: each row's activations quantized per block to int8 (Q8_1), integer dot products (AVX-512
+    VNNI where the CPU has it), then `(d·dx)·isum + m·sx` per block in one fixed order, so a row's result
+    does not depend on the other rows of the call. The codes are kept in tiles of 16 outputs (the
+    layout that kernel reads; see kernels.c). Where the kernels cannot be built it falls back to
+    PyTorch's int4 CPU kernel on the same blocks (bf16 activations and scale/zero), packed on first use."""
+
+    TILE = 16
+
+    def __init__(self, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, group: int = GROUP):
+        """q: [N, K] int codes in 0..15; d, m: [N, K / group] (w = d·q + m), stored as fp16 (the GGUF's)."""
         super().__init__()
+        if group != GROUP:
+            raise ValueError(f"Q4_1 blocks are {GROUP} weights")
         self.out_features, self.in_features = q.shape
         self.group = group
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2))
-        sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # [K / group, N, 2]
-        self.register_buffer("scale_zero", sz.to(torch.bfloat16))
+        N, K, T = self.out_features, self.in_features, self.TILE
+        pad = -N % T
+        q = torch.cat([q.to(torch.uint8), q.new_zeros(pad, K, dtype=torch.uint8)])
+        d = torch.cat([d.float(), d.new_zeros(pad, K // GROUP, dtype=torch.float32)])
+        m = torch.cat([m.float(), m.new_zeros(pad, K // GROUP, dtype=torch.float32)])
+        tiles = q.view(-1, T, K // GROUP, 2, 4, 4)  # [tile, n, block, half, g, j]: code 16·half + 4g + j
+        packed = tiles[:, :, :, 0] | (tiles[:, :, :, 1] << 4)  # [tile, n, block, g, j]
+        self.register_buffer("codes", packed.permute(0, 2, 3, 1, 4).contiguous())  # [tile, block, g, n, j]
+        # d and m are kept as their fp16 bits in int16 tensors: `module.to(dtype)` (as an adapter's .to() reaches
+        # the projections it wraps) converts floating-point buffers, and must not touch these
+        self.register_buffer("d", _half_bits(d.view(-1, T, K // GROUP).transpose(1, 2)))
+        self.register_buffer("m", _half_bits(m.view(-1, T, K // GROUP).transpose(1, 2)))
+        self._aten: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K]
-        if x.dim() == 2 and x.dtype == torch.bfloat16:  # the lean forward's flat rows
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group, self.scale_zero)
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scale_zero)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        from models.engine.kernels import kernel_unavailable, q4_linear
+
+        flat = x.reshape(-1, self.in_features)
+        if x.device.type == "cpu" and kernel_unavailable() is None:
+            y = q4_linear(flat, self.codes, self.d, self.m, self.out_features)
+        else:
+            packed, scale_zero = self.aten_packing()
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16), packed, self.group, scale_zero)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def blocks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q [N, K] codes in 0..15, d and m [N, K / 32] fp32): the blocks back out of the tiles."""
+        N, K = self.out_features, self.in_features
+        c = self.codes.permute(0, 3, 1, 2, 4)  # [tile, n, block, g, j]
+        q = torch.stack([c & 0xF, c >> 4], dim=3).reshape(-1, K)[:N]  # half, then g, then j: code 16·half + 4g + j
+        d = self.d.view(torch.float16).transpose(1, 2).reshape(-1, K // GROUP)[:N].float()
+        m = self.m.view(torch.float16).transpose(1, 2).reshape(-1, K // GROUP)[:N].float()
+        return q, d, m
+
+    def aten_packing(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """PyTorch's int4 CPU packing of the same blocks (made once, when first needed): it computes
+        x @ ((q - 8)·scale + zero), so scale = d and zero = m + 8d, both bf16."""
+        if self._aten is None:
+            q, d, m = self.blocks()
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2)
+            sz = torch.stack([d, m + 8 * d], dim=-1).transpose(0, 1).contiguous()  # [K / group, N, 2]
+            self._aten = (packed, sz.to(torch.bfloat16))
+        return self._aten
 
     @classmethod
     def cat(cls, parts: list[Int4Linear]) -> Int4Linear | None:
-        """One module for the concatenated outputs of `parts` (same input), without repacking: the
-        CPU packing interleaves rows in blocks of 64, so parts of 64-multiple widths concatenate."""
-        if any(p.out_features % 64 or p.group != parts[0].group or p.in_features != parts[0].in_features
-               for p in parts):
+        """One module for the concatenated outputs of `parts` (same input; each a whole number of tiles of
+        16 outputs); the parts' codes and scales become views of the fused ones: no second copy."""
+        if any(p.in_features != parts[0].in_features or p.out_features % cls.TILE for p in parts):
             return None
         fused = cls.__new__(cls)
         nn.Module.__init__(fused)
         fused.in_features, fused.group = parts[0].in_features, parts[0].group
         fused.out_features = sum(p.out_features for p in parts)
-        fused.register_buffer("packed", torch.cat([p.packed for p in parts]))
-        fused.register_buffer("scale_zero", torch.cat([p.scale_zero for p in parts], dim=1))
+        for name in ("codes", "d", "m"):
+            fused.register_buffer(name, torch.cat([getattr(p, name) for p in parts]))
+        fused._aten = None
         start = 0
-        for p in parts:  # the parts' codes become row views of the fused ones: no second copy
-            p.packed = fused.packed[start : start + p.out_features]
-            start += p.out_features
+        for p in parts:
+            tiles = p.out_features // cls.TILE
+            for name in ("codes", "d", "m"):
+                setattr(p, name, getattr(fused, name)[start : start + tiles])
+            p._aten = None
+            start += tiles
         return fused
 
     def dequantized(self) -> torch.Tensor:
-        """The [N, K] weights the kernel computes with (for tests and reports)."""
-        eye = torch.eye(self.in_features, dtype=torch.bfloat16)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group, self.scale_zero).t().float()
+        """The [N, K] fp32 weights d·q + m of the blocks (for tests and reports)."""
+        q, d, m = self.blocks()
+        blocks = q.float().reshape(self.out_features, -1, GROUP)
+        return (d[..., None] * blocks + m[..., None]).reshape(self.out_features, self.in_features)
+
+
+def _half_bits(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to fp16, as its bits in a contiguous int16 tensor."""
+    return x.to(torch.float16).contiguous().view(torch.int16)
 
 
 class Int8Linear(nn.Module):
@@ -98,8 +152,8 @@ def recover_q4_1(w: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, tor
     were never Q4_1) still gets the nearest asymmetric 4-bit code."""
     N, K = w.shape
     blocks = w.float().reshape(N, K // group, group)
-    m = blocks.amin(-1)
-    d = ((blocks.amax(-1) - m) / 15).half().float()  # d was stored in fp16
+    m = blocks.amin(-1).half().float()  # m and d were stored in fp16 (a Q4_1 block's minimum is its m)
+    d = ((blocks.amax(-1) - m) / 15).half().float()
     safe = torch.where(d > 0, d, torch.ones_like(d))
     q = ((blocks - m[..., None]) / safe[..., None]).round().clamp(0, 15)
     exact = ((d[..., None] * q + m[..., None]) == blocks).all(-1)
@@ -112,7 +166,7 @@ def _int4_from_linear(linear: nn.Linear) -> tuple[Int4Linear, float, float]:
         raise ValueError("int4 needs bias-free projections whose input size is a multiple of 32")
     w = linear.weight.detach().float()
     q, d, m, exact = recover_q4_1(w)
-    module = Int4Linear(q, d, m + 8 * d)
+    module = Int4Linear(q, d, m)
     change = (module.dequantized() - w).abs().max().item()
     return module, exact, change
 
@@ -147,7 +201,8 @@ def quantize_model(model, scheme: str = "int4") -> dict:
     for p in model.parameters():  # norms, embeddings, LoRA tensors. Buffers keep their dtypes: RoPE's
         p.data = p.data.to(torch.bfloat16)  # inv_freq stays fp32, as transformers keeps it under bf16
     return {
-        "scheme": "int4 projections (Q4_1 blocks of 32, bf16 scale/zero), int8 LM head (per row), bf16 activations",
+        "scheme": "int4 projections (the GGUF's Q4_1 blocks of 32, fp16 d and m; activations quantized "
+                  "per block to int8 as llama.cpp's Q8_1), int8 LM head (per row, bf16 activations)",
         "projections": len(exact),
         "q4_1_exact_block_fraction": round(sum(exact) / len(exact), 6),
         "max_projection_weight_change": max(changes),
@@ -180,8 +235,8 @@ def decode_weights(model) -> int:
     """The number of weights behind `decode_tensors` (a packed int4 byte holds two; scales are not weights)."""
     count = 0
     for name, t in decode_tensors(model):
-        if name.endswith("packed"):
+        if name.endswith("codes") and t.dtype == torch.uint8:  # Int4Linear: two codes a byte
             count += 2 * t.numel()
-        elif not name.endswith(("scale_zero", "scale")):
+        elif not name.endswith((".d", ".m", "scale")):
             count += t.numel()
     return count
