@@ -75,7 +75,6 @@ class LlamaCpp:
     def cost_ratios(self, widths: list[int], context: int = CONTEXT_FOR_R, repeats: int = 15) -> dict:
         """r(w) with logits for every row: a w-token batch after `context` tokens over a 1-token one."""
         import llama_cpp
-
         from llama_cpp._internals import LlamaBatch
 
         llm = self.plain
