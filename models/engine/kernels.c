@@ -518,7 +518,7 @@ static inline float half_to_f32(uint16_t h) {
 }
 
 /* Row blocks of x [M, K] -> xq [M, K] int8, dx and sx [M, K / 32]. */
-static void q8_rows(const float *x, int64_t M, int64_t K, int8_t *xq, float *dx, float *sx) {
+static void q8_rows(const float *x, int64_t M, int64_t K, int8_t *xq, float *dx, float *sx, int32_t *isx) {
     for (int64_t r = 0; r < M; r++)
         for (int64_t b = 0; b < K / 32; b++) {
             const float *v = x + r * K + 32 * b;
@@ -537,6 +537,7 @@ static void q8_rows(const float *x, int64_t M, int64_t K, int8_t *xq, float *dx,
             }
             dx[r * (K / 32) + b] = d;
             sx[r * (K / 32) + b] = d * (float)sum;
+            isx[r * (K / 32) + b] = sum;
         }
 }
 
@@ -616,11 +617,12 @@ int sdsat_q4_linear(const float *x, int64_t M, int64_t K, const uint8_t *codes, 
                     const uint16_t *m, int64_t N, float *out) {
     int8_t *xq = malloc((size_t)(M * K));
     float *dx = malloc(sizeof(float) * (size_t)(M * (K / 32))), *sx = malloc(sizeof(float) * (size_t)(M * (K / 32)));
-    if (!xq || !dx || !sx) {
-        free(xq); free(dx); free(sx);
+    int32_t *isx = malloc(sizeof(int32_t) * (size_t)(M * (K / 32)));
+    if (!xq || !dx || !sx || !isx) {
+        free(xq); free(dx); free(sx); free(isx);
         return -1;
     }
-    q8_rows(x, M, K, xq, dx, sx);
+    q8_rows(x, M, K, xq, dx, sx, isx);
     const int64_t tiles = (N + 15) / 16;
     const int vnni = use_vnni();
 #ifdef _OPENMP
@@ -637,7 +639,92 @@ int sdsat_q4_linear(const float *x, int64_t M, int64_t K, const uint8_t *codes, 
         q4_tile_portable(xq, dx, sx, M, K, codes, d, m, t, out, N);
     }
     (void)vnni;
-    free(xq); free(dx); free(sx);
+    free(xq); free(dx); free(sx); free(isx);
+    return 0;
+}
+
+/* ---- Q8_0 projections (the LM head; models/weights/quant.py, Int8Linear) ---------------------------------
+ * The GGUF's Q8_0 blocks: 32 int8 codes and an fp16 d per block (w = d * q). With the rows' Q8_1 activations
+ * as above, y[r][n] = sum over blocks, ascending, of fmaf(d * dx, isum, .), isum = sum_i q_i * xq_i (exact).
+ * For VNNI (unsigned times signed bytes) the codes are stored plus 128, and 128 * sum(xq) is taken back
+ * out of each block's integer sum. Tiles of 16 outputs: per (tile, block) 512 bytes as 8 vectors of [16
+ * outputs][4 bytes], byte j of output n in vector g holding q[n][4g + j] + 128; d is [tile, block, 16]. */
+
+static void q8_tile_portable(const int8_t *xq, const float *dx, const int32_t *isx, int64_t M, int64_t K,
+                             const uint8_t *codes, const uint16_t *d, int64_t t, float *out, int64_t N) {
+    const int64_t B = K / 32;
+    for (int64_t r = 0; r < M; r++)
+        for (int j = 0; j < 16 && t * 16 + j < N; j++) {
+            float y = 0.0f;
+            for (int64_t b = 0; b < B; b++) {
+                const uint8_t *block = codes + (t * B + b) * 512;
+                int32_t isum = 0;
+                for (int i = 0; i < 32; i++)
+                    isum += (int32_t)block[(i / 4) * 64 + j * 4 + i % 4] * (int32_t)xq[r * K + 32 * b + i];
+                isum -= 128 * isx[r * B + b];
+                y = fmaf(half_to_f32(d[(t * B + b) * 16 + j]) * dx[r * B + b], (float)isum, y);
+            }
+            out[r * N + t * 16 + j] = y;
+        }
+}
+
+#if defined(HAVE_AVX512)
+Q4_TARGET static void q8_tile_vnni(const int8_t *xq, const float *dx, const int32_t *isx, int64_t r0, int rows,
+                                   int64_t K, const uint8_t *codes, const uint16_t *d, int64_t t, float *out,
+                                   int64_t N) {
+    const int64_t B = K / 32;
+    __m512 y[4];
+    for (int r = 0; r < 4; r++) y[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < B; b++) {
+        const uint8_t *block = codes + (t * B + b) * 512;
+        __m512i c[8];
+        for (int g = 0; g < 8; g++) c[g] = _mm512_loadu_si512((const void *)(block + 64 * g));
+        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(d + (t * B + b) * 16)));
+        for (int r = 0; r < rows; r++) {
+            int32_t x4[8];
+            memcpy(x4, xq + (r0 + r) * K + 32 * b, sizeof x4);
+            __m512i isum = _mm512_setzero_si512();
+            for (int g = 0; g < 8; g++) isum = _mm512_dpbusd_epi32(isum, c[g], _mm512_set1_epi32(x4[g]));
+            isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(128 * isx[(r0 + r) * B + b]));
+            const __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(dx[(r0 + r) * B + b]));
+            y[r] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(isum), y[r]);
+        }
+    }
+    const int64_t n0 = t * 16;
+    const __mmask16 keep = N - n0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (N - n0)) - 1u);
+    for (int r = 0; r < rows; r++) _mm512_mask_storeu_ps(out + (r0 + r) * N + n0, keep, y[r]);
+}
+#endif
+
+/* x: [M, K] fp32 (K a multiple of 32); codes: [ceil(N / 16), K / 32, 512] bytes (q + 128); d: [ceil(N / 16),
+ * K / 32, 16] fp16 bits -> out [M, N] fp32. Returns 0, or -1 when scratch memory could not be had. */
+int sdsat_q8_linear(const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *d, int64_t N,
+                    float *out) {
+    int8_t *xq = malloc((size_t)(M * K));
+    float *dx = malloc(sizeof(float) * (size_t)(M * (K / 32))), *sx = malloc(sizeof(float) * (size_t)(M * (K / 32)));
+    int32_t *isx = malloc(sizeof(int32_t) * (size_t)(M * (K / 32)));
+    if (!xq || !dx || !sx || !isx) {
+        free(xq); free(dx); free(sx); free(isx);
+        return -1;
+    }
+    q8_rows(x, M, K, xq, dx, sx, isx);
+    const int64_t tiles = (N + 15) / 16;
+    const int vnni = use_vnni();
+#ifdef _OPENMP
+    #pragma omp parallel for schedule(static) if (tiles > 1)
+#endif
+    for (int64_t t = 0; t < tiles; t++) {
+#if defined(HAVE_AVX512)
+        if (vnni) {
+            for (int64_t r0 = 0; r0 < M; r0 += 4)
+                q8_tile_vnni(xq, dx, isx, r0, M - r0 < 4 ? (int)(M - r0) : 4, K, codes, d, t, out, N);
+            continue;
+        }
+#endif
+        q8_tile_portable(xq, dx, isx, M, K, codes, d, t, out, N);
+    }
+    (void)vnni;
+    free(xq); free(dx); free(sx); free(isx);
     return 0;
 }
 

@@ -113,6 +113,8 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     lib.sdsat_silu_mul_cast.restype = None
     lib.sdsat_q4_linear.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr]
     lib.sdsat_q4_linear.restype = ctypes.c_int
+    lib.sdsat_q8_linear.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr]
+    lib.sdsat_q8_linear.restype = ctypes.c_int
     lib.sdsat_forward_q4.argtypes = [ptr, i64, i64, i64, ptr, ptr, f32, ptr, ptr, ptr, flag, i64, ptr, ptr, ptr, f32,
                                      ptr, ptr]
     lib.sdsat_forward_q4.restype = ctypes.c_int
@@ -254,6 +256,17 @@ def q4_linear(x: torch.Tensor, codes: torch.Tensor, d: torch.Tensor, m: torch.Te
     status = _library().sdsat_q4_linear(x32.data_ptr(), M, K, codes.data_ptr(), d.data_ptr(), m.data_ptr(), n,
                                         out.data_ptr())
     if status != 0:
+        raise MemoryError("kernels.c could not allocate its scratch memory")
+    return out
+
+
+def q8_linear(x: torch.Tensor, codes: torch.Tensor, d: torch.Tensor, n: int) -> torch.Tensor:
+    """x [M, K] @ Q8_0 blocks in tiles of 16 outputs (codes [tiles, K/32, 8, 16, 4] uint8 = q + 128; d [tiles,
+    K/32, 16] fp16 bits in int16; models/weights/quant.py's Int8Linear) -> [M, n] fp32 (kernels.c)."""
+    x32 = x.float().contiguous()
+    M, K = x32.shape
+    out = torch.empty(M, n, dtype=torch.float32)
+    if _library().sdsat_q8_linear(x32.data_ptr(), M, K, codes.data_ptr(), d.data_ptr(), n, out.data_ptr()) != 0:
         raise MemoryError("kernels.c could not allocate its scratch memory")
     return out
 

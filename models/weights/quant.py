@@ -127,23 +127,52 @@ def _half_bits(x: torch.Tensor) -> torch.Tensor:
 
 
 class Int8Linear(nn.Module):
-    """y = x @ W^T with W as int8 codes and one bf16 scale per output row (no bias)."""
+    """y = x @ W^T with W as Q8_0 blocks, the GGUF's own format for the LM head: per block of 32 weights,
+    int8 codes and an fp16 d (w = d·q); no bias.
+
+    On the CPU it runs models/engine/kernels.c's `sdsat_q8_linear` (llama.cpp's arithmetic: the rows'
+    activations quantized per block to int8, integer dot products, then d·dx per block in one fixed
+    order; batch-invariant). Codes are kept plus 128, in tiles of 16 outputs (the kernel's layout).
+    Without the kernels: the dequantized weights in bf16 through F.linear (made on first use)."""
+
+    TILE = 16
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
-        self.out_features, self.in_features = weight.shape
-        w = weight.float()
-        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)  # [N]
-        self.register_buffer("codes", (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scale", scale.to(torch.bfloat16))
+        self.out_features, self.in_features = N, K = weight.shape
+        if K % GROUP:
+            raise ValueError(f"Q8_0 needs an input size that is a multiple of {GROUP}")
+        w = weight.detach().float().reshape(N, K // GROUP, GROUP)
+        d = (w.abs().amax(-1) / 127).half().float()  # [N, K/32]; a Q8_0 block's largest code is +-127
+        q = torch.where(d[..., None] > 0, w / d[..., None].clamp(min=torch.finfo(torch.float16).tiny), 0.0)
+        q = q.round().clamp(-127, 127)
+        self.exact_block_fraction = ((d[..., None] * q) == w).all(-1).float().mean().item()
+        pad = -N % self.TILE
+        q = torch.cat([q.to(torch.int16), q.new_zeros(pad, K // GROUP, GROUP, dtype=torch.int16)])
+        d = torch.cat([d, d.new_zeros(pad, K // GROUP)])
+        tiles = (q + 128).to(torch.uint8).view(-1, self.TILE, K // GROUP, 8, 4)  # [tile, n, block, g, j]
+        self.register_buffer("codes", tiles.permute(0, 2, 3, 1, 4).contiguous())  # [tile, block, g, n, j]
+        self.register_buffer("d", _half_bits(d.view(-1, self.TILE, K // GROUP).transpose(1, 2)))
+        self._dense: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        y = torch.ops.aten._weight_int8pack_mm(flat, self.codes, self.scale)
+        from models.engine.kernels import kernel_unavailable, q8_linear
+
+        flat = x.reshape(-1, self.in_features)
+        if x.device.type == "cpu" and kernel_unavailable() is None:
+            y = q8_linear(flat, self.codes, self.d, self.out_features).to(x.dtype)
+        else:
+            if self._dense is None:
+                self._dense = self.dequantized().to(torch.bfloat16)
+            y = torch.nn.functional.linear(flat.to(torch.bfloat16), self._dense.to(flat.device)).to(x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def dequantized(self) -> torch.Tensor:
-        return self.codes.float() * self.scale.float()[:, None]
+        """The [N, K] fp32 weights d·q of the blocks."""
+        N, K = self.out_features, self.in_features
+        q = self.codes.permute(0, 3, 1, 2, 4).reshape(-1, K // GROUP, GROUP)[:N].float() - 128
+        d = self.d.view(torch.float16).transpose(1, 2).reshape(-1, K // GROUP)[:N].float()
+        return (d[..., None] * q).reshape(N, K)
 
 
 def recover_q4_1(w: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
@@ -195,18 +224,19 @@ def quantize_model(model, scheme: str = "int4") -> dict:
     if embed.weight is head.weight:  # tied: the input side keeps its own exact table
         embed.weight = nn.Parameter(head_weight.clone(), requires_grad=False)
     int8_head = Int8Linear(head_weight)
-    head_change = (int8_head.dequantized() - head_weight.float()).abs().max().item()
+    head_change = (int8_head.dequantized() - head_weight.float()).abs().max().item()  # 0 for the GGUF's Q8_0
     model.config.tie_word_embeddings = False
     model.set_output_embeddings(int8_head)
     for p in model.parameters():  # norms, embeddings, LoRA tensors. Buffers keep their dtypes: RoPE's
         p.data = p.data.to(torch.bfloat16)  # inv_freq stays fp32, as transformers keeps it under bf16
     return {
         "scheme": "int4 projections (the GGUF's Q4_1 blocks of 32, fp16 d and m; activations quantized "
-                  "per block to int8 as llama.cpp's Q8_1), int8 LM head (per row, bf16 activations)",
+                  "per block to int8 as llama.cpp's Q8_1), LM head as the GGUF's Q8_0 blocks (same activations)",
         "projections": len(exact),
         "q4_1_exact_block_fraction": round(sum(exact) / len(exact), 6),
         "max_projection_weight_change": max(changes),
         "max_lm_head_weight_change": head_change,
+        "q8_0_exact_block_fraction": round(int8_head.exact_block_fraction, 6),
         "decode_bytes": decode_bytes(model),
     }
 
@@ -232,11 +262,15 @@ def decode_bytes(model) -> int:
 
 
 def decode_weights(model) -> int:
-    """The number of weights behind `decode_tensors` (a packed int4 byte holds two; scales are not weights)."""
+    """The number of weights behind `decode_tensors`: a quantized projection's in x out (its codes, tiles'
+    padding and scales are not weights), every other tensor's elements."""
+    quantized = {name: m for name, m in model.named_modules() if isinstance(m, (Int4Linear, Int8Linear))}
     count = 0
     for name, t in decode_tensors(model):
-        if name.endswith("codes") and t.dtype == torch.uint8:  # Int4Linear: two codes a byte
-            count += 2 * t.numel()
-        elif not name.endswith((".d", ".m", "scale")):
+        owner, _, leaf = name.rpartition(".")
+        if owner in quantized:
+            module = quantized[owner]
+            count += module.in_features * module.out_features if leaf == "codes" else 0
+        else:
             count += t.numel()
     return count
