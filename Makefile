@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup serve test redis lint bench model model-speculator model-small constraints clean loadtest soak
+.PHONY: setup serve test redis lint bench bench-peers model model-speculator model-small constraints clean loadtest soak
 
 setup: $(STAMP)
 
@@ -54,6 +54,15 @@ model-speculator: setup
 
 model-small: setup
 	$(BIN)/python -m models.training.recipe
+
+# This engine beside llama.cpp on the same GGUF, same threads, decode only (services/bench/peers.py). The first
+# run builds llama-cpp-python (the `peers` extra) from its sdist for this host: about 8 minutes on 2 cores
+# (infra/scripts/build_peers.sh). `make test` neither needs nor installs it.
+PEERS_JSON ?= infra/bench/peers.json
+bench-peers: setup
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || bash infra/scripts/build_peers.sh
+	$(BIN)/sdsat bench --peers llama.cpp --dtype int4 --threads 2 --limit 8 --completion-limit 2 --heldout-snippets 2 \
+		--methods prompt-lookup,mlp --ks 1,2,3 --reps 1 --no-progress --json $(PEERS_JSON)
 
 # Headless Locust run against a running service (e.g. `make serve` in another shell); writes Locust's
 # CSVs and HTML report, summary.json and loadtest.png to RESULTS. PROMPTS: a JSONL file of {"prompt"}
