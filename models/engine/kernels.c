@@ -568,6 +568,7 @@ static void q4_tile_portable(const int8_t *xq, const float *dx, const float *sx,
 
 #if defined(HAVE_AVX512)
 #define Q4_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni,f16c")))
+typedef int32_t aliased_i32 __attribute__((may_alias, aligned(1)));  /* 4 int8 activations read as one */
 /* Tile t (16 outputs) for rows [r0, r0 + rows), rows <= 4. */
 Q4_TARGET static void q4_tile_vnni(const int8_t *xq, const float *dx, const float *sx, int64_t r0, int rows,
                                    int64_t K, const uint8_t *codes, const uint16_t *d, const uint16_t *m, int64_t t,
@@ -587,9 +588,8 @@ Q4_TARGET static void q4_tile_vnni(const int8_t *xq, const float *dx, const floa
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(d + (t * B + b) * 16)));
         const __m512 mw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(m + (t * B + b) * 16)));
         for (int r = 0; r < rows; r++) {
-            int32_t x4[8];  /* 8 groups of 4 activations */
-            memcpy(x4, xq + (r0 + r) * K + 32 * b, sizeof x4);
-            __m512i isum = _mm512_setzero_si512();
+            const aliased_i32 *x4 = (const aliased_i32 *)(xq + (r0 + r) * K + 32 * b);  /* 8 groups of 4 */
+            __m512i isum = _mm512_setzero_si512();  /* the broadcasts fold into vpdpbusd's memory operand */
             for (int g = 0; g < 8; g++) isum = _mm512_dpbusd_epi32(isum, c[g], _mm512_set1_epi32(x4[g]));
             const __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(dx[(r0 + r) * B + b]));
             y[r] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(isum), y[r]);
@@ -681,8 +681,7 @@ Q4_TARGET static void q8_tile_vnni(const int8_t *xq, const float *dx, const int3
         for (int g = 0; g < 8; g++) c[g] = _mm512_loadu_si512((const void *)(block + 64 * g));
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(d + (t * B + b) * 16)));
         for (int r = 0; r < rows; r++) {
-            int32_t x4[8];
-            memcpy(x4, xq + (r0 + r) * K + 32 * b, sizeof x4);
+            const aliased_i32 *x4 = (const aliased_i32 *)(xq + (r0 + r) * K + 32 * b);
             __m512i isum = _mm512_setzero_si512();
             for (int g = 0; g < 8; g++) isum = _mm512_dpbusd_epi32(isum, c[g], _mm512_set1_epi32(x4[g]));
             isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(128 * isx[(r0 + r) * B + b]));
