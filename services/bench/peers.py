@@ -9,9 +9,11 @@ with EOS ignored, interleaved prompt by prompt, the engine order rotating betwee
 are decode only: prefill and the first token are left out on both sides, so ms/token is the time
 from the first generated token to the last over the tokens after the first.
 
-Rows: llama.cpp plain (`Llama.generate`, greedy) and with its own prompt lookup
+Rows: llama.cpp plain (`Llama.generate`, greedy, as a Python user runs it), plain-raw (`llama_decode`
+one token at a time with the argmax read from its logits in place: llama.cpp without the wrapper's
+Python loop, close to what its own C++ tools do) and with its own prompt lookup
 (`LlamaPromptLookupDecoding`); this engine's `ar` and each speculative method and k asked for.
-Each row gives ms/token, tokens/s, its speed against llama.cpp's plain decoding, and the share of
+Each row gives ms/token, tokens/s, its speed against llama.cpp's plain and plain-raw decoding, and the share of
 prompts whose tokens equal this engine's `ar` (llama.cpp is another numeric path, Q8_1 activations
 against our bf16 ones, so that share is reported, not required). r(w) is measured on both: the
 time of a w-token forward (logits for every row) over a 1-token one, after 256 tokens of context.
@@ -70,6 +72,34 @@ class LlamaCpp:
                 first = time.perf_counter()
             if len(tokens) == n:
                 break
+        return tokens, first - t0, time.perf_counter() - first
+
+    def generate_raw(self, ids: list[int], n: int) -> tuple[list[int], float, float]:
+        """As `generate` (plain), without llama-cpp-python's Python loop: `llama_decode` one token at a
+        time and the argmax of its logits read in place, which is about what llama.cpp's own C++ tools do."""
+        import llama_cpp
+        import numpy as np
+
+        llm = self.plain
+        llm.reset()
+        ctx = llm._ctx.ctx
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+        vocab = llm.n_vocab()
+        t0 = time.perf_counter()
+        llm.eval(ids)  # prefill through the wrapper (not timed as decode)
+        tokens, first = [], 0.0
+        token = (llama_cpp.llama_token * 1)()
+        while len(tokens) < n:
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), shape=(vocab,))
+            tokens.append(int(logits.argmax()))
+            if len(tokens) == 1:
+                first = time.perf_counter()
+            if len(tokens) == n:
+                break
+            token[0] = tokens[-1]
+            if llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(token, 1)) != 0:
+                raise RuntimeError("llama_decode failed")
+        llm.reset()
         return tokens, first - t0, time.perf_counter() - first
 
     def cost_ratios(self, widths: list[int], context: int = CONTEXT_FOR_R, repeats: int = 15) -> dict:
@@ -136,12 +166,14 @@ def peer_comparison(model_dir: str, prompts: list, runs: list[tuple[str, int]], 
     engine = Engine.from_pretrained(model_dir, EngineConfig(dtype=dtype, max_batch=1, max_context=4096))
     encoded = [encode_prompt(engine.tokenizer, p) for p in prompts]
     peer = LlamaCpp(str(gguf_path()), threads)
-    variants = [("llama.cpp", "plain", 0), ("llama.cpp", "prompt-lookup", peer.lookup_tokens),
+    variants = [("llama.cpp", "plain", 0), ("llama.cpp", "plain-raw", 0), ("llama.cpp", "prompt-lookup", peer.lookup_tokens),
                 ("sdsat-engine", "ar", 0)] + [("sdsat-engine", m, k) for m, k in runs if m != "ar"]
 
     def run(variant, ids):
         name, method, k = variant
         if name == "llama.cpp":
+            if method == "plain-raw":
+                return peer.generate_raw(ids, max_new_tokens)
             return peer.generate(ids, max_new_tokens, lookup=method == "prompt-lookup")
         return _ours(engine, ids, method, k, max_new_tokens)
 
@@ -170,9 +202,10 @@ def peer_comparison(model_dir: str, prompts: list, runs: list[tuple[str, int]], 
                      "tokens_per_s": round(1e3 / ms, 1),
                      "first_token_ms": round(1e3 * statistics.mean(statistics.median(t) for t in first[v]), 1),
                      "identical_to_our_ar": sum(o == a for o, a in zip(outputs[v], ar, strict=True)) / len(ar)})
-    plain = rows[0]["tokens_per_s"]
+    plain, raw = rows[0]["tokens_per_s"], rows[1]["tokens_per_s"]
     for row in rows:
         row["vs_llama_cpp"] = round(row["tokens_per_s"] / plain, 3)
+        row["vs_llama_cpp_raw"] = round(row["tokens_per_s"] / raw, 3)
     ours_r = forward_cost_ratios(engine, list(widths), context=CONTEXT_FOR_R)
     return {
         "model": model_dir, "gguf": gguf_path().name, "dtype": dtype, "threads": threads, "prompts": len(encoded),

@@ -38,8 +38,8 @@ def test_both_engines_decode_the_same_prompts_side_by_side(tmp_path):
                     "--json", str(out)], check=True, capture_output=True, text=True)
     report = json.loads(out.read_text())
     rows = {(r["engine"], r["method"], r["k"]): r for r in report["rows"]}
-    assert set(rows) == {("llama.cpp", "plain", 0), ("llama.cpp", "prompt-lookup", 3), ("sdsat-engine", "ar", 0),
-                         ("sdsat-engine", "prompt-lookup", 2)}
+    assert set(rows) == {("llama.cpp", "plain", 0), ("llama.cpp", "plain-raw", 0), ("llama.cpp", "prompt-lookup", 3),
+                         ("sdsat-engine", "ar", 0), ("sdsat-engine", "prompt-lookup", 2)}
     assert rows[("llama.cpp", "plain", 0)]["vs_llama_cpp"] == 1.0
     assert rows[("sdsat-engine", "prompt-lookup", 2)]["identical_to_our_ar"] == 1.0  # lossless, as always
     assert all(r["decode_ms_per_token"] > 0 for r in rows.values()) and report["prompts"] == 2
