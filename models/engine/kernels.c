@@ -277,8 +277,7 @@ void sdsat_linear(const float *x, int64_t M, int64_t K, const void *w, int w_bf1
  * place (bf16 converted to fp32 as it is read: exact). */
 static int attend_unit(const float *q, int64_t r, int64_t h, int64_t T, int64_t Hq, int64_t Hkv, int64_t D,
                        const void *k_buf, const void *v_buf, int kv_bf16, int64_t C, const int64_t *slot,
-                       const int64_t *start, const uint8_t *local, float scale, float *out) {
-    const int fast = use_avx512(D) && D <= 256;  /* values_avx512 keeps D / 16 accumulators */
+                       const int64_t *start, const uint8_t *local, float scale, float *out, int fast) {
     const int64_t L = start[r] + T, prefix = start[r], g = h / (Hq / Hkv);
     const int64_t base = (slot[r] * Hkv + g) * C * D;  /* this kv head's [C, D] block */
     const uint8_t *vis = local + r * T * T;  /* [T, T] */
@@ -330,6 +329,7 @@ static int attend(const float *q, int64_t R, int64_t T, int64_t Hq, int64_t Hkv,
                  const void *v_buf, int kv_bf16, int64_t C, const int64_t *slot, const int64_t *start,
                  const uint8_t *local, float scale, float *out) {
     int failed = 0;
+    const int fast = use_avx512(D) && D <= 256;  /* values_avx512 keeps D / 16 accumulators; decided once */
     /* one unit of work per (sequence, query head), each computed whole by one thread in the order below, so
      * the threads change no bits; OpenMP's pool is the one PyTorch already runs (same libgomp) */
 #ifdef _OPENMP
@@ -337,7 +337,7 @@ static int attend(const float *q, int64_t R, int64_t T, int64_t Hq, int64_t Hkv,
 #endif
     for (int64_t unit = 0; unit < R * Hq; unit++)
         failed |= attend_unit(q, unit / Hq, unit % Hq, T, Hq, Hkv, D, k_buf, v_buf, kv_bf16, C, slot, start,
-                              local, scale, out);
+                              local, scale, out, fast);
     return failed ? -1 : 0;
 }
 
@@ -527,11 +527,13 @@ static void q8_rows(const float *x, int64_t M, int64_t K, int8_t *xq, float *dx,
                 const float a = fabsf(v[i]);
                 amax = a > amax ? a : amax;
             }
-            const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+            const float d = amax / 127.0f;
+            float id = d != 0.0f ? 1.0f / d : 0.0f;
+            if (!isfinite(id)) id = 0.0f;  /* a subnormal block: its codes are 0 */
             int32_t sum = 0;
             for (int i = 0; i < 32; i++) {
                 float q = nearbyintf(v[i] * id);  /* round half to even: the default rounding mode */
-                q = q > 127.0f ? 127.0f : (q < -127.0f ? -127.0f : q);
+                q = q >= -127.0f ? (q <= 127.0f ? q : 127.0f) : (q < -127.0f ? -127.0f : 0.0f);  /* NaN -> 0 */
                 xq[r * K + 32 * b + i] = (int8_t)q;
                 sum += (int32_t)q;
             }
@@ -604,8 +606,8 @@ Q4_TARGET static void q4_tile_vnni(const int8_t *xq, const float *dx, const floa
 
 static int use_vnni(void) {
 #if defined(HAVE_AVX512)
-    return use_avx512(LANES) && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni") &&
-           __builtin_cpu_supports("f16c");
+    /* every AVX-512F CPU has F16C (and older compilers reject "f16c" as a feature name here) */
+    return use_avx512(LANES) && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
 #else
     return 0;
 #endif
@@ -733,10 +735,11 @@ int sdsat_q8_linear(const float *x, int64_t M, int64_t K, const uint8_t *codes, 
  * data, so the same bits as the Python loop calling them one by one, without ~200 calls from Python.
  * layer[l]: 16 pointers: input norm weight (fp32), qkv codes, d, m, o_proj codes, d, m, post norm weight,
  * gate_up codes, d, m, down_proj codes, d, m, then the layer's key and value cache buffers.
- * dims: H, Hq, Hkv, D, I (intermediate). x: [R*T, H] fp32 embeddings in, the residual stream after the
+ * dims: H, Hq, Hkv, D, I (intermediate); eps, eps_post, eps_final: the input, post-attention and final norms'
+ * epsilons (one value for every layer). x: [R*T, H] fp32 embeddings in, the residual stream after the
  * last layer out; hidden: [R*T, H] fp32, the final norm's output. Returns 0, or -1 (out of memory). */
 int sdsat_forward_q4(float *x, int64_t R, int64_t T, int64_t layers, void *const *layer, const int64_t *dims,
-                     float eps, const float *cos, const float *sin, const int64_t *positions, int kv_bf16, int64_t C,
+                     float eps, float eps_post, float eps_final, const float *cos, const float *sin, const int64_t *positions, int kv_bf16, int64_t C,
                      const int64_t *slot, const int64_t *start, const uint8_t *local, float scale,
                      const float *final_w, float *hidden) {
     const int64_t H = dims[0], Hq = dims[1], Hkv = dims[2], D = dims[3], I = dims[4], N = R * T;
@@ -747,19 +750,19 @@ int sdsat_forward_q4(float *x, int64_t R, int64_t T, int64_t layers, void *const
     float *act = malloc(sizeof(float) * (size_t)(N * I));
     float *delta = malloc(sizeof(float) * (size_t)(N * H));
     int status = (h && wide && attn && act && delta) ? 0 : -1;
-    for (int64_t l = 0; l < layers && status == 0; l++) {
+    for (int64_t l = 0; l < layers && status == 0; l++) {  /* a failed step stops the forward at once */
         void *const *p = layer + 16 * l;
         sdsat_add_norm(x, N, H, l ? delta : NULL, 0, p[0], eps, h, 0);
-        status |= sdsat_q4_linear(h, N, H, p[1], p[2], p[3], qkv_w, wide);
-        status |= sdsat_rope_attend(wide, 0, R, T, Hq, Hkv, D, cos, sin, positions, p[14], p[15], kv_bf16, C, slot,
-                                    start, local, scale, attn, 0);
-        status |= sdsat_q4_linear(attn, N, Hq * D, p[4], p[5], p[6], H, delta);
-        sdsat_add_norm(x, N, H, delta, 0, p[7], eps, h, 0);
-        status |= sdsat_q4_linear(h, N, H, p[8], p[9], p[10], 2 * I, wide);
+        if ((status = sdsat_q4_linear(h, N, H, p[1], p[2], p[3], qkv_w, wide)) != 0) break;
+        if ((status = sdsat_rope_attend(wide, 0, R, T, Hq, Hkv, D, cos, sin, positions, p[14], p[15], kv_bf16, C,
+                                        slot, start, local, scale, attn, 0)) != 0) break;
+        if ((status = sdsat_q4_linear(attn, N, Hq * D, p[4], p[5], p[6], H, delta)) != 0) break;
+        sdsat_add_norm(x, N, H, delta, 0, p[7], eps_post, h, 0);
+        if ((status = sdsat_q4_linear(h, N, H, p[8], p[9], p[10], 2 * I, wide)) != 0) break;
         sdsat_silu_mul_cast(wide, 0, N, I, act, 0);
-        status |= sdsat_q4_linear(act, N, I, p[11], p[12], p[13], H, delta);
+        status = sdsat_q4_linear(act, N, I, p[11], p[12], p[13], H, delta);
     }
-    if (status == 0) sdsat_add_norm(x, N, H, layers ? delta : NULL, 0, final_w, eps, hidden, 0);
+    if (status == 0) sdsat_add_norm(x, N, H, layers ? delta : NULL, 0, final_w, eps_final, hidden, 0);
     free(h); free(wide); free(attn); free(act); free(delta);
     return status ? -1 : 0;
 }

@@ -115,8 +115,8 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     lib.sdsat_q4_linear.restype = ctypes.c_int
     lib.sdsat_q8_linear.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr]
     lib.sdsat_q8_linear.restype = ctypes.c_int
-    lib.sdsat_forward_q4.argtypes = [ptr, i64, i64, i64, ptr, ptr, f32, ptr, ptr, ptr, flag, i64, ptr, ptr, ptr, f32,
-                                     ptr, ptr]
+    lib.sdsat_forward_q4.argtypes = [ptr, i64, i64, i64, ptr, ptr, f32, f32, f32, ptr, ptr, ptr, flag, i64, ptr, ptr,
+                                     ptr, f32, ptr, ptr]
     lib.sdsat_forward_q4.restype = ctypes.c_int
     return lib, None
 
@@ -197,7 +197,7 @@ class Attention:
         hidden = torch.empty_like(x)
         cos, sin = rope
         status = self._lib.sdsat_forward_q4(
-            x.data_ptr(), R, T, plan.layers, plan.table, plan.dims, plan.eps, cos.data_ptr(), sin.data_ptr(),
+            x.data_ptr(), R, T, plan.layers, plan.table, plan.dims, *plan.eps, cos.data_ptr(), sin.data_ptr(),
             positions.data_ptr(), plan.kv_bf16, plan.columns, self.slots.data_ptr(), self.start.data_ptr(),
             self.local.data_ptr(), self.scale, plan.final.data_ptr(), hidden.data_ptr())
         if status != 0:
@@ -209,7 +209,9 @@ class Q4Plan:
     """The pointers sdsat_forward_q4 reads, per layer (see kernels.c), gathered once per engine: the
     tensors behind them are held here so they stay alive."""
 
-    def __init__(self, layers: list[list[torch.Tensor]], dims: tuple[int, ...], eps: float, final: torch.Tensor):
+    def __init__(self, layers: list[list[torch.Tensor]], dims: tuple[int, ...], eps: tuple[float, float, float],
+                 final: torch.Tensor):
+        """eps: the input, post-attention and final norms' epsilons."""
         self.tensors = [t for row in layers for t in row] + [final]
         for t in self.tensors:
             if not t.is_contiguous() or t.device.type != "cpu":

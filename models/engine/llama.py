@@ -12,6 +12,10 @@ computes, and the transformers model stays whole for training and for other arch
     forward = LlamaForward.maybe_build(model)   # None for a model it does not cover
     hidden = forward(embeds, position_ids, mask, cache)   # [R, T, H] after the final norm (SDPA)
     hidden = forward(embeds, position_ids, None, cache, Attention(slots, start, local, scale))  # invariant
+
+With `Attention` (the CPU default) the forward runs models/engine/kernels.c: per layer three calls of C
+glue between the four projections, or, for an int4 model and a forward without SAT rows, all layers in
+one call (`sdsat_forward_q4`), which composes the same C functions and so gives the same bits.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ def fuse(parts: list[nn.Module]) -> nn.Module | None:
 class _Layer:
     def __init__(self, layer: nn.Module):
         self.input_norm, self.post_norm = layer.input_layernorm, layer.post_attention_layernorm
-        self.eps = _eps(self.input_norm)
+        self.eps, self.post_eps = _eps(self.input_norm), _eps(self.post_norm)
         self._norm_weights: dict[str, torch.Tensor] = {}
         self.projections: dict[str, nn.Module | None] = {}
         # a SAT adapter's LoRA on a projection: (the LoRA module, its columns of the projection's output)
@@ -142,8 +146,8 @@ class LlamaForward:
         return _rms_norm(self.norm, x).view(R, T, hidden)
 
     def _fused(self, embeds: torch.Tensor, position_ids: torch.Tensor, cache, attention: Attention) -> torch.Tensor:
-        """The forward through models/engine/kernels.py: per layer its four projections (int4/int8 through
-        ATen's kernels, dense ones through the invariant kernel) and three calls to the C glue between
+        """The forward through models/engine/kernels.py: per layer its four projections (int4 through the
+        Q4_1 x Q8_1 kernel, dense ones through the invariant kernel) and three calls to the C glue between
         them (residual add + RMSNorm, RoPE + KV write + attention, SiLU-gate) instead of some thirty small
         library ops. The residual stream is fp32 throughout; every row is computed on its own."""
         R, T, hidden = embeds.shape
@@ -161,7 +165,7 @@ class LlamaForward:
             attn = attention.rope_attend(qkv, self.heads, self.kv_heads, rope, positions, cache.keys[i],
                                          cache.values[i], torch.float32)
             o = self._project_fused(layer, "o_proj", attn)
-            h = add_norm(x, o, layer.norm_weight("post"), layer.eps, torch.float32)
+            h = add_norm(x, o, layer.norm_weight("post"), layer.post_eps, torch.float32)
             gate_up = self._project_fused(layer, "gate_up", h)
             delta = self._project_fused(layer, "down_proj", silu_mul_cast(gate_up, torch.float32))
         final = self._final_norm()
@@ -174,8 +178,8 @@ class LlamaForward:
         if self._plan is None or self._plan[0] != key:
             plan = None
             mods = [[layer.projections[n] for n in PROJECTIONS] for layer in self.layers]
-            eps = {layer.eps for layer in self.layers} | {self._final_norm()[1]}
-            if all(type(m) is Int4Linear for row in mods for m in row) and len(eps) == 1 \
+            eps = ({layer.eps for layer in self.layers}, {layer.post_eps for layer in self.layers})
+            if all(type(m) is Int4Linear for row in mods for m in row) and all(len(e) == 1 for e in eps) \
                     and all(supports(t.dtype) for t in cache.keys + cache.values):
                 rows = []
                 for i, (layer, (qkv, o, gate_up, down)) in enumerate(zip(self.layers, mods, strict=True)):
@@ -185,13 +189,13 @@ class LlamaForward:
                 first = mods[0][0]
                 intermediate = mods[0][2].out_features // 2
                 plan = Q4Plan(rows, (first.in_features, self.heads, self.kv_heads, self.head_dim, intermediate),
-                              eps.pop(), self._final_norm()[0])
+                              (*(e.pop() for e in eps), self._final_norm()[1]), self._final_norm()[0])
             self._plan = (key, plan)
         return self._plan[1]
 
     def _project_fused(self, layer: _Layer, name: str, h: torch.Tensor) -> torch.Tensor:
-        """h [N, in] in the projection's input dtype -> [N, out] contiguous (bf16 from int4/int8 kernels, fp32
-        from the dense invariant kernel), plus the adapter's LoRA at SAT rows."""
+        """h [N, in] fp32 -> [N, out] contiguous fp32 (the int4 kernel or the dense invariant one), plus the
+        adapter's LoRA at SAT rows."""
         y = project(layer.projections[name], h, True)
         index = self.rows.index if self.rows is not None else None
         if index is not None and layer.loras[name]:
@@ -243,7 +247,8 @@ class LlamaForward:
 
 def project(module: nn.Module, x: torch.Tensor, invariant: bool) -> torch.Tensor:
     """x [N, in] -> [N, out]. Dense fp32/bf16 weights on the CPU go through the width-invariant kernel
-    when `invariant`; int4/int8 modules run ATen's kernels, which are width-invariant already."""
+    when `invariant`; int4 and Q8_0 modules run kernels.c's integer kernels (every row on its own, in one
+    fixed order), whether invariant or not."""
     if invariant and type(module) is nn.Linear and module.bias is None and supports(module.weight.dtype) \
             and module.weight.is_contiguous():
         return linear(x, module.weight)

@@ -4,18 +4,16 @@ The embedded base (models/weights/base_model.py) is a Q4_1 GGUF: every decoder p
 blocks of 32 weights `w = d·q + m` (q in 0..15, d and m fp16), and transformers' GGUF reader
 dequantized them to fp32 exactly that way. `recover_q4_1` reads the blocks back out of the fp32
 weights (m is the block's minimum, d its (max - min) / 15 rounded to fp16, q = (w - m) / d) and
-checks that `d·q + m` gives every weight back bit for bit, so `dtype: int4` serves the same weights
-at 1/8 of the fp32 bytes. PyTorch's CPU kernel `_weight_int4pack_mm_for_cpu` computes
-`x @ ((q - 8)·scale + zero)`, so scale = d and zero = m + 8d; its activations and scales are bf16
-(with fp32 activations it is 30x slower here), which rounds d and m to bf16: that rounding
-is the only change to the weights, and `quantize_model` reports its size.
+checks that `d·q + m` gives every weight back bit for bit, so `dtype: int4` serves the GGUF's own
+blocks (`Int4Linear`). The tied LM head is Q8_0 in the GGUF (int8 codes, an fp16 d per block of 32);
+`Int8Linear` recovers those blocks the same way (exactly, for this GGUF). Input embeddings keep the
+exact table.
 
-The tied LM head / embedding is Q8_0 in the GGUF (per-block int8 scales), which no PyTorch CPU
-kernel takes; it runs through `_weight_int8pack_mm` with one scale per vocabulary row (lossy at about
-1/254 of a row's largest weight; reported too). Input embeddings keep the exact table.
-
-Both kernels are batch-invariant on CPU (a row's result does not depend on the other rows of the
-call), so speculative decoding under int4 stays token-identical to plain decoding under int4.
+Both run models/engine/kernels.c's integer kernels, llama.cpp's arithmetic for these formats: each
+row's activations quantized per block of 32 to int8 (Q8_1), exact integer dot products (AVX-512 VNNI
+where the CPU has it), the block scales applied in one fixed order. A row's result does not depend on
+the other rows of the call, so speculative decoding under int4 stays token-identical to plain decoding
+under int4. Without the kernels (no C compiler) they fall back to PyTorch's int4 kernel and a bf16 head.
 
     model = load_model(folder, dtype=torch.float32); report = quantize_model(model)
 """

@@ -14,8 +14,8 @@ one token at a time with the argmax read from its logits in place: llama.cpp wit
 Python loop, close to what its own C++ tools do) and with its own prompt lookup
 (`LlamaPromptLookupDecoding`); this engine's `ar` and each speculative method and k asked for.
 Each row gives ms/token, tokens/s, its speed against llama.cpp's plain and plain-raw decoding, and the share of
-prompts whose tokens equal this engine's `ar` (llama.cpp is another numeric path, Q8_1 activations
-against our bf16 ones, so that share is reported, not required). r(w) is measured on both: the
+prompts whose tokens equal this engine's `ar` (both use Q8_1 activations, but llama.cpp accumulates in
+another order, so that share is reported, not required). r(w) is measured on both: the
 time of a w-token forward (logits for every row) over a 1-token one, after 256 tokens of context.
 
 llama-cpp-python is the optional `peers` extra (`make bench-peers` builds it for this host);
@@ -64,6 +64,7 @@ class LlamaCpp:
     def generate(self, ids: list[int], n: int, lookup: bool = False) -> tuple[list[int], float, float]:
         """(n greedy tokens after ids, seconds to the first token, seconds from the first token to the last)."""
         llm = self.lookup if lookup else self.plain
+        llm.reset()  # no KV reused from the previous prompt: both engines prefill from scratch
         tokens, t0, first = [], time.perf_counter(), 0.0
         # top_k=1 and temp=0: the sampler takes the argmax; generate() never stops at EOS on its own
         for token in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
@@ -162,12 +163,15 @@ def peer_comparison(model_dir: str, prompts: list, runs: list[tuple[str, int]], 
     why = peer_unavailable()
     if why:
         raise RuntimeError(why)
+    if max_new_tokens < 2:
+        raise ValueError("decode-only timing needs max_new_tokens >= 2")
     threads = torch.get_num_threads()
     engine = Engine.from_pretrained(model_dir, EngineConfig(dtype=dtype, max_batch=1, max_context=4096))
     encoded = [encode_prompt(engine.tokenizer, p) for p in prompts]
     peer = LlamaCpp(str(gguf_path()), threads)
-    variants = [("llama.cpp", "plain", 0), ("llama.cpp", "plain-raw", 0), ("llama.cpp", "prompt-lookup", peer.lookup_tokens),
-                ("sdsat-engine", "ar", 0)] + [("sdsat-engine", m, k) for m, k in runs if m != "ar"]
+    variants = [("llama.cpp", "plain", 0), ("llama.cpp", "plain-raw", 0),
+                ("llama.cpp", "prompt-lookup", peer.lookup_tokens), ("sdsat-engine", "ar", 0)]
+    variants += [("sdsat-engine", m, k) for m, k in runs if m != "ar"]
 
     def run(variant, ids):
         name, method, k = variant
