@@ -729,6 +729,31 @@ int sdsat_q8_linear(const float *x, int64_t M, int64_t K, const uint8_t *codes, 
     return 0;
 }
 
+/* A SAT adapter's LoRA on the n SAT rows `rows` of a projection's input x [N, K] and output y [N, width]:
+ * y[row][col + o] += s * (B (A x[row]))[o] for one adapted part (A [r, K], B [out, r], bf16 if bf16, else
+ * fp32), through
+ * sdsat_linear (each SAT row on its own, in its fixed order). scratch: n * (K + r + out) floats. */
+static void lora_rows(const float *x, int64_t K, float *y, int64_t width, const int64_t *rows, int64_t n,
+                      const void *A, const void *B, int bf16, int64_t r, int64_t col, int64_t out, float s,
+                      float *scratch) {
+    float *xs = scratch, *t = xs + n * K, *d = t + n * r;
+    for (int64_t i = 0; i < n; i++) memcpy(xs + i * K, x + rows[i] * K, sizeof(float) * (size_t)K);
+    sdsat_linear(xs, n, K, A, bf16, r, t);
+    sdsat_linear(t, n, r, B, bf16, out, d);
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t o = 0; o < out; o++) y[rows[i] * width + col + o] += d[i * out + o] * s;
+}
+
+/* The adapted parts of one projection: lora[2j], lora[2j + 1] = A and B of part j (NULL: not adapted);
+ * part j's output columns start at cols[j] and it has outs[j] of them. */
+static void lora_parts(const float *x, int64_t K, float *y, int64_t width, const int64_t *rows, int64_t n,
+                       void *const *lora, int bf16, int parts, const int64_t *cols, const int64_t *outs, int64_t r,
+                       float s, float *scratch) {
+    for (int j = 0; j < parts; j++)
+        if (lora[2 * j] != NULL)
+            lora_rows(x, K, y, width, rows, n, lora[2 * j], lora[2 * j + 1], bf16, r, cols[j], outs[j], s, scratch);
+}
+
 /* ---- A whole int4 forward in one call ------------------------------------------------------------------
  * The lean forward's per-layer steps (models/engine/llama.py, LlamaForward._fused) composed here for a
  * forward without SAT rows whose projections are all Int4Linear: the same functions on the same fp32
@@ -737,11 +762,16 @@ int sdsat_q8_linear(const float *x, int64_t M, int64_t K, const uint8_t *codes, 
  * gate_up codes, d, m, down_proj codes, d, m, then the layer's key and value cache buffers.
  * dims: H, Hq, Hkv, D, I (intermediate); eps, eps_post, eps_final: the input, post-attention and final norms'
  * epsilons (one value for every layer). x: [R*T, H] fp32 embeddings in, the residual stream after the
- * last layer out; hidden: [R*T, H] fp32, the final norm's output. Returns 0, or -1 (out of memory). */
+ * last layer out; hidden: [R*T, H] fp32, the final norm's output. A SAT adapter (models/weights/adapter.py):
+ * sat_rows [n_sat] (flat row indices), lora: per layer 14 pointers, A and B of q, k, v, o, gate, up, down
+ * (NULL where not adapted; bf16 if lora_bf16, else fp32), its rank and scale; lora NULL or n_sat 0: none. Every standard row's
+ * arithmetic is the same with or without it. Returns 0, or -1 (out of memory). */
 int sdsat_forward_q4(float *x, int64_t R, int64_t T, int64_t layers, void *const *layer, const int64_t *dims,
-                     float eps, float eps_post, float eps_final, const float *cos, const float *sin, const int64_t *positions, int kv_bf16, int64_t C,
-                     const int64_t *slot, const int64_t *start, const uint8_t *local, float scale,
-                     const float *final_w, float *hidden) {
+                     float eps, float eps_post, float eps_final, const float *cos, const float *sin,
+                     const int64_t *positions, int kv_bf16, int64_t C, const int64_t *slot, const int64_t *start,
+                     const uint8_t *local, float scale, const float *final_w, float *hidden,
+                     const int64_t *sat_rows, int64_t n_sat, void *const *lora, int lora_bf16, int64_t rank,
+                     float lora_scale) {
     const int64_t H = dims[0], Hq = dims[1], Hkv = dims[2], D = dims[3], I = dims[4], N = R * T;
     const int64_t qkv_w = (Hq + 2 * Hkv) * D;
     float *h = malloc(sizeof(float) * (size_t)(N * (H > Hq * D ? H : Hq * D)));
@@ -749,20 +779,31 @@ int sdsat_forward_q4(float *x, int64_t R, int64_t T, int64_t layers, void *const
     float *attn = malloc(sizeof(float) * (size_t)(N * Hq * D));
     float *act = malloc(sizeof(float) * (size_t)(N * I));
     float *delta = malloc(sizeof(float) * (size_t)(N * H));
-    int status = (h && wide && attn && act && delta) ? 0 : -1;
+    const int adapted = lora != NULL && n_sat > 0;
+    int64_t widest = H > Hq * D ? H : Hq * D;  /* a LoRA part's largest input or output */
+    widest = widest > I ? widest : I;
+    float *scratch = adapted ? malloc(sizeof(float) * (size_t)(n_sat * (2 * widest + rank))) : NULL;
+    int status = (h && wide && attn && act && delta && (scratch || !adapted)) ? 0 : -1;
+    /* the parts of each projection, in the order of the lora table: q, k, v | o | gate, up | down */
+    const int64_t qkv_cols[3] = {0, Hq * D, (Hq + Hkv) * D}, qkv_outs[3] = {Hq * D, Hkv * D, Hkv * D};
+    const int64_t zero[1] = {0}, h_out[1] = {H}, gu_cols[2] = {0, I}, gu_outs[2] = {I, I};
     for (int64_t l = 0; l < layers && status == 0; l++) {  /* a failed step stops the forward at once */
-        void *const *p = layer + 16 * l;
+        void *const *p = layer + 16 * l, *const *ad = adapted ? lora + 14 * l : NULL;
         sdsat_add_norm(x, N, H, l ? delta : NULL, 0, p[0], eps, h, 0);
         if ((status = sdsat_q4_linear(h, N, H, p[1], p[2], p[3], qkv_w, wide)) != 0) break;
+        if (ad) lora_parts(h, H, wide, qkv_w, sat_rows, n_sat, ad, lora_bf16, 3, qkv_cols, qkv_outs, rank, lora_scale, scratch);
         if ((status = sdsat_rope_attend(wide, 0, R, T, Hq, Hkv, D, cos, sin, positions, p[14], p[15], kv_bf16, C,
                                         slot, start, local, scale, attn, 0)) != 0) break;
         if ((status = sdsat_q4_linear(attn, N, Hq * D, p[4], p[5], p[6], H, delta)) != 0) break;
+        if (ad) lora_parts(attn, Hq * D, delta, H, sat_rows, n_sat, ad + 6, lora_bf16, 1, zero, h_out, rank, lora_scale, scratch);
         sdsat_add_norm(x, N, H, delta, 0, p[7], eps_post, h, 0);
         if ((status = sdsat_q4_linear(h, N, H, p[8], p[9], p[10], 2 * I, wide)) != 0) break;
+        if (ad) lora_parts(h, H, wide, 2 * I, sat_rows, n_sat, ad + 8, lora_bf16, 2, gu_cols, gu_outs, rank, lora_scale, scratch);
         sdsat_silu_mul_cast(wide, 0, N, I, act, 0);
-        status = sdsat_q4_linear(act, N, I, p[11], p[12], p[13], H, delta);
+        if ((status = sdsat_q4_linear(act, N, I, p[11], p[12], p[13], H, delta)) != 0) break;
+        if (ad) lora_parts(act, I, delta, H, sat_rows, n_sat, ad + 12, lora_bf16, 1, zero, h_out, rank, lora_scale, scratch);
     }
     if (status == 0) sdsat_add_norm(x, N, H, layers ? delta : NULL, 0, final_w, eps_final, hidden, 0);
-    free(h); free(wide); free(attn); free(act); free(delta);
+    free(h); free(wide); free(attn); free(act); free(delta); free(scratch);
     return status ? -1 : 0;
 }

@@ -116,7 +116,7 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     lib.sdsat_q8_linear.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr]
     lib.sdsat_q8_linear.restype = ctypes.c_int
     lib.sdsat_forward_q4.argtypes = [ptr, i64, i64, i64, ptr, ptr, f32, f32, f32, ptr, ptr, ptr, flag, i64, ptr, ptr,
-                                     ptr, f32, ptr, ptr]
+                                     ptr, f32, ptr, ptr, ptr, i64, ptr, flag, i64, f32]
     lib.sdsat_forward_q4.restype = ctypes.c_int
     return lib, None
 
@@ -188,9 +188,12 @@ class Attention:
 
 
     def forward_q4(self, x: torch.Tensor, plan: Q4Plan, rope: tuple[torch.Tensor, torch.Tensor],
-                   positions: torch.Tensor) -> torch.Tensor:
+                   positions: torch.Tensor, sat_rows: torch.Tensor | None = None) -> torch.Tensor:
         """A whole int4 forward in one call (kernels.c's sdsat_forward_q4): x [R*T, H] fp32 embeddings
-        (becomes the residual stream) -> the final norm's output [R*T, H] fp32."""
+        (becomes the residual stream) -> the final norm's output [R*T, H] fp32. sat_rows: the flat indices
+        of this forward's SAT rows, which get the plan's adapter LoRA (the plan must have one)."""
+        if sat_rows is not None and plan.lora is None:
+            raise ValueError("SAT rows need a plan made with the adapter's LoRA")
         R, T = self.local.shape[:2]
         if self._columns > plan.columns or self._top_slot >= plan.slots:
             raise ValueError("the forward's rows reach past the KV buffers")
@@ -199,7 +202,9 @@ class Attention:
         status = self._lib.sdsat_forward_q4(
             x.data_ptr(), R, T, plan.layers, plan.table, plan.dims, *plan.eps, cos.data_ptr(), sin.data_ptr(),
             positions.data_ptr(), plan.kv_bf16, plan.columns, self.slots.data_ptr(), self.start.data_ptr(),
-            self.local.data_ptr(), self.scale, plan.final.data_ptr(), hidden.data_ptr())
+            self.local.data_ptr(), self.scale, plan.final.data_ptr(), hidden.data_ptr(),
+            None if sat_rows is None else sat_rows.data_ptr(), 0 if sat_rows is None else sat_rows.numel(),
+            None if sat_rows is None else plan.lora, plan.lora_bf16, plan.rank, plan.lora_scale)
         if status != 0:
             raise MemoryError("kernels.c could not allocate its scratch memory")
         return hidden
@@ -210,8 +215,11 @@ class Q4Plan:
     tensors behind them are held here so they stay alive."""
 
     def __init__(self, layers: list[list[torch.Tensor]], dims: tuple[int, ...], eps: tuple[float, float, float],
-                 final: torch.Tensor):
-        """eps: the input, post-attention and final norms' epsilons."""
+                 final: torch.Tensor, lora: list[list[torch.Tensor | None]] | None = None, rank: int = 0,
+                 lora_scale: float = 0.0):
+        """eps: the input, post-attention and final norms' epsilons. lora: per layer the fp32 A and B of q, k,
+        v, o, gate, up and down (None where not adapted; all bf16 or all fp32), a SAT adapter's
+        (models/weights/adapter.py)."""
         self.tensors = [t for row in layers for t in row] + [final]
         for t in self.tensors:
             if not t.is_contiguous() or t.device.type != "cpu":
@@ -224,6 +232,14 @@ class Q4Plan:
         _check_buffers(*[row[i] for row in layers for i in (14, 15)])
         self.kv_bf16 = int(k_buf.dtype == torch.bfloat16)
         self.slots, self.columns = k_buf.shape[0], k_buf.shape[2]
+        self.lora, self.rank, self.lora_scale, self.lora_bf16 = None, rank, lora_scale, 0
+        if lora is not None:
+            held = [t for row in lora for t in row if t is not None]
+            _check_buffers(*held)  # contiguous CPU tensors of one dtype, fp32 or bf16
+            self.lora_bf16 = int(held[0].dtype == torch.bfloat16)
+            self.tensors += held
+            self.lora = (ctypes.c_void_p * (14 * len(lora)))(*[None if t is None else t.data_ptr()
+                                                               for row in lora for t in row])
 
 
 def add_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor | None, eps: float,

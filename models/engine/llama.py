@@ -92,6 +92,7 @@ class LlamaForward:
         self._rope_f32: tuple[torch.Tensor, torch.Tensor] | None = None  # the fused forward's fp32 tables
         self._final: tuple[torch.Tensor, float] | None = None  # the final norm's fp32 weight and eps
         self._plan: tuple[tuple, Q4Plan | None] | None = None  # (the KV cache it was made for, the plan)
+        self._lora_params: tuple[list, list[torch.Tensor]] | None = None
 
     @classmethod
     def maybe_build(cls, model: nn.Module) -> LlamaForward | None:
@@ -154,10 +155,11 @@ class LlamaForward:
         x = embeds.reshape(R * T, hidden).to(torch.float32, copy=True)  # the residual stream, updated in place
         positions = position_ids.reshape(-1).to(torch.int64).contiguous()
         rope = self._rope_fp32(int(positions.max()) + 1)
-        if self.rows is None or self.rows.index is None:  # no SAT rows: the same steps in one C call, if int4
-            plan = self._q4_plan(cache)
-            if plan is not None:
-                return attention.forward_q4(x, plan, rope, positions).to(embeds.dtype).view(R, T, hidden)
+        sat_rows = self.rows.index if self.rows is not None else None
+        plan = self._q4_plan(cache)  # int4: the same steps in one C call (SAT rows' LoRA included)
+        if plan is not None and (sat_rows is None or plan.lora is not None):
+            sat = None if sat_rows is None else sat_rows.to(torch.int64).contiguous()
+            return attention.forward_q4(x, plan, rope, positions, sat).to(embeds.dtype).view(R, T, hidden)
         delta: torch.Tensor | None = None
         for i, layer in enumerate(self.layers):
             h = add_norm(x, delta, layer.norm_weight("input"), layer.eps, torch.float32)
@@ -174,7 +176,12 @@ class LlamaForward:
     def _q4_plan(self, cache) -> Q4Plan | None:
         """The whole-forward plan (kernels.c's sdsat_forward_q4) for a model whose projections are all
         Int4Linear with one RMSNorm epsilon, made once per KV cache; else None (the per-layer loop)."""
-        key = (id(cache), cache.keys[0].data_ptr())
+        if self._lora_params is None:  # the adapter's tensors, gathered once (module attribute lookups are slow)
+            loras = [lora for layer in self.layers for parts in layer.loras.values() for lora, _ in parts]
+            self._lora_params = (loras, [t for m in loras for t in (m.lora_a, m.lora_b)])
+        loras, params = self._lora_params
+        # a LoRA trained in place (tensor versions move) gets a new plan
+        key = (id(cache), cache.keys[0].data_ptr(), sum(t._version for t in params))
         if self._plan is None or self._plan[0] != key:
             plan = None
             mods = [[layer.projections[n] for n in PROJECTIONS] for layer in self.layers]
@@ -189,9 +196,34 @@ class LlamaForward:
                 first = mods[0][0]
                 intermediate = mods[0][2].out_features // 2
                 plan = Q4Plan(rows, (first.in_features, self.heads, self.kv_heads, self.head_dim, intermediate),
-                              (*(e.pop() for e in eps), self._final_norm()[1]), self._final_norm()[0])
+                              (*(e.pop() for e in eps), self._final_norm()[1]), self._final_norm()[0],
+                              *self._lora_table(loras, intermediate))
             self._plan = (key, plan)
         return self._plan[1]
+
+    def _lora_table(self, loras: list, intermediate: int) -> tuple[list | None, int, float]:
+        """The SAT adapter's LoRA for sdsat_forward_q4: per layer (A, B) of q, k, v, o, gate, up, down (None
+        where not adapted), the adapter's own tensors (bf16 under int4: no copy), its rank and scale; (None, 0,
+        0.0) without an adapter or for one this table cannot describe (SAT forwards then take the loop)."""
+        if not loras or len({(m.lora_a.shape[0], m.scale, m.lora_a.dtype) for m in loras}) != 1 \
+                or not supports(loras[0].lora_a.dtype):
+            return None, 0, 0.0
+        qkv_starts = (0, self.heads * self.head_dim, (self.heads + self.kv_heads) * self.head_dim)
+        slots = {("qkv", start): i for i, start in enumerate(qkv_starts)}
+        slots.update({("o_proj", 0): 3, ("gate_up", 0): 4, ("gate_up", intermediate): 5, ("down_proj", 0): 6})
+        table = []
+        for layer in self.layers:
+            row: list[torch.Tensor | None] = [None] * 14
+            for name, parts in layer.loras.items():
+                for lora, cols in parts:
+                    slot = slots.get((name, cols.start))
+                    if slot is None:
+                        return None, 0, 0.0
+                    if not (lora.lora_a.is_contiguous() and lora.lora_b.is_contiguous()):
+                        return None, 0, 0.0
+                    row[2 * slot], row[2 * slot + 1] = lora.lora_a.detach(), lora.lora_b.detach()
+            table.append(row)
+        return table, loras[0].lora_a.shape[0], float(loras[0].scale)
 
     def _project_fused(self, layer: _Layer, name: str, h: torch.Tensor) -> torch.Tensor:
         """h [N, in] fp32 -> [N, out] contiguous fp32 (the int4 kernel or the dense invariant one), plus the

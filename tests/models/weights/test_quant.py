@@ -179,6 +179,38 @@ def test_the_one_call_int4_forward_equals_the_per_layer_loop(count_tokenizer, mo
         assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
+def test_sat_rows_ride_the_one_call_int4_forward(count_tokenizer, monkeypatch):
+    """A SAT adapter's LoRA inside sdsat_forward_q4 (its rows only): the standard rows of a forward with SAT
+    rows are bit for bit those of the per-layer loop, and the SAT rows agree with the loop's LoRA (torch
+    matmuls there, kernels.c's fixed order here) to rounding."""
+    from models.weights.adapter import AdapterConfig, SatAdapter
+
+    model = int4_ready_llama()
+    cfg = AdapterConfig(base_name="tiny", base_sha256="0" * 64, vocab_size=32, num_sat=3, rank=4, alpha=8.0)
+    adapter = SatAdapter.create(model, cfg)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # a trained-looking adapter: B != 0
+        for t in adapter.trainable_parameters():
+            t.copy_(torch.randn(t.shape, generator=g) * 0.3)
+    report = quantize_model(model)
+    adapter.to(torch.bfloat16)  # as Engine.from_pretrained does under int4
+    out = {}
+    for path in ("one call", "per layer"):
+        if path == "per layer":
+            monkeypatch.setattr(LlamaForward, "_lora_table", lambda self, loras, intermediate: (None, 0, 0.0))
+        engine = Engine(model, count_tokenizer, None, EngineConfig(method="ar", k=0, max_context=128),
+                        adapter=adapter, quantization=report)
+        plan = engine.lean._q4_plan(engine.cache)
+        assert plan is not None and (plan.lora is not None) == (path == "one call")
+        engine.add_request(list(range(1, 12)), SamplingParams(max_new_tokens=50, ignore_eos=True))
+        engine.step()
+        seq = engine.running[0]
+        out[path] = engine._forward([seq], [[seq.cur, 5, 32, 33, 34]])[0][0].float()  # 2 standard, 3 SAT rows
+    assert torch.equal(out["one call"][:2], out["per layer"][:2])
+    # (the LoRA here moves a SAT row's projections by several units: a path that skipped it could not agree)
+    torch.testing.assert_close(out["one call"][2:], out["per layer"][2:], rtol=2e-2, atol=2e-2)
+
+
 PROMPTS = [[1, 2, 3, 4], [8, 10, 12], [20, 21, 22, 23, 24, 1, 2, 3]]
 
 
