@@ -549,25 +549,6 @@ static inline int q4_code(const uint8_t *block, int j, int i) {
     return i < 16 ? byte & 0xf : byte >> 4;
 }
 
-static void q4_tile_portable(const int8_t *xq, const float *dx, const float *sx, int64_t M, int64_t K,
-                             const uint8_t *codes, const uint16_t *d, const uint16_t *m, int64_t t, float *out,
-                             int64_t N) {
-    const int64_t B = K / 32;
-    for (int64_t r = 0; r < M; r++)
-        for (int j = 0; j < 16 && t * 16 + j < N; j++) {
-            float y = 0.0f;
-            for (int64_t b = 0; b < B; b++) {
-                const uint8_t *block = codes + (t * B + b) * 256;
-                int32_t isum = 0;
-                for (int i = 0; i < 32; i++) isum += q4_code(block, j, i) * (int32_t)xq[r * K + 32 * b + i];
-                const float dw = half_to_f32(d[(t * B + b) * 16 + j]), mw = half_to_f32(m[(t * B + b) * 16 + j]);
-                y = fmaf(dw * dx[r * B + b], (float)isum, y);
-                y = fmaf(mw, sx[r * B + b], y);
-            }
-            out[r * N + t * 16 + j] = y;
-        }
-}
-
 #if defined(HAVE_AVX512)
 #define Q4_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni,f16c")))
 typedef int32_t aliased_i32 __attribute__((may_alias, aligned(1)));  /* 4 int8 activations read as one */
@@ -613,38 +594,6 @@ static int use_vnni(void) {
 #endif
 }
 
-/* x: [M, K] fp32 (K a multiple of 32); codes: [ceil(N / 16), K / 32, 256] bytes; d, m: [ceil(N / 16), K / 32,
- * 16] fp16 bits -> out [M, N] fp32. Returns 0, or -1 when scratch memory could not be had. */
-int sdsat_q4_linear(const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *d,
-                    const uint16_t *m, int64_t N, float *out) {
-    int8_t *xq = malloc((size_t)(M * K));
-    float *dx = malloc(sizeof(float) * (size_t)(M * (K / 32))), *sx = malloc(sizeof(float) * (size_t)(M * (K / 32)));
-    int32_t *isx = malloc(sizeof(int32_t) * (size_t)(M * (K / 32)));
-    if (!xq || !dx || !sx || !isx) {
-        free(xq); free(dx); free(sx); free(isx);
-        return -1;
-    }
-    q8_rows(x, M, K, xq, dx, sx, isx);
-    const int64_t tiles = (N + 15) / 16;
-    const int vnni = use_vnni();
-#ifdef _OPENMP
-    #pragma omp parallel for schedule(static) if (tiles > 1)
-#endif
-    for (int64_t t = 0; t < tiles; t++) {
-#if defined(HAVE_AVX512)
-        if (vnni) {
-            for (int64_t r0 = 0; r0 < M; r0 += 4)
-                q4_tile_vnni(xq, dx, sx, r0, M - r0 < 4 ? (int)(M - r0) : 4, K, codes, d, m, t, out, N);
-            continue;
-        }
-#endif
-        q4_tile_portable(xq, dx, sx, M, K, codes, d, m, t, out, N);
-    }
-    (void)vnni;
-    free(xq); free(dx); free(sx); free(isx);
-    return 0;
-}
-
 /* ---- Q8_0 projections (the LM head; models/weights/quant.py, Int8Linear) ---------------------------------
  * The GGUF's Q8_0 blocks: 32 int8 codes and an fp16 d per block (w = d * q). With the rows' Q8_1 activations
  * as above, y[r][n] = sum over blocks, ascending, of fmaf(d * dx, isum, .), isum = sum_i q_i * xq_i (exact).
@@ -652,19 +601,30 @@ int sdsat_q4_linear(const float *x, int64_t M, int64_t K, const uint8_t *codes, 
  * out of each block's integer sum. Tiles of 16 outputs: per (tile, block) 512 bytes as 8 vectors of [16
  * outputs][4 bytes], byte j of output n in vector g holding q[n][4g + j] + 128; d is [tile, block, 16]. */
 
-static void q8_tile_portable(const int8_t *xq, const float *dx, const int32_t *isx, int64_t M, int64_t K,
-                             const uint8_t *codes, const uint16_t *d, int64_t t, float *out, int64_t N) {
-    const int64_t B = K / 32;
+/* Tile t of a Q4_1 (q4) or Q8_0 projection in plain C: the operations of q4_tile_vnni / q8_tile_vnni, in
+ * their order (the integer sums are exact, so the order of their terms does not matter). */
+static void tile_portable(int q4, const int8_t *xq, const float *dx, const float *sx, const int32_t *isx, int64_t M,
+                          int64_t K, const uint8_t *codes, const uint16_t *d, const uint16_t *m, int64_t t,
+                          float *out, int64_t N) {
+    const int64_t B = K / 32, bytes = q4 ? 256 : 512;
     for (int64_t r = 0; r < M; r++)
         for (int j = 0; j < 16 && t * 16 + j < N; j++) {
             float y = 0.0f;
             for (int64_t b = 0; b < B; b++) {
-                const uint8_t *block = codes + (t * B + b) * 512;
+                const uint8_t *block = codes + (t * B + b) * bytes;
+                const int64_t at = (t * B + b) * 16 + j;
                 int32_t isum = 0;
-                for (int i = 0; i < 32; i++)
-                    isum += (int32_t)block[(i / 4) * 64 + j * 4 + i % 4] * (int32_t)xq[r * K + 32 * b + i];
-                isum -= 128 * isx[r * B + b];
-                y = fmaf(half_to_f32(d[(t * B + b) * 16 + j]) * dx[r * B + b], (float)isum, y);
+                for (int i = 0; i < 32; i++) {
+                    const int32_t code = q4 ? q4_code(block, j, i) : block[(i / 4) * 64 + j * 4 + i % 4];
+                    isum += code * (int32_t)xq[r * K + 32 * b + i];
+                }
+                if (q4) {
+                    y = fmaf(half_to_f32(d[at]) * dx[r * B + b], (float)isum, y);
+                    y = fmaf(half_to_f32(m[at]), sx[r * B + b], y);
+                } else {
+                    isum -= 128 * isx[r * B + b];
+                    y = fmaf(half_to_f32(d[at]) * dx[r * B + b], (float)isum, y);
+                }
             }
             out[r * N + t * 16 + j] = y;
         }
@@ -697,10 +657,11 @@ Q4_TARGET static void q8_tile_vnni(const int8_t *xq, const float *dx, const int3
 }
 #endif
 
-/* x: [M, K] fp32 (K a multiple of 32); codes: [ceil(N / 16), K / 32, 512] bytes (q + 128); d: [ceil(N / 16),
- * K / 32, 16] fp16 bits -> out [M, N] fp32. Returns 0, or -1 when scratch memory could not be had. */
-int sdsat_q8_linear(const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *d, int64_t N,
-                    float *out) {
+/* The Q4_1 (q4: codes and m) or Q8_0 (codes + 128, m NULL) projection of x [M, K]: the rows' activations
+ * quantized once, then tiles of 16 outputs spread over the threads, up to 4 rows at a time on VNNI.
+ * Returns 0, or -1 when scratch memory could not be had. */
+static int quantized_linear(int q4, const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *d,
+                            const uint16_t *m, int64_t N, float *out) {
     int8_t *xq = malloc((size_t)(M * K));
     float *dx = malloc(sizeof(float) * (size_t)(M * (K / 32))), *sx = malloc(sizeof(float) * (size_t)(M * (K / 32)));
     int32_t *isx = malloc(sizeof(int32_t) * (size_t)(M * (K / 32)));
@@ -717,22 +678,38 @@ int sdsat_q8_linear(const float *x, int64_t M, int64_t K, const uint8_t *codes, 
     for (int64_t t = 0; t < tiles; t++) {
 #if defined(HAVE_AVX512)
         if (vnni) {
-            for (int64_t r0 = 0; r0 < M; r0 += 4)
-                q8_tile_vnni(xq, dx, isx, r0, M - r0 < 4 ? (int)(M - r0) : 4, K, codes, d, t, out, N);
+            for (int64_t r0 = 0; r0 < M; r0 += 4) {
+                const int rows = M - r0 < 4 ? (int)(M - r0) : 4;
+                if (q4) q4_tile_vnni(xq, dx, sx, r0, rows, K, codes, d, m, t, out, N);
+                else q8_tile_vnni(xq, dx, isx, r0, rows, K, codes, d, t, out, N);
+            }
             continue;
         }
 #endif
-        q8_tile_portable(xq, dx, isx, M, K, codes, d, t, out, N);
+        tile_portable(q4, xq, dx, sx, isx, M, K, codes, d, m, t, out, N);
     }
     (void)vnni;
     free(xq); free(dx); free(sx); free(isx);
     return 0;
 }
 
+/* x: [M, K] fp32 (K a multiple of 32); codes: [ceil(N / 16), K / 32, 256] bytes; d, m: [ceil(N / 16), K / 32,
+ * 16] fp16 bits -> out [M, N] fp32. Returns 0, or -1 when scratch memory could not be had. */
+int sdsat_q4_linear(const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *d,
+                    const uint16_t *m, int64_t N, float *out) {
+    return quantized_linear(1, x, M, K, codes, d, m, N, out);
+}
+
+/* x: [M, K] fp32 (K a multiple of 32); codes: [ceil(N / 16), K / 32, 512] bytes (q + 128); d: [ceil(N / 16),
+ * K / 32, 16] fp16 bits -> out [M, N] fp32. Returns 0, or -1 when scratch memory could not be had. */
+int sdsat_q8_linear(const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *d, int64_t N,
+                    float *out) {
+    return quantized_linear(0, x, M, K, codes, d, NULL, N, out);
+}
+
 /* A SAT adapter's LoRA on the n SAT rows `rows` of a projection's input x [N, K] and output y [N, width]:
  * y[row][col + o] += s * (B (A x[row]))[o] for one adapted part (A [r, K], B [out, r], bf16 if bf16, else
- * fp32), through
- * sdsat_linear (each SAT row on its own, in its fixed order). scratch: n * (K + r + out) floats. */
+ * fp32), through sdsat_linear (each SAT row on its own, in its fixed order). scratch: n * (K + r + out) floats. */
 static void lora_rows(const float *x, int64_t K, float *y, int64_t width, const int64_t *rows, int64_t n,
                       const void *A, const void *B, int bf16, int64_t r, int64_t col, int64_t out, float s,
                       float *scratch) {

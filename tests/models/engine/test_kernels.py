@@ -90,7 +90,7 @@ def test_a_projection_rows_result_does_not_depend_on_the_other_rows(dtype):
 
 SNIPPET = """
 import sys, torch
-from models.engine.kernels import Attention, add_norm, linear, q4_linear, silu_mul_cast
+from models.engine.kernels import Attention, add_norm, linear, q4_linear, q8_linear, silu_mul_cast
 g = torch.Generator().manual_seed(0)
 k = torch.randn(2, 2, 256, 32, generator=g).bfloat16(); v = torch.randn(2, 2, 256, 32, generator=g).bfloat16()
 q = torch.randn(2, 3, 6, 32, generator=g)
@@ -107,8 +107,10 @@ r = att.rope_attend(qkv, 6, 2, rope, torch.randint(0, 512, (6,), generator=g), k
 codes = torch.randint(0, 256, (3, 4, 4, 16, 4), generator=g, dtype=torch.uint8)  # 3 tiles of 16, K = 128
 d, m = (torch.randn(2, 3, 4, 16, generator=g) * 0.05).half().view(torch.int16)
 q4 = [q4_linear(torch.randn(rows, 128, generator=g), codes, d, m, 40) for rows in (1, 3, 12)]
+codes8 = torch.randint(0, 256, (2, 4, 8, 16, 4), generator=g, dtype=torch.uint8)  # Q8_0: 2 tiles, K = 128
+q8 = q8_linear(torch.randn(6, 128, generator=g), codes8, d[:2], 20)
 torch.save({"attention": a, "linear": y, "add_norm": torch.cat([x, n]), "silu": s, "rope_attend": r, "k": k,
-            "q4_1": q4[0], "q4_3": q4[1], "q4_12": q4[2]}, sys.argv[1])
+            "q4_1": q4[0], "q4_3": q4[1], "q4_12": q4[2], "q8": q8}, sys.argv[1])
 """
 
 
