@@ -49,15 +49,13 @@ class Int4Linear(nn.Module):
         N, K, T = self.out_features, self.in_features, self.TILE
         pad = -N % T
         q = torch.cat([q.to(torch.uint8), q.new_zeros(pad, K, dtype=torch.uint8)])
-        d = torch.cat([d.float(), d.new_zeros(pad, K // GROUP, dtype=torch.float32)])
-        m = torch.cat([m.float(), m.new_zeros(pad, K // GROUP, dtype=torch.float32)])
         tiles = q.view(-1, T, K // GROUP, 2, 4, 4)  # [tile, n, block, half, g, j]: code 16·half + 4g + j
         packed = tiles[:, :, :, 0] | (tiles[:, :, :, 1] << 4)  # [tile, n, block, g, j]
         self.register_buffer("codes", packed.permute(0, 2, 3, 1, 4).contiguous())  # [tile, block, g, n, j]
         # d and m are kept as their fp16 bits in int16 tensors: `module.to(dtype)` (as an adapter's .to() reaches
         # the projections it wraps) converts floating-point buffers, and must not touch these
-        self.register_buffer("d", _half_bits(d.view(-1, T, K // GROUP).transpose(1, 2)))
-        self.register_buffer("m", _half_bits(m.view(-1, T, K // GROUP).transpose(1, 2)))
+        self.register_buffer("d", _scale_tiles(d, T))
+        self.register_buffer("m", _scale_tiles(m, T))
         self._aten: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K]
@@ -76,9 +74,7 @@ class Int4Linear(nn.Module):
         N, K = self.out_features, self.in_features
         c = self.codes.permute(0, 3, 1, 2, 4)  # [tile, n, block, g, j]
         q = torch.stack([c & 0xF, c >> 4], dim=3).reshape(-1, K)[:N]  # half, then g, then j: code 16·half + 4g + j
-        d = self.d.view(torch.float16).transpose(1, 2).reshape(-1, K // GROUP)[:N].float()
-        m = self.m.view(torch.float16).transpose(1, 2).reshape(-1, K // GROUP)[:N].float()
-        return q, d, m
+        return q, _scales(self.d, N), _scales(self.m, N)
 
     def aten_packing(self) -> tuple[torch.Tensor, torch.Tensor]:
         """PyTorch's int4 CPU packing of the same blocks (made once, when first needed): it computes
@@ -119,9 +115,17 @@ class Int4Linear(nn.Module):
         return (d[..., None] * blocks + m[..., None]).reshape(self.out_features, self.in_features)
 
 
-def _half_bits(x: torch.Tensor) -> torch.Tensor:
-    """x rounded to fp16, as its bits in a contiguous int16 tensor."""
-    return x.to(torch.float16).contiguous().view(torch.int16)
+def _scale_tiles(scales: torch.Tensor, tile: int) -> torch.Tensor:
+    """Per-block scales [N, K/32] -> the kernels' layout [ceil(N / tile), K/32, tile], rounded to fp16 and
+    kept as its bits in int16 (rows past N are 0)."""
+    padded = torch.cat([scales.float(), scales.new_zeros(-scales.shape[0] % tile, scales.shape[1],
+                                                         dtype=torch.float32)])
+    return padded.view(-1, tile, scales.shape[1]).transpose(1, 2).to(torch.float16).contiguous().view(torch.int16)
+
+
+def _scales(tiles: torch.Tensor, n: int) -> torch.Tensor:
+    """_scale_tiles' inverse: [n, K/32] fp32."""
+    return tiles.view(torch.float16).transpose(1, 2).reshape(-1, tiles.shape[1])[:n].float()
 
 
 class Int8Linear(nn.Module):
@@ -147,10 +151,9 @@ class Int8Linear(nn.Module):
         self.exact_block_fraction = ((d[..., None] * q) == w).all(-1).float().mean().item()
         pad = -N % self.TILE
         q = torch.cat([q.to(torch.int16), q.new_zeros(pad, K // GROUP, GROUP, dtype=torch.int16)])
-        d = torch.cat([d, d.new_zeros(pad, K // GROUP)])
         tiles = (q + 128).to(torch.uint8).view(-1, self.TILE, K // GROUP, 8, 4)  # [tile, n, block, g, j]
         self.register_buffer("codes", tiles.permute(0, 2, 3, 1, 4).contiguous())  # [tile, block, g, n, j]
-        self.register_buffer("d", _half_bits(d.view(-1, self.TILE, K // GROUP).transpose(1, 2)))
+        self.register_buffer("d", _scale_tiles(d, self.TILE))
         self._dense: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -169,8 +172,7 @@ class Int8Linear(nn.Module):
         """The [N, K] fp32 weights d·q of the blocks."""
         N, K = self.out_features, self.in_features
         q = self.codes.permute(0, 3, 1, 2, 4).reshape(-1, K // GROUP, GROUP)[:N].float() - 128
-        d = self.d.view(torch.float16).transpose(1, 2).reshape(-1, K // GROUP)[:N].float()
-        return (d[..., None] * q).reshape(N, K)
+        return (_scales(self.d, N)[..., None] * q).reshape(N, K)
 
 
 def recover_q4_1(w: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
