@@ -3,7 +3,7 @@
  *
  * Dense projections: y[m][n] = x[m] . w[n], lane l (of 16) accumulating k = l, l+16, ... with fmaf,
  * the lanes folded as below; a row's result depends on that row and the weights only. The MLP's
- * silu(gate) * up (sdsat_silu_mul) uses the exponential below too: ATen's vectorised and scalar
+ * silu(gate) * up (sdsat_silu_mul_cast) uses the exponential below too: ATen's vectorised and scalar
  * exponentials differ in the last bit, and which one an element gets depends on thread chunking.
  *
  * Attention: each query row is computed on its own, over exactly the keys it sees, taken in ascending column
@@ -247,21 +247,6 @@ static int use_avx512(int64_t D) {
 #endif
 }
 
-/* out[i] = silu(gate[i]) * up[i] for the n elements of gate_up rows [M, 2I] (gate: the first I columns,
- * up: the last I): silu(x) = x / (1 + e^-x), written with exp_nonpositive of -|x| on both sides of 0.
- * Element by element, so no row depends on where a thread's chunk of the tensor ends. */
-void sdsat_silu_mul(const float *gate_up, int64_t M, int64_t I, float *out) {
-    for (int64_t m = 0; m < M; m++) {
-        const float *gate = gate_up + m * 2 * I, *up = gate + I;
-        float *o = out + m * I;
-        for (int64_t i = 0; i < I; i++) {
-            const float x = gate[i], e = exp_nonpositive(x < 0.0f ? x : 0.0f - x);  /* e^-|x| */
-            const float silu = x < 0.0f ? x * e / (1.0f + e) : x / (1.0f + e);
-            o[i] = silu * up[i];
-        }
-    }
-}
-
 /* x: [M, K] fp32, w: [N, K] (bf16 if w_bf16, else fp32), contiguous -> out [M, N] fp32. */
 void sdsat_linear(const float *x, int64_t M, int64_t K, const void *w, int w_bf16, int64_t N, float *out) {
 #ifdef HAVE_AVX512
@@ -461,7 +446,9 @@ int sdsat_rope_attend(const void *qkv, int qkv_bf16, int64_t R, int64_t T, int64
     return status;
 }
 
-/* sdsat_silu_mul reading gate_up [M, 2I] in bf16 or fp32 and writing out [M, I] in bf16 or fp32. */
+/* out[i] = silu(gate[i]) * up[i] for gate_up rows [M, 2I] (gate: the first I columns, up: the last I; bf16
+ * or fp32) -> out [M, I] (bf16 or fp32): silu(x) = x / (1 + e^-x), written with exp_nonpositive of -|x| on
+ * both sides of 0. Element by element, so no row depends on where a thread's chunk of the tensor ends. */
 void sdsat_silu_mul_cast(const void *gate_up, int in_bf16, int64_t M, int64_t I, void *out, int out_bf16) {
     float *row = malloc(sizeof(float) * (size_t)(3 * I));
     if (row == NULL) abort();

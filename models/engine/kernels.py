@@ -23,7 +23,7 @@ stays lossless on that host.
     attention = Attention(slots, start, local, scale)   # once per forward
     out = attention(q, k_buf, v_buf)                      # per layer: q [R, T, Hq, D] -> fp32
     y = linear(x, weight)                                 # x [M, K], weight [N, K] -> [M, N]
-    h = silu_mul(gate_up)                                 # [M, 2I] -> silu(gate) * up [M, I]
+    h = silu_mul_cast(gate_up, torch.float32)             # [M, 2I] -> silu(gate) * up [M, I]
 """
 
 from __future__ import annotations
@@ -101,8 +101,6 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     lib.sdsat_attend.restype = ctypes.c_int
     lib.sdsat_linear.argtypes = [ptr, i64, i64, ptr, ctypes.c_int, i64, ptr]
     lib.sdsat_linear.restype = None
-    lib.sdsat_silu_mul.argtypes = [ptr, i64, i64, ptr]
-    lib.sdsat_silu_mul.restype = None
     flag, f32 = ctypes.c_int, ctypes.c_float
     lib.sdsat_add_norm.argtypes = [ptr, i64, i64, ptr, flag, ptr, f32, ptr, flag]
     lib.sdsat_add_norm.restype = None
@@ -300,15 +298,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     lib.sdsat_linear(x32.data_ptr(), M, K, weight.data_ptr(), int(weight.dtype == torch.bfloat16), weight.shape[0],
                      out.data_ptr())
     return out.to(x.dtype)
-
-
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """gate_up [M, 2I] (gate, then up) -> silu(gate) * up [M, I] in gate_up's dtype, element by element."""
-    x = gate_up.float().contiguous()
-    M, I2 = x.shape
-    out = torch.empty(M, I2 // 2, dtype=torch.float32)
-    _library().sdsat_silu_mul(x.data_ptr(), M, I2 // 2, out.data_ptr())
-    return out.to(gate_up.dtype)
 
 
 def supports(dtype: torch.dtype) -> bool:

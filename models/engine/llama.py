@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import rotate_half
 
-from models.engine.kernels import Attention, Q4Plan, add_norm, linear, q4_linear, silu_mul, silu_mul_cast, supports
+from models.engine.kernels import Attention, Q4Plan, add_norm, linear, q4_linear, silu_mul_cast, supports
 from models.weights.quant import Int4Linear
 
 # the lean forward's projections: name -> (the attention or MLP module's projections it computes at once)
@@ -88,7 +88,6 @@ class LlamaForward:
         self.layers = [_Layer(layer) for layer in decoder.layers]
         self.norm, self.rotary = decoder.norm, decoder.rotary_emb
         self.rows = None  # a SAT adapter's SatRows (which rows of this forward are SATs), set by the engine
-        self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin [positions, D]
         self._rope_f32: tuple[torch.Tensor, torch.Tensor] | None = None  # the fused forward's fp32 tables
         self._final: tuple[torch.Tensor, float] | None = None  # the final norm's fp32 weight and eps
         self._plan: tuple[tuple, Q4Plan | None] | None = None  # (the KV cache it was made for, the plan)
@@ -115,8 +114,7 @@ class LlamaForward:
         if attention is not None:
             return self._fused(embeds, position_ids, cache, attention)
         R, T, hidden = embeds.shape
-        invariant = False
-        cos, sin = self._rope(embeds, position_ids, invariant)  # [R, T, D]
+        cos, sin = self.rotary(embeds, position_ids)  # [R, T, D]
         cos, sin = cos[:, :, None], sin[:, :, None]  # broadcast over heads
         heads, kv_heads, D = self.heads, self.kv_heads, self.head_dim
         group, qk_width = heads // kv_heads, (heads + kv_heads) * D
@@ -124,26 +122,22 @@ class LlamaForward:
         # group*T, D]. Besides sparing the GQA repeat, it keeps the query length >= 2: CPU SDPA takes
         # another path for one query row, whose result differs in the last bits from the same row of a
         # wider call, enough to flip greedy tokens in bf16. Folded, a verify row equals ar's bit for bit.
-        if attention is None:
-            mask = mask.repeat(1, 1, group, 1)  # [R, 1, group*T, L], row g*T + t
+        mask = mask.repeat(1, 1, group, 1)  # [R, 1, group*T, L], row g*T + t
         x = embeds.reshape(R * T, hidden)  # rows flat: every projection is one [R*T, in] matmul
         for i, layer in enumerate(self.layers):
-            qkv = self._project(layer, "qkv", _rms_norm(layer.input_norm, x), invariant)  # [R*T, (Hq + 2 Hkv) D]
+            qkv = self._project(layer, "qkv", _rms_norm(layer.input_norm, x), False)  # [R*T, (Hq + 2 Hkv) D]
             qk = qkv[:, :qk_width].view(R, T, heads + kv_heads, D)
             qk = qk * cos + rotate_half(qk) * sin  # RoPE on q and k at once
             k = qk[:, :, heads:].transpose(1, 2)  # [R, Hkv, T, D]
             v = qkv[:, qk_width:].view(R, T, kv_heads, D).transpose(1, 2)
-            if attention is not None:  # reads the whole buffers: [R, T, Hq, D] in, fp32 out
-                cache.write(k, v, i)
-                attn = attention(qk[:, :, :heads], cache.keys[i], cache.values[i]).to(x.dtype).view(R * T, heads * D)
-            else:
-                keys, values = cache.update(k, v, i)  # [R, Hkv, L, D]
-                q = qk[:, :, :heads].unflatten(2, (kv_heads, group)).permute(0, 2, 3, 1, 4).reshape(R, kv_heads, -1, D)
-                attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [R, Hkv, group*T, D]
-                attn = attn.unflatten(2, (group, T)).permute(0, 3, 1, 2, 4).reshape(R * T, heads * D)
-            x = x + self._project(layer, "o_proj", attn, invariant)
-            gate_up = self._project(layer, "gate_up", _rms_norm(layer.post_norm, x), invariant)  # [R*T, 2I]
-            x = x + self._project(layer, "down_proj", _silu_mul(gate_up, invariant), invariant)
+            keys, values = cache.update(k, v, i)  # [R, Hkv, L, D]
+            q = qk[:, :, :heads].unflatten(2, (kv_heads, group)).permute(0, 2, 3, 1, 4).reshape(R, kv_heads, -1, D)
+            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [R, Hkv, group*T, D]
+            attn = attn.unflatten(2, (group, T)).permute(0, 3, 1, 2, 4).reshape(R * T, heads * D)
+            x = x + self._project(layer, "o_proj", attn, False)
+            gate_up = self._project(layer, "gate_up", _rms_norm(layer.post_norm, x), False)  # [R*T, 2I]
+            gate, up = gate_up.chunk(2, dim=-1)
+            x = x + self._project(layer, "down_proj", F.silu(gate) * up, False)
         return _rms_norm(self.norm, x).view(R, T, hidden)
 
     def _fused(self, embeds: torch.Tensor, position_ids: torch.Tensor, cache, attention: Attention) -> torch.Tensor:
@@ -163,13 +157,13 @@ class LlamaForward:
         delta: torch.Tensor | None = None
         for i, layer in enumerate(self.layers):
             h = add_norm(x, delta, layer.norm_weight("input"), layer.eps, torch.float32)
-            qkv = self._project_fused(layer, "qkv", h)
+            qkv = self._project(layer, "qkv", h, True)
             attn = attention.rope_attend(qkv, self.heads, self.kv_heads, rope, positions, cache.keys[i],
                                          cache.values[i], torch.float32)
-            o = self._project_fused(layer, "o_proj", attn)
+            o = self._project(layer, "o_proj", attn, True)
             h = add_norm(x, o, layer.norm_weight("post"), layer.post_eps, torch.float32)
-            gate_up = self._project_fused(layer, "gate_up", h)
-            delta = self._project_fused(layer, "down_proj", silu_mul_cast(gate_up, torch.float32))
+            gate_up = self._project(layer, "gate_up", h, True)
+            delta = self._project(layer, "down_proj", silu_mul_cast(gate_up, torch.float32), True)
         final = self._final_norm()
         return add_norm(x, delta, final[0], final[1], embeds.dtype).view(R, T, hidden)
 
@@ -225,17 +219,6 @@ class LlamaForward:
             table.append(row)
         return table, loras[0].lora_a.shape[0], float(loras[0].scale)
 
-    def _project_fused(self, layer: _Layer, name: str, h: torch.Tensor) -> torch.Tensor:
-        """h [N, in] fp32 -> [N, out] contiguous fp32 (the int4 kernel or the dense invariant one), plus the
-        adapter's LoRA at SAT rows."""
-        y = project(layer.projections[name], h, True)
-        index = self.rows.index if self.rows is not None else None
-        if index is not None and layer.loras[name]:
-            h_sat = h[index]
-            for lora, cols in layer.loras[name]:
-                y[index, cols] += lora.delta(h_sat).to(y.dtype)
-        return y.contiguous()
-
     def _final_norm(self) -> tuple[torch.Tensor, float]:
         if self._final is None:
             self._final = (self.norm.weight.detach().float().contiguous(), _eps(self.norm))
@@ -250,31 +233,15 @@ class LlamaForward:
             self._rope_f32 = (cos[0].float().contiguous(), sin[0].float().contiguous())
         return self._rope_f32
 
-    def _rope(self, embeds: torch.Tensor, position_ids: torch.Tensor, invariant: bool):
-        """RoPE's cos and sin [R, T, D] at `position_ids`. Invariant: rows of one table computed once per
-        length (ATen's cos and sin round some elements differently by where a thread's chunk ends)."""
-        if not invariant:
-            return self.rotary(embeds, position_ids)
-        needed = int(position_ids.max()) + 1
-        if self._rope_table is None or self._rope_table[0].shape[0] < needed or \
-                self._rope_table[0].dtype != embeds.dtype:
-            size = max(needed, 2 * (self._rope_table[0].shape[0] if self._rope_table else 0), 1024)
-            positions = torch.arange(size, device=embeds.device)[None]
-            cos, sin = self.rotary(embeds[:1, :1], positions)  # [1, size, D]
-            self._rope_table = (cos[0], sin[0])
-        cos, sin = self._rope_table
-        return cos[position_ids], sin[position_ids]
-
     def _project(self, layer: _Layer, name: str, h: torch.Tensor, invariant: bool) -> torch.Tensor:
-        """h [N, in] -> [N, out] of one (fused) projection, plus the adapter's LoRA at SAT rows."""
+        """h [N, in] -> [N, out] contiguous of one (fused) projection, plus the adapter's LoRA at SAT rows."""
         y = project(layer.projections[name], h, invariant)
         index = self.rows.index if self.rows is not None else None
-        if index is None or not layer.loras[name]:
-            return y
-        h_sat = h[index]  # y[rows, cols] += s · B A h[rows] per adapted projection (models/weights/adapter.py)
-        for lora, cols in layer.loras[name]:
-            y[index, cols] += lora.delta(h_sat).to(y.dtype)
-        return y
+        if index is not None and layer.loras[name]:
+            h_sat = h[index]  # y[rows, cols] += s · B A h[rows] per adapted projection (models/weights/adapter.py)
+            for lora, cols in layer.loras[name]:
+                y[index, cols] += lora.delta(h_sat).to(y.dtype)
+        return y.contiguous()
 
 
 def project(module: nn.Module, x: torch.Tensor, invariant: bool) -> torch.Tensor:
@@ -287,14 +254,6 @@ def project(module: nn.Module, x: torch.Tensor, invariant: bool) -> torch.Tensor
     if invariant and type(module) is Int4Linear:  # no module call on the hot path; fp32 rows in and out
         return q4_linear(x, module.codes, module.d, module.m, module.out_features)
     return module(x)
-
-
-def _silu_mul(gate_up: torch.Tensor, invariant: bool) -> torch.Tensor:
-    """silu(gate) * up of a fused gate/up output [N, 2I] -> [N, I]."""
-    if invariant and supports(gate_up.dtype):
-        return silu_mul(gate_up)
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
 
 
 def _eps(norm: nn.Module) -> float:
