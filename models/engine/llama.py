@@ -91,7 +91,6 @@ class LlamaForward:
         self._rope_f32: tuple[torch.Tensor, torch.Tensor] | None = None  # the fused forward's fp32 tables
         self._final: tuple[torch.Tensor, float] | None = None  # the final norm's fp32 weight and eps
         self._plan: tuple[tuple, Q4Plan | None] | None = None  # (the KV cache it was made for, the plan)
-        self._lora_params: tuple[list, list[torch.Tensor]] | None = None
 
     @classmethod
     def maybe_build(cls, model: nn.Module) -> LlamaForward | None:
@@ -170,14 +169,10 @@ class LlamaForward:
     def _q4_plan(self, cache) -> Q4Plan | None:
         """The whole-forward plan (kernels.c's sdsat_forward_q4) for a model whose projections are all
         Int4Linear with one RMSNorm epsilon, made once per KV cache; else None (the per-layer loop)."""
-        if self._lora_params is None:  # the adapter's tensors, gathered once (module attribute lookups are slow)
-            loras = [lora for layer in self.layers for parts in layer.loras.values() for lora, _ in parts]
-            self._lora_params = (loras, [t for m in loras for t in (m.lora_a, m.lora_b)])
-        loras, params = self._lora_params
-        # a LoRA trained in place (tensor versions move) gets a new plan
-        key = (id(cache), cache.keys[0].data_ptr(), sum(t._version for t in params))
+        key = (id(cache), cache.keys[0].data_ptr())  # the plan points at the adapter's own tensors: no copies
         if self._plan is None or self._plan[0] != key:
             plan = None
+            loras = [lora for layer in self.layers for parts in layer.loras.values() for lora, _ in parts]
             mods = [[layer.projections[n] for n in PROJECTIONS] for layer in self.layers]
             eps = ({layer.eps for layer in self.layers}, {layer.post_eps for layer in self.layers})
             if all(type(m) is Int4Linear for row in mods for m in row) and all(len(e) == 1 for e in eps) \
