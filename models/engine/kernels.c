@@ -101,7 +101,7 @@ static void linear_portable(const float *restrict x, int64_t M, int64_t K, const
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
-#define HAVE_AVX512 1
+#define HAVE_X86 1
 
 __attribute__((target("avx512f"))) static inline __m512 load16(const void *w, int bf16, int64_t offset) {
     if (bf16) {
@@ -233,25 +233,150 @@ __attribute__((target("avx512f"))) static void linear_avx512(const float *restri
 
 #endif
 
-static int use_avx512(int64_t D) {
-#ifdef HAVE_AVX512
-    static int forced = -1;
-    if (forced < 0) {
-        const char *env = getenv("SDSAT_KERNELS_PORTABLE");
-        forced = env != NULL && env[0] == '1';
+/* ---- The same operations with AVX2 (CPUs without AVX-512: AMD Zen 1-3, Intel before Skylake-SP) ----------
+ * Sixteen lanes as two 8-float vectors: lane l of the 16 in vector l / 8, slot l % 8. */
+#ifdef HAVE_X86
+#define AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
+
+AVX2_TARGET static inline __m256 load8(const void *w, int bf16, int64_t offset) {
+    if (bf16) {
+        const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + offset));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
     }
-    return !forced && D % LANES == 0 && __builtin_cpu_supports("avx512f");
-#else
-    (void)D;
-    return 0;
-#endif
+    return _mm256_loadu_ps((const float *)w + offset);
 }
+
+/* fold() of the 16 lanes lo (0..7), hi (8..15): l += l+8, l += l+4, l += l+2, l += l+1. */
+AVX2_TARGET static inline float fold_avx2(__m256 lo, __m256 hi) {
+    const __m256 a = _mm256_add_ps(lo, hi);
+    const __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    const __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));
+    return _mm_cvtss_f32(_mm_add_ss(c, _mm_shuffle_ps(c, c, 1)));
+}
+
+/* values_portable, 8 outputs a vector (D a multiple of 16, at most 256). */
+AVX2_TARGET static void values_avx2(const float *restrict p, const void *v, int bf16, int64_t base, int64_t prefix,
+                                    const uint8_t *restrict vis, int64_t T, int64_t D, float sum,
+                                    float *restrict out) {
+    __m256 acc[32];
+    const int64_t blocks = D / 8;
+    for (int64_t b = 0; b < blocks; b++) acc[b] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < prefix + T; c++) {
+        if (c >= prefix && !vis[c - prefix]) continue;
+        const __m256 pc = _mm256_set1_ps(p[c]);
+        for (int64_t b = 0; b < blocks; b++) acc[b] = _mm256_fmadd_ps(pc, load8(v, bf16, base + c * D + 8 * b), acc[b]);
+    }
+    const __m256 vsum = _mm256_set1_ps(sum);
+    for (int64_t b = 0; b < blocks; b++) _mm256_storeu_ps(out + 8 * b, _mm256_div_ps(acc[b], vsum));
+}
+
+/* dots_portable, one key at a time (D a multiple of 16). */
+AVX2_TARGET static void dots_avx2(const float *restrict q, const void *k, int bf16, int64_t base, int64_t n,
+                                  int64_t D, float scale, float *restrict out) {
+    for (int64_t j = 0; j < n; j++) {
+        const int64_t row = base + j * D;
+        __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D; d += 16) {
+            lo = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(k, bf16, row + d), lo);
+            hi = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8), load8(k, bf16, row + d + 8), hi);
+        }
+        out[j] = fold_avx2(lo, hi) * scale;
+    }
+}
+
+/* exp_nonpositive, eight at a time. */
+AVX2_TARGET static inline __m256 exp8(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.0f), zero = _mm256_setzero_ps();
+    const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    __m256 y = _mm256_blendv_ps(x, lo, under);
+    y = _mm256_blendv_ps(y, zero, _mm256_cmp_ps(y, zero, _CMP_GT_OQ));
+    const __m256 n = _mm256_round_ps(_mm256_fmadd_ps(y, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)),
+                                     _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fmadd_ps(_mm256_sub_ps(zero, n), _mm256_set1_ps(0.693359375f), y);
+    r = _mm256_fmadd_ps(_mm256_sub_ps(zero, n), _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_blendv_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(bits)), zero, under);
+}
+
+AVX2_TARGET static void exp_avx2(float *s, int64_t L, float top) {
+    const __m256 vtop = _mm256_set1_ps(top);
+    int64_t c = 0;
+    for (; c + 8 <= L; c += 8) _mm256_storeu_ps(s + c, exp8(_mm256_sub_ps(_mm256_loadu_ps(s + c), vtop)));
+    for (; c < L; c++) s[c] = exp_nonpositive(s[c] - top);
+}
+
+AVX2_TARGET static void silu_mul_avx2(const float *gate, const float *up, int64_t I, float *out) {
+    const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
+    int64_t i = 0;
+    for (; i + 8 <= I; i += 8) {
+        const __m256 x = _mm256_loadu_ps(gate + i);
+        const __m256 negative = _mm256_cmp_ps(x, zero, _CMP_LT_OQ);
+        const __m256 e = exp8(_mm256_blendv_ps(_mm256_sub_ps(zero, x), x, negative));  /* e^-|x| */
+        const __m256 num = _mm256_blendv_ps(x, _mm256_mul_ps(x, e), negative);
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(num, _mm256_add_ps(one, e)), _mm256_loadu_ps(up + i)));
+    }
+    for (; i < I; i++) {
+        const float x = gate[i], e = exp_nonpositive(x < 0.0f ? x : 0.0f - x);
+        out[i] = (x < 0.0f ? x * e / (1.0f + e) : x / (1.0f + e)) * up[i];
+    }
+}
+
+/* linear_portable, one output at a time (K a multiple of 16). */
+AVX2_TARGET static void linear_avx2(const float *restrict x, int64_t M, int64_t K, const void *w, int w_bf16,
+                                    int64_t N, float *restrict out) {
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t n = 0; n < N; n++) {
+            __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+            for (int64_t k = 0; k < K; k += 16) {
+                lo = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * K + k), load8(w, w_bf16, n * K + k), lo);
+                hi = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * K + k + 8), load8(w, w_bf16, n * K + k + 8), hi);
+            }
+            out[m * N + n] = fold_avx2(lo, hi);
+        }
+}
+#endif
+
+/* The vector path that runs: 2 AVX-512 (with VNNI for the quantized projections where the CPU has it), 1 AVX2
+ * with FMA and F16C (every AVX2 CPU has F16C), 0 the portable C. SDSAT_KERNELS=avx2 or =portable caps it (the
+ * tests compare the three). Each path computes the same operations in the same order: the same bits. */
+static int simd_level(void) {
+    static int level = -1;  /* a race here writes the same value twice */
+    if (level < 0) {
+        int best = 0;
+#ifdef HAVE_X86
+        __builtin_cpu_init();
+        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = 1;
+        if (best && __builtin_cpu_supports("avx512f")) best = 2;
+#endif
+        const char *cap = getenv("SDSAT_KERNELS");
+        if (cap != NULL && strcmp(cap, "portable") == 0) best = 0;
+        if (cap != NULL && strcmp(cap, "avx2") == 0 && best > 1) best = 1;
+        level = best;
+    }
+    return level;
+}
+
+/* 2 or 1: the AVX-512 or AVX2 code runs for rows of D (a multiple of 16); 0: the portable code. */
+static int vector_path(int64_t D) { return D % LANES == 0 ? simd_level() : 0; }
 
 /* x: [M, K] fp32, w: [N, K] (bf16 if w_bf16, else fp32), contiguous -> out [M, N] fp32. */
 void sdsat_linear(const float *x, int64_t M, int64_t K, const void *w, int w_bf16, int64_t N, float *out) {
-#ifdef HAVE_AVX512
-    if (use_avx512(K)) {
+#ifdef HAVE_X86
+    const int path = vector_path(K);
+    if (path == 2) {
         linear_avx512(x, M, K, w, w_bf16, N, out);
+        return;
+    }
+    if (path == 1) {
+        linear_avx2(x, M, K, w, w_bf16, N, out);
         return;
     }
 #endif
@@ -262,7 +387,7 @@ void sdsat_linear(const float *x, int64_t M, int64_t K, const void *w, int w_bf1
  * place (bf16 converted to fp32 as it is read: exact). */
 static int attend_unit(const float *q, int64_t r, int64_t h, int64_t T, int64_t Hq, int64_t Hkv, int64_t D,
                        const void *k_buf, const void *v_buf, int kv_bf16, int64_t C, const int64_t *slot,
-                       const int64_t *start, const uint8_t *local, float scale, float *out, int fast) {
+                       const int64_t *start, const uint8_t *local, float scale, float *out, int path) {
     const int64_t L = start[r] + T, prefix = start[r], g = h / (Hq / Hkv);
     const int64_t base = (slot[r] * Hkv + g) * C * D;  /* this kv head's [C, D] block */
     const uint8_t *vis = local + r * T * T;  /* [T, T] */
@@ -277,8 +402,9 @@ static int attend_unit(const float *q, int64_t r, int64_t h, int64_t T, int64_t 
         float *s = scores + t * L, *o = out + ((r * T + t) * Hq + h) * D;
         for (int64_t c0 = 0; c0 < Lt; c0 += 16) {
             const int64_t n = Lt - c0 < 16 ? Lt - c0 : 16;
-#ifdef HAVE_AVX512
-            if (fast) dots_avx512(qv, k_buf, kv_bf16, base + c0 * D, n, D, scale, s + c0);
+#ifdef HAVE_X86
+            if (path == 2) dots_avx512(qv, k_buf, kv_bf16, base + c0 * D, n, D, scale, s + c0);
+            else if (path == 1) dots_avx2(qv, k_buf, kv_bf16, base + c0 * D, n, D, scale, s + c0);
             else
 #endif
                 dots_portable(qv, k_buf, kv_bf16, base + c0 * D, n, D, scale, s + c0);
@@ -288,8 +414,9 @@ static int attend_unit(const float *q, int64_t r, int64_t h, int64_t T, int64_t 
         for (int64_t c = 0; c < prefix; c++) top = s[c] > top ? s[c] : top;
         for (int64_t u = 0; u < Tt; u++)
             if (seen_by_t[u] && s[prefix + u] > top) top = s[prefix + u];
-#ifdef HAVE_AVX512
-        if (fast) exp_avx512(s, Lt, top);
+#ifdef HAVE_X86
+        if (path == 2) exp_avx512(s, Lt, top);
+        else if (path == 1) exp_avx2(s, Lt, top);
         else
 #endif
             for (int64_t c = 0; c < Lt; c++) s[c] = exp_nonpositive(s[c] - top);
@@ -300,8 +427,9 @@ static int attend_unit(const float *q, int64_t r, int64_t h, int64_t T, int64_t 
         for (int64_t c = seen; c < Lt; c++)
             if (c < prefix || seen_by_t[c - prefix]) lanes[seen++ % LANES] += s[c];
         const float sum = fold(lanes);
-#ifdef HAVE_AVX512
-        if (fast) values_avx512(s, v_buf, kv_bf16, base, prefix, seen_by_t, Tt, D, sum, o);
+#ifdef HAVE_X86
+        if (path == 2) values_avx512(s, v_buf, kv_bf16, base, prefix, seen_by_t, Tt, D, sum, o);
+        else if (path == 1) values_avx2(s, v_buf, kv_bf16, base, prefix, seen_by_t, Tt, D, sum, o);
         else
 #endif
             values_portable(s, v_buf, kv_bf16, base, prefix, seen_by_t, Tt, D, sum, o);
@@ -314,7 +442,7 @@ static int attend(const float *q, int64_t R, int64_t T, int64_t Hq, int64_t Hkv,
                  const void *v_buf, int kv_bf16, int64_t C, const int64_t *slot, const int64_t *start,
                  const uint8_t *local, float scale, float *out) {
     int failed = 0;
-    const int fast = use_avx512(D) && D <= 256;  /* values_avx512 keeps D / 16 accumulators; decided once */
+    const int path = D <= 256 ? vector_path(D) : 0;  /* values_* keep D / 16 or D / 8 accumulators; decided once */
     /* one unit of work per (sequence, query head), each computed whole by one thread in the order below, so
      * the threads change no bits; OpenMP's pool is the one PyTorch already runs (same libgomp) */
 #ifdef _OPENMP
@@ -322,7 +450,7 @@ static int attend(const float *q, int64_t R, int64_t T, int64_t Hq, int64_t Hkv,
 #endif
     for (int64_t unit = 0; unit < R * Hq; unit++)
         failed |= attend_unit(q, unit / Hq, unit % Hq, T, Hq, Hkv, D, k_buf, v_buf, kv_bf16, C, slot, start,
-                              local, scale, out, fast);
+                              local, scale, out, path);
     return failed ? -1 : 0;
 }
 
@@ -454,8 +582,9 @@ void sdsat_silu_mul_cast(const void *gate_up, int in_bf16, int64_t M, int64_t I,
     if (row == NULL) abort();
     for (int64_t m = 0; m < M; m++) {
         load_row(gate_up, in_bf16, m * 2 * I, 2 * I, row);
-#ifdef HAVE_AVX512
-        if (use_avx512(LANES)) silu_mul_avx512(row, row + I, I, row + 2 * I);
+#ifdef HAVE_X86
+        if (simd_level() == 2) silu_mul_avx512(row, row + I, I, row + 2 * I);
+        else if (simd_level() == 1) silu_mul_avx2(row, row + I, I, row + 2 * I);
         else
 #endif
             for (int64_t i = 0; i < I; i++) {
@@ -536,7 +665,7 @@ static inline int q4_code(const uint8_t *block, int j, int i) {
     return i < 16 ? byte & 0xf : byte >> 4;
 }
 
-#if defined(HAVE_AVX512)
+#if defined(HAVE_X86)
 #define Q4_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni,f16c")))
 typedef int32_t aliased_i32 __attribute__((may_alias, aligned(1)));  /* 4 int8 activations read as one */
 /* Tile t (16 outputs) for rows [r0, r0 + rows), rows <= 4. */
@@ -573,9 +702,9 @@ Q4_TARGET static void q4_tile_vnni(const int8_t *xq, const float *dx, const floa
 #endif
 
 static int use_vnni(void) {
-#if defined(HAVE_AVX512)
+#if defined(HAVE_X86)
     /* every AVX-512F CPU has F16C (and older compilers reject "f16c" as a feature name here) */
-    return use_avx512(LANES) && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
+    return simd_level() == 2 && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
 #else
     return 0;
 #endif
@@ -617,7 +746,7 @@ static void tile_portable(int q4, const int8_t *xq, const float *dx, const float
         }
 }
 
-#if defined(HAVE_AVX512)
+#if defined(HAVE_X86)
 Q4_TARGET static void q8_tile_vnni(const int8_t *xq, const float *dx, const int32_t *isx, int64_t r0, int rows,
                                    int64_t K, const uint8_t *codes, const uint16_t *d, int64_t t, float *out,
                                    int64_t N) {
@@ -644,6 +773,86 @@ Q4_TARGET static void q8_tile_vnni(const int8_t *xq, const float *dx, const int3
 }
 #endif
 
+#if defined(HAVE_X86)
+/* q4_tile_vnni and q8_tile_vnni without VNNI: vpmaddubsw multiplies unsigned codes by signed activations into
+ * int16 pair sums, which add up without saturating (a Q4_1 pair is at most 2 * 15 * 127 in size, eight groups
+ * 30480; a Q8_0 code's two nibbles are multiplied apart for the same reason), then vpmaddwd sums them into
+ * each output's int32. The same exact integer sums, so the same bits. Half h of the tile: outputs 8h..8h+7. */
+AVX2_TARGET static void store_rows8(const __m256 *y, int rows, int64_t r0, int64_t n0, float *out, int64_t N) {
+    for (int r = 0; r < rows; r++) {
+        if (N - n0 >= 8) {
+            _mm256_storeu_ps(out + (r0 + r) * N + n0, y[r]);
+        } else {
+            float all[8];
+            _mm256_storeu_ps(all, y[r]);
+            memcpy(out + (r0 + r) * N + n0, all, sizeof(float) * (size_t)(N - n0));
+        }
+    }
+}
+
+AVX2_TARGET static void q4_tile_avx2(const int8_t *xq, const float *dx, const float *sx, int64_t r0, int rows,
+                                     int64_t K, const uint8_t *codes, const uint16_t *d, const uint16_t *m, int64_t t,
+                                     float *out, int64_t N) {
+    const int64_t B = K / 32;
+    const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    for (int h = 0; h < 2 && t * 16 + 8 * h < N; h++) {
+        __m256 y[4];
+        for (int r = 0; r < 4; r++) y[r] = _mm256_setzero_ps();
+        for (int64_t b = 0; b < B; b++) {
+            const uint8_t *block = codes + (t * B + b) * 256 + 32 * h;
+            __m256i c[8];
+            for (int g = 0; g < 4; g++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(block + 64 * g));
+                c[g] = _mm256_and_si256(v, low);
+                c[g + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+            }
+            const int64_t at = (t * B + b) * 16 + 8 * h;
+            const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d + at)));
+            const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m + at)));
+            for (int r = 0; r < rows; r++) {
+                const aliased_i32 *x4 = (const aliased_i32 *)(xq + (r0 + r) * K + 32 * b);
+                __m256i pairs = _mm256_maddubs_epi16(c[0], _mm256_set1_epi32(x4[0]));
+                for (int g = 1; g < 8; g++) pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(c[g], _mm256_set1_epi32(x4[g])));
+                const __m256i isum = _mm256_madd_epi16(pairs, ones);
+                const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(dx[(r0 + r) * B + b]));
+                y[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(isum), y[r]);
+                y[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(sx[(r0 + r) * B + b]), y[r]);
+            }
+        }
+        store_rows8(y, rows, r0, t * 16 + 8 * h, out, N);
+    }
+}
+
+AVX2_TARGET static void q8_tile_avx2(const int8_t *xq, const float *dx, const int32_t *isx, int64_t r0, int rows,
+                                     int64_t K, const uint8_t *codes, const uint16_t *d, int64_t t, float *out,
+                                     int64_t N) {
+    const int64_t B = K / 32;
+    const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    for (int h = 0; h < 2 && t * 16 + 8 * h < N; h++) {
+        __m256 y[4];
+        for (int r = 0; r < 4; r++) y[r] = _mm256_setzero_ps();
+        for (int64_t b = 0; b < B; b++) {
+            const uint8_t *block = codes + (t * B + b) * 512 + 32 * h;
+            const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d + (t * B + b) * 16 + 8 * h)));
+            for (int r = 0; r < rows; r++) {
+                const aliased_i32 *x4 = (const aliased_i32 *)(xq + (r0 + r) * K + 32 * b);
+                __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
+                for (int g = 0; g < 8; g++) {
+                    const __m256i v = _mm256_loadu_si256((const __m256i *)(block + 64 * g)), x = _mm256_set1_epi32(x4[g]);
+                    lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(_mm256_and_si256(v, low), x));
+                    hi = _mm256_add_epi16(hi, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), low), x));
+                }
+                __m256i isum = _mm256_add_epi32(_mm256_madd_epi16(lo, ones), _mm256_slli_epi32(_mm256_madd_epi16(hi, ones), 4));
+                isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(128 * isx[(r0 + r) * B + b]));
+                const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(dx[(r0 + r) * B + b]));
+                y[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(isum), y[r]);
+            }
+        }
+        store_rows8(y, rows, r0, t * 16 + 8 * h, out, N);
+    }
+}
+#endif
+
 /* The Q4_1 (q4: codes and m) or Q8_0 (codes + 128, m NULL) projection of x [M, K]: the rows' activations
  * quantized once, then tiles of 16 outputs spread over the threads, up to 4 rows at a time on VNNI.
  * Returns 0, or -1 when scratch memory could not be had. */
@@ -658,24 +867,26 @@ static int quantized_linear(int q4, const float *x, int64_t M, int64_t K, const 
     }
     q8_rows(x, M, K, xq, dx, sx, isx);
     const int64_t tiles = (N + 15) / 16;
-    const int vnni = use_vnni();
+    const int path = use_vnni() ? 2 : (simd_level() >= 1 ? 1 : 0);
 #ifdef _OPENMP
     #pragma omp parallel for schedule(static) if (tiles > 1)
 #endif
     for (int64_t t = 0; t < tiles; t++) {
-#if defined(HAVE_AVX512)
-        if (vnni) {
+#if defined(HAVE_X86)
+        if (path) {
             for (int64_t r0 = 0; r0 < M; r0 += 4) {
                 const int rows = M - r0 < 4 ? (int)(M - r0) : 4;
-                if (q4) q4_tile_vnni(xq, dx, sx, r0, rows, K, codes, d, m, t, out, N);
-                else q8_tile_vnni(xq, dx, isx, r0, rows, K, codes, d, t, out, N);
+                if (path == 2 && q4) q4_tile_vnni(xq, dx, sx, r0, rows, K, codes, d, m, t, out, N);
+                else if (path == 2) q8_tile_vnni(xq, dx, isx, r0, rows, K, codes, d, t, out, N);
+                else if (q4) q4_tile_avx2(xq, dx, sx, r0, rows, K, codes, d, m, t, out, N);
+                else q8_tile_avx2(xq, dx, isx, r0, rows, K, codes, d, t, out, N);
             }
             continue;
         }
 #endif
         tile_portable(q4, xq, dx, sx, isx, M, K, codes, d, m, t, out, N);
     }
-    (void)vnni;
+    (void)path;
     free(xq); free(dx); free(sx); free(isx);
     return 0;
 }
