@@ -155,6 +155,33 @@ def forward_cost_ratios(engine, widths: list[int], context: int = 256, repeats: 
     return ratios
 
 
+def sat_cost_ratios(engine, widths: list[int], context: int = 256, repeats: int = 40) -> dict[int, float]:
+    """What SAT rows cost (issue 23): the median time of a forward of w rows of which w - 1 are SAT rows
+    (the adapter's LoRA runs on them) over a forward of w standard rows, after `context` tokens, the two
+    interleaved. Needs an engine with an SDSAT adapter."""
+    from models.engine import SamplingParams
+
+    if engine.adapter is None:
+        raise ValueError("the SAT-row cost needs an SDSAT model")
+    V = engine.adapter.config.vocab_size
+    engine.add_request([1 + i % 20 for i in range(context)], SamplingParams(max_new_tokens=1_000, ignore_eos=True))
+    while not engine.running or engine.running[0].prefilled < context:
+        engine.step()
+    seq = engine.running[0]
+    ratios = {}
+    with torch.inference_mode():
+        for w in widths:
+            plain, sat = [], []
+            for _ in range(repeats):
+                for ids, samples in (([1] * w, plain), ([1] + [V + i for i in range(w - 1)], sat)):
+                    t0 = time.perf_counter()
+                    engine._forward([seq], [ids])
+                    samples.append(time.perf_counter() - t0)
+            ratios[w] = statistics.median(sat) / statistics.median(plain)
+    engine.cancel(seq.request_id)
+    return ratios
+
+
 def linear_cost_ratios(engine, widths: list[int], repeats: int = 200) -> dict[str, dict[str, float]]:
     """What makes r(w) > 1 on a CPU: the time of one of the model's own matrix products for w rows
     over its time for one row, for the largest projection in the decoder and for the LM head."""
@@ -299,6 +326,8 @@ def summarize(runs, prompts, times, outputs, stats, n, engine, ks, model_dir, se
         "ceiling_two_step_all_accepted": {str(k): (2 + k) / (2 * ratios[k + 1]) for k in ks},
         "linear_cost_ratio": linear_cost_ratios(engine, widths),
     }
+    if engine.adapter is not None:  # a forward with w - 1 SAT rows over one of w standard rows
+        report["sat_cost_ratio"] = {str(w): round(r, 3) for w, r in sat_cost_ratios(engine, [2, 3, 4]).items()}
     if sets and len([v for v in sets.values() if v]) > 1:
         report["by_prompt_set"] = {name: {"prompts": len(which), "results": rows(which)}
                                    for name, which in sets.items() if which}
