@@ -790,65 +790,90 @@ AVX2_TARGET static void store_rows8(const __m256 *y, int rows, int64_t r0, int64
     }
 }
 
-AVX2_TARGET static void q4_tile_avx2(const int8_t *xq, const float *dx, const float *sx, int64_t r0, int rows,
-                                     int64_t K, const uint8_t *codes, const uint16_t *d, const uint16_t *m, int64_t t,
-                                     float *out, int64_t N) {
-    const int64_t B = K / 32;
+/* One (tile, block) for `rows` rows (a constant where it is inlined, so the accumulators stay in registers):
+ * each group's codes are unpacked once and multiplied by every row's activations. */
+__attribute__((always_inline)) AVX2_TARGET static inline void q4_block_avx2(
+        const int8_t *xq, const float *dx, const float *sx, int64_t r0, const int rows, int64_t K, int64_t B,
+        int64_t b, const uint8_t *block, const uint16_t *d, const uint16_t *m, int64_t at, __m256 (*y)[2]) {
     const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
-    for (int h = 0; h < 2 && t * 16 + 8 * h < N; h++) {
-        __m256 y[4];
-        for (int r = 0; r < 4; r++) y[r] = _mm256_setzero_ps();
-        for (int64_t b = 0; b < B; b++) {
-            const uint8_t *block = codes + (t * B + b) * 256 + 32 * h;
-            __m256i c[8];
-            for (int g = 0; g < 4; g++) {
-                const __m256i v = _mm256_loadu_si256((const __m256i *)(block + 64 * g));
-                c[g] = _mm256_and_si256(v, low);
-                c[g + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-            }
-            const int64_t at = (t * B + b) * 16 + 8 * h;
-            const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d + at)));
-            const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m + at)));
-            for (int r = 0; r < rows; r++) {
-                const aliased_i32 *x4 = (const aliased_i32 *)(xq + (r0 + r) * K + 32 * b);
-                __m256i pairs = _mm256_maddubs_epi16(c[0], _mm256_set1_epi32(x4[0]));
-                for (int g = 1; g < 8; g++) pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(c[g], _mm256_set1_epi32(x4[g])));
-                const __m256i isum = _mm256_madd_epi16(pairs, ones);
-                const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(dx[(r0 + r) * B + b]));
-                y[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(isum), y[r]);
-                y[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(sx[(r0 + r) * B + b]), y[r]);
-            }
+    __m256i p[4][2];
+    for (int r = 0; r < rows; r++) p[r][0] = p[r][1] = _mm256_setzero_si256();
+    for (int g = 0; g < 4; g++) {
+        const __m256i v0 = _mm256_loadu_si256((const __m256i *)(block + 64 * g));
+        const __m256i v1 = _mm256_loadu_si256((const __m256i *)(block + 64 * g + 32));
+        const __m256i c0 = _mm256_and_si256(v0, low), c1 = _mm256_and_si256(v1, low);
+        const __m256i h0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low), h1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), low);
+        for (int r = 0; r < rows; r++) {
+            const aliased_i32 *x4 = (const aliased_i32 *)(xq + (r0 + r) * K + 32 * b);
+            const __m256i xl = _mm256_set1_epi32(x4[g]), xh = _mm256_set1_epi32(x4[g + 4]);
+            p[r][0] = _mm256_add_epi16(p[r][0], _mm256_add_epi16(_mm256_maddubs_epi16(c0, xl), _mm256_maddubs_epi16(h0, xh)));
+            p[r][1] = _mm256_add_epi16(p[r][1], _mm256_add_epi16(_mm256_maddubs_epi16(c1, xl), _mm256_maddubs_epi16(h1, xh)));
         }
-        store_rows8(y, rows, r0, t * 16 + 8 * h, out, N);
+    }
+    const __m256 d0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d + at)));
+    const __m256 d1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d + at + 8)));
+    const __m256 m0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m + at)));
+    const __m256 m1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m + at + 8)));
+    for (int r = 0; r < rows; r++) {
+        const __m256 vdx = _mm256_set1_ps(dx[(r0 + r) * B + b]), vsx = _mm256_set1_ps(sx[(r0 + r) * B + b]);
+        y[r][0] = _mm256_fmadd_ps(_mm256_mul_ps(d0, vdx), _mm256_cvtepi32_ps(_mm256_madd_epi16(p[r][0], ones)), y[r][0]);
+        y[r][1] = _mm256_fmadd_ps(_mm256_mul_ps(d1, vdx), _mm256_cvtepi32_ps(_mm256_madd_epi16(p[r][1], ones)), y[r][1]);
+        y[r][0] = _mm256_fmadd_ps(m0, vsx, y[r][0]);
+        y[r][1] = _mm256_fmadd_ps(m1, vsx, y[r][1]);
     }
 }
 
-AVX2_TARGET static void q8_tile_avx2(const int8_t *xq, const float *dx, const int32_t *isx, int64_t r0, int rows,
-                                     int64_t K, const uint8_t *codes, const uint16_t *d, int64_t t, float *out,
-                                     int64_t N) {
-    const int64_t B = K / 32;
+/* The Q8_0 twin: each group's codes split into nibbles once, for every row. */
+__attribute__((always_inline)) AVX2_TARGET static inline void q8_block_avx2(
+        const int8_t *xq, const float *dx, const int32_t *isx, int64_t r0, const int rows, int64_t K, int64_t B,
+        int64_t b, const uint8_t *block, const uint16_t *d, int64_t at, __m256 (*y)[2]) {
     const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
-    for (int h = 0; h < 2 && t * 16 + 8 * h < N; h++) {
-        __m256 y[4];
-        for (int r = 0; r < 4; r++) y[r] = _mm256_setzero_ps();
-        for (int64_t b = 0; b < B; b++) {
-            const uint8_t *block = codes + (t * B + b) * 512 + 32 * h;
-            const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d + (t * B + b) * 16 + 8 * h)));
+    for (int h = 0; h < 2; h++) {
+        __m256i lo[4], hi[4];
+        for (int r = 0; r < rows; r++) lo[r] = hi[r] = _mm256_setzero_si256();
+        for (int g = 0; g < 8; g++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(block + 64 * g + 32 * h));
+            const __m256i cl = _mm256_and_si256(v, low), ch = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
             for (int r = 0; r < rows; r++) {
-                const aliased_i32 *x4 = (const aliased_i32 *)(xq + (r0 + r) * K + 32 * b);
-                __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
-                for (int g = 0; g < 8; g++) {
-                    const __m256i v = _mm256_loadu_si256((const __m256i *)(block + 64 * g)), x = _mm256_set1_epi32(x4[g]);
-                    lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(_mm256_and_si256(v, low), x));
-                    hi = _mm256_add_epi16(hi, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), low), x));
-                }
-                __m256i isum = _mm256_add_epi32(_mm256_madd_epi16(lo, ones), _mm256_slli_epi32(_mm256_madd_epi16(hi, ones), 4));
-                isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(128 * isx[(r0 + r) * B + b]));
-                const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(dx[(r0 + r) * B + b]));
-                y[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(isum), y[r]);
+                const __m256i x = _mm256_set1_epi32(((const aliased_i32 *)(xq + (r0 + r) * K + 32 * b))[g]);
+                lo[r] = _mm256_add_epi16(lo[r], _mm256_maddubs_epi16(cl, x));
+                hi[r] = _mm256_add_epi16(hi[r], _mm256_maddubs_epi16(ch, x));
             }
         }
-        store_rows8(y, rows, r0, t * 16 + 8 * h, out, N);
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d + at + 8 * h)));
+        for (int r = 0; r < rows; r++) {
+            __m256i isum = _mm256_add_epi32(_mm256_madd_epi16(lo[r], ones), _mm256_slli_epi32(_mm256_madd_epi16(hi[r], ones), 4));
+            isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(128 * isx[(r0 + r) * B + b]));
+            y[r][h] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(dx[(r0 + r) * B + b])), _mm256_cvtepi32_ps(isum), y[r][h]);
+        }
+    }
+}
+
+/* Tile t (16 outputs: two vectors of 8) for rows [r0, r0 + rows), rows <= 4; q4 (Q4_1) or Q8_0 (m NULL). */
+AVX2_TARGET static void tile_avx2(int q4, const int8_t *xq, const float *dx, const float *sx, const int32_t *isx,
+                                  int64_t r0, int rows, int64_t K, const uint8_t *codes, const uint16_t *d,
+                                  const uint16_t *m, int64_t t, float *out, int64_t N) {
+    const int64_t B = K / 32;
+    __m256 y[4][2];
+    for (int r = 0; r < 4; r++) y[r][0] = y[r][1] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t at = (t * B + b) * 16;
+#define Q_BLOCK(ROWS) do { \
+            if (q4) q4_block_avx2(xq, dx, sx, r0, ROWS, K, B, b, codes + (t * B + b) * 256, d, m, at, y); \
+            else q8_block_avx2(xq, dx, isx, r0, ROWS, K, B, b, codes + (t * B + b) * 512, d, at, y); \
+        } while (0)
+        switch (rows) {
+            case 1: Q_BLOCK(1); break;
+            case 2: Q_BLOCK(2); break;
+            case 3: Q_BLOCK(3); break;
+            default: Q_BLOCK(4); break;
+        }
+#undef Q_BLOCK
+    }
+    for (int h = 0; h < 2 && t * 16 + 8 * h < N; h++) {
+        __m256 half[4];
+        for (int r = 0; r < rows; r++) half[r] = y[r][h];
+        store_rows8(half, rows, r0, t * 16 + 8 * h, out, N);
     }
 }
 #endif
@@ -878,8 +903,7 @@ static int quantized_linear(int q4, const float *x, int64_t M, int64_t K, const 
                 const int rows = M - r0 < 4 ? (int)(M - r0) : 4;
                 if (path == 2 && q4) q4_tile_vnni(xq, dx, sx, r0, rows, K, codes, d, m, t, out, N);
                 else if (path == 2) q8_tile_vnni(xq, dx, isx, r0, rows, K, codes, d, t, out, N);
-                else if (q4) q4_tile_avx2(xq, dx, sx, r0, rows, K, codes, d, m, t, out, N);
-                else q8_tile_avx2(xq, dx, isx, r0, rows, K, codes, d, t, out, N);
+                else tile_avx2(q4, xq, dx, sx, isx, r0, rows, K, codes, d, m, t, out, N);
             }
             continue;
         }
