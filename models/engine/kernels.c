@@ -16,8 +16,9 @@
  * So a row's bits depend on its query and its visible keys only: not on how many rows the forward
  * has, which other rows share it, the length of the aligned key buffer, or the CPU. IEEE 754 rounds
  * fmaf, +, * and / exactly whatever instruction implements them, and the file is compiled with
- * -ffp-contract=off so the compiler fuses nothing on its own. The AVX-512 dot product below computes
- * the same operations as the portable one, sixteen keys at a time (tests compare the two paths).
+ * -ffp-contract=off so the compiler fuses nothing on its own. The AVX-512 and AVX2 code below computes
+ * the same operations as the portable code, sixteen or eight lanes at a time; which runs is decided once
+ * per process from the CPU (simd_level), and a test compares the three paths.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -603,7 +604,7 @@ void sdsat_silu_mul_cast(const void *gate_up, int in_bf16, int64_t M, int64_t I,
  *     y[r][n] = sum over blocks b, ascending, of  (d * dx) * isum + m * sx,   isum = sum_i q_i * xq_i,
  * two fmaf per block in that order. Every (row, output) is computed on its own in this fixed order, so
  * a row's result depends on that row only: not on the call's rows, the tiling, the threads or the CPU
- * (the AVX-512 VNNI and the portable paths give the same bits; a test compares them).
+ * (the AVX-512 VNNI, AVX2 and portable paths give the same bits; a test compares them).
  *
  * The codes are stored in tiles of 16 outputs: per (tile, block) 256 bytes as 4 vectors of [16 outputs][4
  * bytes], byte j of output n in vector g holding q[n][4g + j] (low nibble) and q[n][4g + 16 + j] (high

@@ -9,10 +9,11 @@ alone (enough to flip greedy tokens in bf16), and whether it does differs betwee
 and between GEMM sizes (fp32 `F.linear` of one row differs from the same row among two on an Intel
 Xeon here). kernels.c computes every row on its own in one fixed order of IEEE operations, so a row's
 bits depend on its inputs only: not on the forward's width, the batch, the key buffer's length or the
-CPU (the AVX-512 and the portable paths give the same bits; a test compares them). The MLP's
-silu(gate) * up runs here too (ATen's vectorised and scalar exponentials differ, and which one an
-element gets depends on where a thread's chunk ends). The int4 and int8
-projections (models/weights/quant.py) already run ATen's own kernels, which reduce each row in a fixed order.
+CPU (the AVX-512, AVX2 and portable paths give the same bits; a test compares them). The MLP's
+silu(gate) * up runs here too (ATen's vectorised and scalar exponentials differ on some hosts, and which
+one an element gets depends on where a thread's chunk ends). The int4 projections (the GGUF's Q4_1
+blocks) and the Q8_0 LM head run here as llama.cpp computes them, against int8 activations
+(models/weights/quant.py), and a whole int4 forward runs in one call (sdsat_forward_q4).
 
 The shared library is compiled with the system C compiler (`cc`, or $CC) into the model cache folder,
 keyed by the source's hash, the first time it is needed (`make setup` does it up front; under a
