@@ -1007,3 +1007,7 @@ int sdsat_forward_q4(float *x, int64_t R, int64_t T, int64_t layers, void *const
     free(h); free(wide); free(attn); free(act); free(delta); free(scratch);
     return status ? -1 : 0;
 }
+
+/* The vector path the kernels take in this process: 0 portable C, 1 AVX2, 2 AVX-512, 3 AVX-512 with VNNI
+ * for the quantized projections. */
+int sdsat_vector_path(void) { return use_vnni() ? 3 : simd_level(); }

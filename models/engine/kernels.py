@@ -117,7 +117,16 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     lib.sdsat_forward_q4.argtypes = [ptr, i64, i64, i64, ptr, ptr, f32, f32, f32, ptr, ptr, ptr, flag, i64, ptr, ptr,
                                      ptr, f32, ptr, ptr, ptr, i64, ptr, flag, i64, f32]
     lib.sdsat_forward_q4.restype = ctypes.c_int
+    lib.sdsat_vector_path.argtypes = []
+    lib.sdsat_vector_path.restype = ctypes.c_int
     return lib, None
+
+
+def vector_path() -> str:
+    """The kernels' code path on this host: avx512-vnni, avx512, avx2 or portable (capped by $SDSAT_KERNELS),
+    or "unavailable" when they could not be built. Reports name it beside the CPU."""
+    lib, _ = _load()
+    return "unavailable" if lib is None else ("portable", "avx2", "avx512", "avx512-vnni")[lib.sdsat_vector_path()]
 
 
 def kernel_unavailable() -> str | None:

@@ -78,8 +78,10 @@ def cpu_model() -> str:
 
 def machine() -> str:
     """The host in one line: CPU model, cores, torch threads, torch version."""
-    return (f"{cpu_model()} ({platform.machine()}, {os.cpu_count()} cpus), {torch.get_num_threads()} threads, "
-            f"torch {torch.__version__}")
+    from models.engine.kernels import vector_path
+
+    return (f"{cpu_model()} ({platform.machine()}, {os.cpu_count()} cpus, kernels: {vector_path()}), "
+            f"{torch.get_num_threads()} threads, torch {torch.__version__}")
 
 
 def read_bandwidth_gbs(mib: int = 1024, repeats: int = 5) -> float:
@@ -131,26 +133,25 @@ def stdlib_snippets(n: int, chars: int = 1200) -> list[str]:
 
 
 def forward_cost_ratios(engine, widths: list[int], context: int = 256, repeats: int = 15) -> dict[int, float]:
-    """r(w): median time of a forward of w new tokens over one of 1 token, after `context` tokens."""
+    """r(w): median time of a forward of w new tokens over one of 1 token, after `context` tokens. The
+    widths are timed in turns (1, then each w, repeated), so a slow stretch of a shared machine falls on
+    all of them rather than on one."""
     from models.engine import SamplingParams
 
     engine.add_request([1 + i % 20 for i in range(context)], SamplingParams(max_new_tokens=1_000, ignore_eos=True))
     while not engine.running or engine.running[0].prefilled < context:
         engine.step()
     seq = engine.running[0]
-
-    def timed(width: int) -> float:
-        samples = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            engine._forward([seq], [[1] * width])
-            samples.append(time.perf_counter() - t0)
-        return statistics.median(samples)
-
+    samples: dict[int, list[float]] = {w: [] for w in [1, *widths]}
     with torch.inference_mode():
-        base = timed(1)
-        ratios = {w: timed(w) / base for w in widths}
+        for _ in range(repeats):
+            for width, times in samples.items():
+                t0 = time.perf_counter()
+                engine._forward([seq], [[1] * width])
+                times.append(time.perf_counter() - t0)
     engine.cancel(seq.request_id)
+    base = statistics.median(samples[1])
+    ratios = {w: statistics.median(samples[w]) / base for w in widths}
     ratios["t1_ms"] = base * 1e3
     return ratios
 

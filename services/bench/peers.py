@@ -104,7 +104,8 @@ class LlamaCpp:
         return tokens, first - t0, time.perf_counter() - first
 
     def cost_ratios(self, widths: list[int], context: int = CONTEXT_FOR_R, repeats: int = 15) -> dict:
-        """r(w) with logits for every row: a w-token batch after `context` tokens over a 1-token one."""
+        """r(w) with logits for every row: a w-token batch after `context` tokens over a 1-token one, the
+        widths timed in turns (as forward_cost_ratios)."""
         import llama_cpp
         from llama_cpp._internals import LlamaBatch
 
@@ -113,21 +114,20 @@ class LlamaCpp:
         llm.eval([1 + i % 20 for i in range(context)])
         ctx, memory = llm._ctx.ctx, llama_cpp.llama_get_memory(llm._ctx.ctx)
 
-        def timed(width: int) -> float:
-            batch = LlamaBatch(n_tokens=width, embd=0, n_seq_max=1)
-            samples = []
-            for _ in range(repeats):
-                batch.set_batch([5] * width, n_past=context, logits_all=True)
+        batches = {w: LlamaBatch(n_tokens=w, embd=0, n_seq_max=1) for w in [1, *widths]}
+        samples: dict[int, list[float]] = {w: [] for w in batches}
+        for _ in range(repeats):
+            for w, batch in batches.items():
+                batch.set_batch([5] * w, n_past=context, logits_all=True)
                 t0 = time.perf_counter()
                 if llama_cpp.llama_decode(ctx, batch.batch) != 0:
                     raise RuntimeError("llama_decode failed")
-                samples.append(time.perf_counter() - t0)
+                samples[w].append(time.perf_counter() - t0)
                 llama_cpp.llama_memory_seq_rm(memory, -1, context, -1)  # back to `context` tokens
+        for batch in batches.values():
             batch.close()
-            return statistics.median(samples)
-
-        base = timed(1)
-        out = {str(w): round(timed(w) / base, 3) for w in widths}
+        base = statistics.median(samples[1])
+        out = {str(w): round(statistics.median(samples[w]) / base, 3) for w in widths}
         out["t1_ms"] = round(base * 1e3, 2)
         llm.reset()
         return out
@@ -224,7 +224,8 @@ def peer_comparison(model_dir: str, prompts: list, runs: list[tuple[str, int]], 
 
 
 def host_line() -> str:
-    """The CPU's model name as lscpu prints it (from /proc/cpuinfo), and the CPUs this process may use."""
+    """The CPU's model name as lscpu prints it (from /proc/cpuinfo), the CPUs this process may use and the
+    engine kernels' vector path (AVX-512 VNNI, AVX2, ...: hosts of one vendor differ)."""
     import os
 
     try:
@@ -232,7 +233,9 @@ def host_line() -> str:
             name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
     except OSError:
         name = "unknown"
-    return f"{name}, {len(os.sched_getaffinity(0))} CPUs"
+    from models.engine.kernels import vector_path
+
+    return f"{name}, {len(os.sched_getaffinity(0))} CPUs, kernels: {vector_path()}"
 
 
 def print_table(report: dict) -> None:

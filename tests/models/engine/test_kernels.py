@@ -130,6 +130,25 @@ def test_the_avx512_avx2_and_portable_paths_give_the_same_bits(tmp_path):
             assert torch.equal(results["default"][key], results[name][key]), (name, key)
 
 
+def test_the_vector_path_follows_the_cpu_and_the_cap():
+    """The path the kernels report (and take) is the best this CPU has, as /proc/cpuinfo lists its flags,
+    and SDSAT_KERNELS caps it."""
+    from models.engine.kernels import _cpu_flags
+
+    flags = _cpu_flags()
+    avx2 = "avx2" if {"avx2", "fma"} <= flags else "portable"
+    best = avx2
+    if avx2 == "avx2" and "avx512f" in flags:
+        best = "avx512-vnni" if {"avx512bw", "avx512_vnni"} <= flags else "avx512"
+    code = "from models.engine.kernels import vector_path; print(vector_path())"
+    seen = {}
+    for cap in ("", "avx2", "portable"):
+        env = {**os.environ, "SDSAT_KERNELS": cap}
+        seen[cap] = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                   check=True).stdout.strip()
+    assert seen == {"": best, "avx2": avx2, "portable": "portable"}
+
+
 def test_silu_times_up_is_computed_row_by_row_and_is_silu():
     threads = torch.get_num_threads()
     torch.set_num_threads(7)
