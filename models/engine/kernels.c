@@ -102,6 +102,7 @@ static void linear_portable(const float *restrict x, int64_t M, int64_t K, const
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
+#include <cpuid.h>
 #define HAVE_X86 1
 
 __attribute__((target("avx512f"))) static inline __m512 load16(const void *w, int bf16, int64_t offset) {
@@ -346,7 +347,7 @@ AVX2_TARGET static void linear_avx2(const float *restrict x, int64_t M, int64_t 
 #endif
 
 /* The vector path that runs: 2 AVX-512 (with VNNI for the quantized projections where the CPU has it), 1 AVX2
- * with FMA and F16C (every AVX2 CPU has F16C), 0 the portable C. SDSAT_KERNELS=avx2 or =portable caps it (the
+ * with FMA and F16C (checked: a hypervisor can hide any of them), 0 the portable C. SDSAT_KERNELS=avx2 or =portable caps it (the
  * tests compare the three). Each path computes the same operations in the same order: the same bits. */
 static int simd_level(void) {
     static int level = -1;  /* a race here writes the same value twice */
@@ -354,7 +355,9 @@ static int simd_level(void) {
         int best = 0;
 #ifdef HAVE_X86
         __builtin_cpu_init();
-        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = 1;
+        unsigned int a, b, c, d;  /* F16C: CPUID leaf 1, ECX bit 29 (not every compiler's cpu_supports knows it) */
+        const int f16c = __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 29));
+        if (f16c && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = 1;
         if (best && __builtin_cpu_supports("avx512f")) best = 2;
 #endif
         const char *cap = getenv("SDSAT_KERNELS");

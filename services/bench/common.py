@@ -20,6 +20,7 @@ context, the two-step ceiling (2+k)/(2 r(k+1)), the fused one (1+k)/r((k+1)^2) a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import statistics
@@ -132,24 +133,38 @@ def stdlib_snippets(n: int, chars: int = 1200) -> list[str]:
     return out
 
 
-def forward_cost_ratios(engine, widths: list[int], context: int = 256, repeats: int = 15) -> dict[int, float]:
-    """r(w): median time of a forward of w new tokens over one of 1 token, after `context` tokens. The
-    widths are timed in turns (1, then each w, repeated), so a slow stretch of a shared machine falls on
-    all of them rather than on one."""
+@contextlib.contextmanager
+def _prefilled(engine, context: int):
+    """One running sequence with `context` tokens already in its KV cache, cancelled on exit: the forwards
+    the cost ratios time run on top of it."""
     from models.engine import SamplingParams
 
     engine.add_request([1 + i % 20 for i in range(context)], SamplingParams(max_new_tokens=1_000, ignore_eos=True))
     while not engine.running or engine.running[0].prefilled < context:
         engine.step()
     seq = engine.running[0]
+    try:
+        with torch.inference_mode():
+            yield seq
+    finally:
+        engine.cancel(seq.request_id)
+
+
+def _timed_forward(engine, seq, ids: list[int]) -> float:
+    t0 = time.perf_counter()
+    engine._forward([seq], [ids])
+    return time.perf_counter() - t0
+
+
+def forward_cost_ratios(engine, widths: list[int], context: int = 256, repeats: int = 15) -> dict[int, float]:
+    """r(w): median time of a forward of w new tokens over one of 1 token, after `context` tokens. The
+    widths are timed in turns (1, then each w, repeated), so a slow stretch of a shared machine falls on
+    all of them rather than on one."""
     samples: dict[int, list[float]] = {w: [] for w in [1, *widths]}
-    with torch.inference_mode():
+    with _prefilled(engine, context) as seq:
         for _ in range(repeats):
             for width, times in samples.items():
-                t0 = time.perf_counter()
-                engine._forward([seq], [[1] * width])
-                times.append(time.perf_counter() - t0)
-    engine.cancel(seq.request_id)
+                times.append(_timed_forward(engine, seq, [1] * width))
     base = statistics.median(samples[1])
     ratios = {w: statistics.median(samples[w]) / base for w in widths}
     ratios["t1_ms"] = base * 1e3
@@ -160,26 +175,18 @@ def sat_cost_ratios(engine, widths: list[int], context: int = 256, repeats: int 
     """What SAT rows cost (issue 23): the median time of a forward of w rows of which w - 1 are SAT rows
     (the adapter's LoRA runs on them) over a forward of w standard rows, after `context` tokens, the two
     interleaved. Needs an engine with an SDSAT adapter."""
-    from models.engine import SamplingParams
-
     if engine.adapter is None:
         raise ValueError("the SAT-row cost needs an SDSAT model")
-    V = engine.adapter.config.vocab_size
-    engine.add_request([1 + i % 20 for i in range(context)], SamplingParams(max_new_tokens=1_000, ignore_eos=True))
-    while not engine.running or engine.running[0].prefilled < context:
-        engine.step()
-    seq = engine.running[0]
+    sat_ids = list(engine.adapter.config.sat_ids)
     ratios = {}
-    with torch.inference_mode():
+    with _prefilled(engine, context) as seq:
         for w in widths:
             plain, sat = [], []
+            sats = [1] + [sat_ids[min(i, len(sat_ids) - 1)] for i in range(w - 1)]
             for _ in range(repeats):
-                for ids, samples in (([1] * w, plain), ([1] + [V + i for i in range(w - 1)], sat)):
-                    t0 = time.perf_counter()
-                    engine._forward([seq], [ids])
-                    samples.append(time.perf_counter() - t0)
+                plain.append(_timed_forward(engine, seq, [1] * w))
+                sat.append(_timed_forward(engine, seq, sats))
             ratios[w] = statistics.median(sat) / statistics.median(plain)
-    engine.cancel(seq.request_id)
     return ratios
 
 
