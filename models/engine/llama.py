@@ -92,6 +92,13 @@ class LlamaForward:
         self._final: tuple[torch.Tensor, float] | None = None  # the final norm's fp32 weight and eps
         self._plan: tuple[tuple, Q4Plan | None] | None = None  # (the KV cache it was made for, the plan)
 
+    def fused_projections(self):
+        """The Int4Linear modules this forward made by fusing a layer's projections (qkv, gate_up)."""
+        for layer in self.layers:
+            for module in layer.projections.values():
+                if isinstance(module, Int4Linear) and module._parts:
+                    yield module
+
     @classmethod
     def maybe_build(cls, model: nn.Module) -> LlamaForward | None:
         """Llama-shaped models only (plain RoPE and RMSNorm, no biases, SiLU MLP); else None."""

@@ -57,6 +57,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("d", _scale_tiles(d, T))
         self.register_buffer("m", _scale_tiles(m, T))
         self._aten: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._parts: list[tuple[Int4Linear, int, int]] = []  # cat(): (a part, its first tile, its tiles)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K]
         from models.engine.kernels import kernel_unavailable, q4_linear
@@ -98,15 +99,30 @@ class Int4Linear(nn.Module):
         fused.out_features = sum(p.out_features for p in parts)
         for name in ("codes", "d", "m"):
             fused.register_buffer(name, torch.cat([getattr(p, name) for p in parts]))
-        fused._aten = None
+        fused._aten, fused._parts = None, []
         start = 0
         for p in parts:
             tiles = p.out_features // cls.TILE
-            for name in ("codes", "d", "m"):
-                setattr(p, name, getattr(fused, name)[start : start + tiles])
-            p._aten = None
+            fused._parts.append((p, start, tiles))
             start += tiles
+        fused._point_parts()
         return fused
+
+    def _point_parts(self) -> None:
+        for p, start, tiles in self._parts:
+            for name in ("codes", "d", "m"):
+                setattr(p, name, getattr(self, name)[start : start + tiles])
+            p._aten = None
+
+    def quantized_tensors(self) -> list[torch.Tensor]:
+        return [self.codes, self.d, self.m]
+
+    def relocate(self, take) -> None:
+        """Move the codes and scales to `take(tensor)`'s copies (models/engine/memory.py); the parts of a
+        fused module follow as views."""
+        for name in ("codes", "d", "m"):
+            setattr(self, name, take(getattr(self, name)))
+        self._point_parts()
 
     def dequantized(self) -> torch.Tensor:
         """The [N, K] fp32 weights d·q + m of the blocks (for tests and reports)."""
@@ -155,6 +171,13 @@ class Int8Linear(nn.Module):
         self.register_buffer("codes", tiles.permute(0, 2, 3, 1, 4).contiguous())  # [tile, block, g, n, j]
         self.register_buffer("d", _scale_tiles(d, self.TILE))
         self._dense: torch.Tensor | None = None
+
+    def quantized_tensors(self) -> list[torch.Tensor]:
+        return [self.codes, self.d]
+
+    def relocate(self, take) -> None:
+        """Move the codes and scales to `take(tensor)`'s copies (models/engine/memory.py)."""
+        self.codes, self.d = take(self.codes), take(self.d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from models.engine.kernels import kernel_unavailable, q8_linear

@@ -113,6 +113,7 @@ def memory_floor(engine, ar_tokens_per_s: float, bandwidth: float | None = None)
     fp32_floor_ms = params * 4 / (bandwidth * 1e9) * 1e3
     ar_ms = 1e3 / ar_tokens_per_s
     return {"read_bandwidth_gbs": round(bandwidth, 2), "weight_bytes": weight_bytes, "dtype": engine.weights_dtype,
+            "huge_pages": engine.huge_pages(),
             "floor_ms_per_token": round(floor_ms, 2), "ar_ms_per_token": round(ar_ms, 2),
             "ar_fraction_of_floor": round(floor_ms / ar_ms, 3), "fp32_floor_ms_per_token": round(fp32_floor_ms, 2),
             "ar_fraction_of_fp32_floor": round(fp32_floor_ms / ar_ms, 3)}

@@ -97,6 +97,30 @@ def test_fused_int4_parts_equal_the_parts():
     assert Int4Linear.cat([parts[0], int4_module(32, 64)]) is None  # nor different inputs
 
 
+def test_quantized_weights_move_into_huge_pages_and_compute_the_same_bits():
+    """models/engine/memory.py: a fused Int4Linear (its parts stay views of it) and an Int8Linear move into one
+    2 MiB-aligned block, give the same outputs, and (where Linux offers transparent huge pages) the block
+    is backed by huge pages."""
+    from pathlib import Path
+
+    from models.engine.memory import HUGE_PAGE, huge_page_bytes, place_in_huge_pages
+
+    parts = [int4_module(n, 128, seed=n) for n in (128, 64)]
+    fused, head = Int4Linear.cat(parts), Int8Linear(torch.randn(48, 128, generator=torch.Generator().manual_seed(1)))
+    x = torch.randn(3, 128).bfloat16()
+    before = [fused(x), parts[1](x), head(x)]
+    old = fused.codes.data_ptr()
+    placed = place_in_huge_pages([fused, head, fused])  # a module listed twice moves once
+    assert placed == sum(-(-t.nbytes // 64) * 64 for m in (fused, head) for t in m.quantized_tensors())
+    assert fused.codes.data_ptr() != old and fused.codes.data_ptr() % HUGE_PAGE == 0
+    assert parts[1].codes.data_ptr() == fused.codes[128 // 16 :].data_ptr()  # the parts follow as views
+    after = [fused(x), parts[1](x), head(x)]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if thp.exists() and "[never]" not in thp.read_text():
+        assert huge_page_bytes(fused.codes) >= HUGE_PAGE
+
+
 @pytest.mark.parametrize("kind", ["int4", "int8"])
 def test_kernels_are_batch_invariant(kind):
     """Row i of a call with M rows equals the 1-row call: speculation's wide verify forwards compute the
