@@ -100,7 +100,8 @@ a = att(q, k, v)
 y = linear(torch.randn(5, 48, generator=g), torch.randn(70, 48, generator=g))
 x = torch.randn(6, 70, generator=g) * 3
 n = add_norm(x, torch.randn(6, 70, generator=g).bfloat16(), torch.randn(70, generator=g), 1e-5, torch.float32)
-s = silu_mul_cast(torch.randn(6, 2 * 70, generator=g) * torch.tensor([150.0, 5.0]).repeat_interleave(70), torch.float32)  # gates x150 reach the exp clamp at -87
+spread = torch.tensor([150.0, 5.0]).repeat_interleave(70)  # gates x150 reach the exponential's clamp at -87
+s = silu_mul_cast(torch.randn(6, 2 * 70, generator=g) * spread, torch.float32)
 rope = torch.randn(512, 32, generator=g), torch.randn(512, 32, generator=g)
 qkv = torch.randn(6, (6 + 4) * 32, generator=g).bfloat16()
 r = att.rope_attend(qkv, 6, 2, rope, torch.randint(0, 512, (6,), generator=g), k, v, torch.float32)
