@@ -339,18 +339,22 @@ class Engine:
         model's device (or [1, V] and [1, H] with last_only)."""
         R, T = len(seqs), max(map(len, chunks))
         start, kv_len = self.cache.write_at([s.slot for s in seqs], T)
-        ids = torch.zeros(R, T, dtype=torch.long)
-        offsets = torch.arange(T).repeat(R, 1)
-        local = torch.eye(T, dtype=torch.bool).repeat(R, 1, 1)  # padding sees itself only
-        for i, chunk in enumerate(chunks):
-            n = len(chunk)
-            ids[i, :n] = torch.tensor(chunk)
-            layout = layouts[i] if layouts else None
-            if layout is None:
-                local[i, :n, :n] = torch.ones(n, n, dtype=torch.bool).tril()
-            else:
-                offsets[i, :n] = torch.tensor(layout[0])
-                local[i, :n, :n] = layout[1]
+        if R == 1 and not (layouts and layouts[0] is not None):  # one causal chunk (every plain decode step)
+            ids, offsets = torch.tensor(chunks), torch.arange(T)[None]
+            local = torch.ones(1, T, T, dtype=torch.bool).tril()
+        else:
+            ids = torch.zeros(R, T, dtype=torch.long)
+            offsets = torch.arange(T).repeat(R, 1)
+            local = torch.eye(T, dtype=torch.bool).repeat(R, 1, 1)  # padding sees itself only
+            for i, chunk in enumerate(chunks):
+                n = len(chunk)
+                ids[i, :n] = torch.tensor(chunk)
+                layout = layouts[i] if layouts else None
+                if layout is None:
+                    local[i, :n, :n] = torch.ones(n, n, dtype=torch.bool).tril()
+                else:
+                    offsets[i, :n] = torch.tensor(layout[0])
+                    local[i, :n, :n] = layout[1]
         ids, positions = ids.to(self.device), (start[:, None] + offsets).to(self.device)
         # decode and verify forwards always run the invariant kernels (speculation == ar needs them); a
         # prefill chunk wider than PREFILL_LIBRARY_ROWS runs the libraries' faster kernels unless

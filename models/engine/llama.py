@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import rotate_half
 
-from models.engine.kernels import Attention, Q4Plan, add_norm, linear, q4_linear, silu_mul_cast, supports
-from models.weights.quant import Int4Linear
+from models.engine.kernels import Attention, Q4Plan, add_norm, linear, q4_linear, q8_linear, silu_mul_cast, supports
+from models.weights.quant import Int4Linear, Int8Linear
 
 # the lean forward's projections: name -> (the attention or MLP module's projections it computes at once)
 PROJECTIONS = {"qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")), "o_proj": ("self_attn", ("o_proj",)),
@@ -255,6 +255,8 @@ def project(module: nn.Module, x: torch.Tensor, invariant: bool) -> torch.Tensor
         return linear(x, module.weight)
     if invariant and type(module) is Int4Linear:  # no module call on the hot path; fp32 rows in and out
         return q4_linear(x, module.codes, module.d, module.m, module.out_features)
+    if invariant and type(module) is Int8Linear and x.device.type == "cpu" and x.dim() == 2:  # the LM head: as
+        return q8_linear(x, module.codes, module.d, module.out_features).to(x.dtype)  # module(x) computes it
     return module(x)
 
 
