@@ -90,13 +90,13 @@ static void dots_portable(const float *restrict q, const void *k, int bf16, int6
 }
 
 static void linear_portable(const float *restrict x, int64_t M, int64_t K, const void *w, int w_bf16, int64_t N,
-                            float *restrict out) {
+                            float *restrict out, int64_t ldo) {
     for (int64_t m = 0; m < M; m++)
         for (int64_t n = 0; n < N; n++) {
             float acc[LANES] = {0};
             for (int64_t k = 0; k < K; k++)
                 acc[k % LANES] = fmaf(x[m * K + k], weight_at(w, w_bf16, n * K + k), acc[k % LANES]);
-            out[m * N + n] = fold(acc);
+            out[m * ldo + n] = fold(acc);
         }
 }
 
@@ -215,7 +215,7 @@ __attribute__((target("avx512f"))) static void silu_mul_avx512(const float *gate
 /* linear_portable, sixteen outputs at a time (K a multiple of 16). */
 __attribute__((target("avx512f"))) static void linear_avx512(const float *restrict x, int64_t M, int64_t K,
                                                              const void *w, int w_bf16, int64_t N,
-                                                             float *restrict out) {
+                                                             float *restrict out, int64_t ldo) {
     for (int64_t n0 = 0; n0 < N; n0 += 16) {
         const int64_t nn = N - n0 < 16 ? N - n0 : 16;
         for (int64_t m = 0; m < M; m++) {
@@ -228,7 +228,7 @@ __attribute__((target("avx512f"))) static void linear_avx512(const float *restri
             }
             float all[16];
             _mm512_storeu_ps(all, fold16(acc));
-            memcpy(out + m * N + n0, all, sizeof(float) * (size_t)nn);
+            memcpy(out + m * ldo + n0, all, sizeof(float) * (size_t)nn);
         }
     }
 }
@@ -333,7 +333,7 @@ AVX2_TARGET static void silu_mul_avx2(const float *gate, const float *up, int64_
 
 /* linear_portable, one output at a time (K a multiple of 16). */
 AVX2_TARGET static void linear_avx2(const float *restrict x, int64_t M, int64_t K, const void *w, int w_bf16,
-                                    int64_t N, float *restrict out) {
+                                    int64_t N, float *restrict out, int64_t ldo) {
     for (int64_t m = 0; m < M; m++)
         for (int64_t n = 0; n < N; n++) {
             __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
@@ -341,7 +341,7 @@ AVX2_TARGET static void linear_avx2(const float *restrict x, int64_t M, int64_t 
                 lo = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * K + k), load8(w, w_bf16, n * K + k), lo);
                 hi = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * K + k + 8), load8(w, w_bf16, n * K + k + 8), hi);
             }
-            out[m * N + n] = fold_avx2(lo, hi);
+            out[m * ldo + n] = fold_avx2(lo, hi);
         }
 }
 #endif
@@ -373,18 +373,31 @@ static int vector_path(int64_t D) { return D % LANES == 0 ? simd_level() : 0; }
 
 /* x: [M, K] fp32, w: [N, K] (bf16 if w_bf16, else fp32), contiguous -> out [M, N] fp32. */
 void sdsat_linear(const float *x, int64_t M, int64_t K, const void *w, int w_bf16, int64_t N, float *out) {
-#ifdef HAVE_X86
+    /* blocks of 16 outputs spread over the threads (OpenMP, PyTorch's pool) where the call is large enough to
+     * repay a parallel region; each output is computed by one thread in the order above, so the split changes
+     * no bits (the dense projections of the fp32/bf16 lean forward, and a SAT adapter's LoRA on SAT rows) */
+    const int64_t blocks = (N + 15) / 16;
     const int path = vector_path(K);
-    if (path == 2) {
-        linear_avx512(x, M, K, w, w_bf16, N, out);
-        return;
-    }
-    if (path == 1) {
-        linear_avx2(x, M, K, w, w_bf16, N, out);
-        return;
-    }
+    const size_t width = w_bf16 ? sizeof(uint16_t) : sizeof(float);
+#ifdef _OPENMP
+    #pragma omp parallel for schedule(static) if (blocks > 1 && M * N * K >= 8192)
 #endif
-    linear_portable(x, M, K, w, w_bf16, N, out);
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t n0 = 16 * b, nn = N - n0 < 16 ? N - n0 : 16;
+        const void *wb = (const char *)w + (size_t)(n0 * K) * width;
+#ifdef HAVE_X86
+        if (path == 2) {
+            linear_avx512(x, M, K, wb, w_bf16, nn, out + n0, N);
+            continue;
+        }
+        if (path == 1) {
+            linear_avx2(x, M, K, wb, w_bf16, nn, out + n0, N);
+            continue;
+        }
+#endif
+        linear_portable(x, M, K, wb, w_bf16, nn, out + n0, N);
+    }
+    (void)path;
 }
 
 /* Sequence r's rows for query head h (of kv head h / group); see sdsat_attend. Reads the cache buffers in
