@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import mmap
 import sys
 
 import torch
@@ -48,7 +49,11 @@ def huge_page_block(nbytes: int) -> torch.Tensor | None:
     if madvise is None or nbytes <= 0:
         return None
     span = -(-nbytes // HUGE_PAGE) * HUGE_PAGE
-    raw = torch.empty(span + HUGE_PAGE, dtype=torch.uint8)  # this large a block is a fresh, untouched mapping
+    # a mapping of its own, so no page of it was touched before the advice (an allocator's block may have been
+    # used and freed already); the tensor keeps the mapping alive
+    # (private: a shared anonymous mapping is shmem, which transparent huge pages leave alone by default)
+    raw = torch.frombuffer(mmap.mmap(-1, span + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS),
+                           dtype=torch.uint8)
     start = -raw.data_ptr() % HUGE_PAGE
     if madvise(raw.data_ptr() + start, span, MADV_HUGEPAGE) != 0:
         return None
@@ -87,7 +92,8 @@ def huge_page_bytes(t: torch.Tensor) -> int:
     AnonHugePages for that mapping; 0 where there is no such file)."""
     address = t.data_ptr()
     try:
-        lines = open("/proc/self/smaps").read().splitlines()
+        with open("/proc/self/smaps") as f:
+            lines = f.read().splitlines()
     except OSError:
         return 0
     inside = False

@@ -122,6 +122,7 @@ class Int4Linear(nn.Module):
         fused module follow as views."""
         for name in ("codes", "d", "m"):
             setattr(self, name, take(getattr(self, name)))
+        self._aten = None  # a fallback packing made from the old tensors: made again if needed
         self._point_parts()
 
     def dequantized(self) -> torch.Tensor:
@@ -178,6 +179,7 @@ class Int8Linear(nn.Module):
     def relocate(self, take) -> None:
         """Move the codes and scales to `take(tensor)`'s copies (models/engine/memory.py)."""
         self.codes, self.d = take(self.codes), take(self.d)
+        self._dense = None  # a fallback copy made from the old tensors: made again if needed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from models.engine.kernels import kernel_unavailable, q8_linear
