@@ -362,7 +362,9 @@ class Engine:
         invariant = self.invariant_kernels and (not last_only or self.config.invariant_prefill
                                                 or T <= PREFILL_LIBRARY_ROWS)
         # SAT ids of an adapter lie past the vocabulary: the adapter embeds them and marks their rows
-        embeds = self.embed_tokens(ids) if self.adapter is None else self.adapter.embed(self.model, ids)
+        sat_ids = self.adapter is not None and \
+            max((max(c) for c in chunks if c), default=0) >= self.adapter.config.vocab_size
+        embeds = self.adapter.embed(self.model, ids) if sat_ids else self.embed_tokens(ids)
         try:
             if invariant:  # each row on its own, in one fixed order (models/engine/kernels.py)
                 attention = Attention(torch.tensor([s.slot for s in seqs]), start, local, self.lean.scale)

@@ -64,6 +64,13 @@ class SlotKVCache:
     def write_at(self, rows: list[int], width: int) -> tuple[torch.Tensor, int]:
         """Prepare a forward of `width` new tokens per row, written after each row's committed
         entries. Returns (`start` [R]: each row's first new column, `kv_len` the key length seen)."""
+        if len(rows) == 1:  # one sequence (every single-stream step): the same result in fewer ops
+            row = rows[0]
+            start = self.length[row : row + 1].clone()
+            first = int(start[0])
+            self._kv_len = kv_len = _aligned(first + width)
+            self._rows, self._write_rows, self._write_cols = slice(row, row + 1), None, slice(first, first + width)
+            return start, kv_len
         idx = torch.tensor(rows, dtype=torch.long)
         start = self.length[idx]
         kv_len = _aligned(int(start.max()) + width)  # <= the buffers' columns
