@@ -277,3 +277,30 @@ def test_int4_speculation_equals_int4_plain_decoding_trained(counting_sdsat_dir,
         return engine
 
     _assert_speculation_is_lossless(make, method, k)
+
+
+def test_the_engine_serves_its_int4_weights_from_one_huge_page_block(count_tokenizer):
+    """An int4 engine (quantization report given, as `from_pretrained` gives it) copies the fused projections, the
+    unfused ones and the LM head into one block; the parts of a fused projection view it; greedy tokens equal
+    those of an engine on an identical model whose weights stayed where they were."""
+    import copy
+
+    model = int4_ready_llama()
+    report = quantize_model(model)
+    twin = copy.deepcopy(model)
+    engine = Engine(model, count_tokenizer, SAT, EngineConfig(method="ar", k=0, max_context=128), quantization=report)
+    if engine.huge_page_bytes == 0:
+        pytest.skip("madvise(MADV_HUGEPAGE) is unavailable or refused here (not Linux, or a kernel without THP)")
+    plain = Engine(twin, count_tokenizer, SAT, EngineConfig(method="ar", k=0, max_context=128))
+    assert plain.huge_page_bytes == 0 and engine.huge_pages()["placed_mib"] == round(engine.huge_page_bytes / 2**20, 1)
+    modules = engine._quantized_modules()
+    fused = list(engine.lean.fused_projections())
+    assert fused and all(f in modules for f in fused) and engine.lm_head in modules
+    assert not any(p in modules for f in fused for p, _, _ in f._parts)  # parts are views, never copied apart
+    start = modules[0].quantized_tensors()[0].data_ptr()
+    for m in [*modules, *(p for f in fused for p, _, _ in f._parts)]:
+        for t in m.quantized_tensors():
+            assert start <= t.data_ptr() and t.data_ptr() + t.nbytes <= start + engine.huge_page_bytes
+    ids = [1, 2, 3, 4, 5, 6]
+    params = SamplingParams(max_new_tokens=12, method="ar", ignore_eos=True)
+    assert engine.generate(ids, params)["token_ids"] == plain.generate(ids, params)["token_ids"]
