@@ -347,8 +347,9 @@ AVX2_TARGET static void linear_avx2(const float *restrict x, int64_t M, int64_t 
 #endif
 
 /* The vector path that runs: 2 AVX-512 (with VNNI for the quantized projections where the CPU has it), 1 AVX2
- * with FMA and F16C (checked: a hypervisor can hide any of them), 0 the portable C. SDSAT_KERNELS=avx2 or =portable caps it (the
- * tests compare the three). Each path computes the same operations in the same order: the same bits. */
+ * with FMA and F16C (checked: a hypervisor can hide any of them), 0 the portable C. SDSAT_KERNELS=avx2 or
+ * =portable caps it (the tests compare the three). Each path computes the same operations in the same order:
+ * the same bits. */
 static int simd_level(void) {
     static int level = -1;  /* a race here writes the same value twice */
     if (level < 0) {
@@ -694,7 +695,8 @@ typedef int32_t aliased_i32 __attribute__((may_alias, aligned(1)));  /* 4 int8 a
 #define PREFETCH 2048
 static inline void prefetch_block(const uint8_t *block, int64_t bytes, const uint16_t *d, const uint16_t *m,
                                   int64_t at) {
-    for (int64_t line = 0; line < bytes; line += 64) _mm_prefetch((const char *)(block + bytes / 256 * PREFETCH + line), _MM_HINT_T0);
+    const uint8_t *ahead = block + bytes / 256 * PREFETCH;  /* 8 blocks of `bytes` ahead */
+    for (int64_t line = 0; line < bytes; line += 64) _mm_prefetch((const char *)(ahead + line), _MM_HINT_T0);
     _mm_prefetch((const char *)(d + at + PREFETCH / 16), _MM_HINT_T0);
     if (m != NULL) _mm_prefetch((const char *)(m + at + PREFETCH / 16), _MM_HINT_T0);
 }

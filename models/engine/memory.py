@@ -29,6 +29,10 @@ MADV_HUGEPAGE, MADV_COLLAPSE = 14, 25  # <linux/mman.h>; MADV_COLLAPSE (Linux 6.
 ALIGN = 64  # every tensor starts on a cache line
 
 
+def _round_up(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
 @functools.lru_cache(maxsize=1)
 def _madvise():
     if not sys.platform.startswith("linux"):
@@ -48,7 +52,7 @@ def huge_page_block(nbytes: int) -> torch.Tensor | None:
     madvise = _madvise()
     if madvise is None or nbytes <= 0:
         return None
-    span = -(-nbytes // HUGE_PAGE) * HUGE_PAGE
+    span = _round_up(nbytes, HUGE_PAGE)
     # a mapping of its own, so no page of it was touched before the advice (an allocator's block may have been
     # used and freed already); the tensor keeps the mapping alive
     # (private: a shared anonymous mapping is shmem, which transparent huge pages leave alone by default)
@@ -65,8 +69,7 @@ def place_in_huge_pages(modules: list) -> int:
     models/weights/quant.py's Int4Linear and Int8Linear) into one huge-page block, in order, and point the
     modules at the copies. Returns the bytes placed (0: left where they were)."""
     modules = list({id(m): m for m in modules}.values())
-    sizes = [-(-t.nbytes // ALIGN) * ALIGN for m in modules for t in m.quantized_tensors()]
-    block = huge_page_block(sum(sizes))
+    block = huge_page_block(sum(_round_up(t.nbytes, ALIGN) for m in modules for t in m.quantized_tensors()))
     if block is None:
         return 0
     offset = 0
@@ -75,15 +78,13 @@ def place_in_huge_pages(modules: list) -> int:
         nonlocal offset
         view = block[offset : offset + t.nbytes].view(t.dtype).view(t.shape)
         view.copy_(t)
-        offset += -(-t.nbytes // ALIGN) * ALIGN
+        offset += _round_up(t.nbytes, ALIGN)
         return view
 
     with torch.no_grad():
         for m in modules:
             m.relocate(take)
-    madvise = _madvise()
-    start = block.data_ptr()
-    madvise(start, -(-block.nbytes // HUGE_PAGE) * HUGE_PAGE, MADV_COLLAPSE)  # best effort: khugepaged does it later
+    _madvise()(block.data_ptr(), _round_up(block.nbytes, HUGE_PAGE), MADV_COLLAPSE)  # best effort: else khugepaged
     return offset
 
 

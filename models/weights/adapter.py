@@ -140,9 +140,6 @@ class SatAdapter(nn.Module):
     def embed(self, model, ids: torch.Tensor) -> torch.Tensor:
         """Input embeddings of `ids` [B, T] (SAT ids from the adapter) and mark this forward's SAT rows."""
         V = self.config.vocab_size
-        if int(ids.max()) < V:  # no SAT ids (every plain decode step): the base's embedding alone
-            self.rows.index = None
-            return model.get_input_embeddings()(ids)
         sat = ids >= V
         embeds = model.get_input_embeddings()(ids.clamp(max=V - 1))  # [B, T, H]
         index = sat.reshape(-1).nonzero().squeeze(1)
