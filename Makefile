@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup serve test redis lint bench bench-peers model model-speculator model-small constraints clean loadtest soak
+.PHONY: setup serve test redis lint bench bench-peers gpu-check model model-speculator model-small constraints clean loadtest soak
 
 setup: $(STAMP)
 
@@ -63,6 +63,12 @@ bench-peers: setup
 	$(BIN)/python -c "import llama_cpp" 2>/dev/null || bash infra/scripts/build_peers.sh
 	$(BIN)/sdsat bench --peers llama.cpp --dtype int4 --threads 2 --limit 8 --completion-limit 2 --heldout-snippets 2 \
 		--methods prompt-lookup,mlp --ks 1,2,3 --reps 1 --no-progress --json $(PEERS_JSON)
+
+# The GPU checks (issue [O]): GPU tests, then the bench on CUDA in bf16, eager and compiled with CUDA graphs; JSON
+# under $OUT or results/gpu-check. At most 8 minutes; for a machine with a CUDA GPU (infra/scripts/gpu_check.sh).
+# It uses .venv where there is one and never installs anything (a GPU host brings its own CUDA torch).
+gpu-check:
+	bash infra/scripts/gpu_check.sh
 
 # Headless Locust run against a running service (e.g. `make serve` in another shell); writes Locust's
 # CSVs and HTML report, summary.json and loadtest.png to RESULTS. PROMPTS: a JSONL file of {"prompt"}

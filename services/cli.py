@@ -286,7 +286,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from services.bench.engine import engine_comparison
 
         report = engine_comparison(model, prompts, parse_variants(args.engine_compare, "lean"), args.max_new_tokens,
-                                   args.reps, progress=not args.no_progress)
+                                   args.reps, progress=not args.no_progress, context=args.max_context)
         write_json(args.json or "-", report)
         for row in report["variants"] if args.json not in (None, "-") else []:
             print(f"{row['dtype']:>9}:{row['forward']:<12} {row['ar_ms_per_token']:7.2f} ms/token "
@@ -334,7 +334,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     report = bench.run_bench(model, prompts, args.max_new_tokens, ks, args.reps, args.methods.split(","),
                              progress=not args.no_progress, prompt_sets=sets, dtype=args.dtype,
-                             forward=args.forward)
+                             forward=args.forward, compile=args.compile)
     write_json(args.json, report)
     if args.plot:
         bench.plot(report, args.plot)
@@ -374,9 +374,17 @@ def add_bench_parser(sub) -> None:
                         "blocks as 4-bit weights (default: %(default)s)")
     p.add_argument("--forward", default="lean", choices=["lean", "transformers"],
                    help="the engine's lean Llama forward or transformers' own (default: %(default)s)")
+    p.add_argument("--compile", action="store_true",
+                   help="the compiled forward (torch.compile; CUDA graphs on GPUs; models/engine/compiled.py), "
+                        "timed once its shape classes are compiled")
     p.add_argument("--engine-compare", metavar="VARIANTS",
                    help="instead: single-stream ar speed, floor fraction, r(w) and agreement per dtype:forward "
-                        "variant, e.g. float32:transformers,float32:lean,int4:lean (the first is the reference)")
+                        "variant, e.g. float32:transformers,float32:lean,int4:lean (the first is the reference); "
+                        "forward: lean, transformers, sdpa (lean with PyTorch's ops) or compiled (sdpa through "
+                        "torch.compile)")
+    p.add_argument("--max-context", type=int, default=4096,
+                   help="--engine-compare: each engine's context limit (a compiled forward attends over all of "
+                        "it; default: %(default)s)")
     p.add_argument("--identity", metavar="VARIANTS",
                    help="instead: per dtype:attention variant (e.g. int4:invariant,int4:sdpa), the start-up "
                         "self-check, ar ms/token, r(w), and how many outputs of each speculative method equal ar's")

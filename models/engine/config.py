@@ -43,6 +43,16 @@ class EngineConfig:
                      "its own in one fixed order, so a verify row equals the 1-token forward bit for bit on any "
                      "CPU; sdpa = PyTorch's SDPA (GPUs always use it; the start-up self-check says whether "
                      "speculation stays lossless with it)")
+    compile: bool = cfg_field(
+        False, "torch.compile (inductor) the lean forward where it runs PyTorch ops (GPUs, attention: sdpa), one "
+               "graph per shape class, CUDA graphs on GPUs (models/engine/compiled.py); the compile cache lives under "
+               "the model cache folder. The CPU's invariant kernels are C compiled at set-up, so this changes "
+               "nothing there. false = eager (tests, debugging)")
+    compile_widths: tuple[int, ...] = cfg_field(
+        (1, 4, 16), "compiled shape classes: tokens per sequence (a forward is padded to the next one; wider "
+                    "prefill chunks run eager). 16 covers the self-check's widest verify")
+    compile_batches: tuple[int, ...] = cfg_field(
+        (1, 4, 16), "compiled shape classes: sequences per forward (padded to the next one; more run eager)")
     invariant_prefill: bool = cfg_field(
         True, "prefill chunks wider than 16 rows through the invariant kernels too: a prompt's KV is then the same "
               "bits however it is chunked, batched or taken from the prefix cache, so a greedy answer does not "
@@ -66,6 +76,8 @@ class EngineConfig:
             raise InvalidRequestError(f"k must be in [0, {self.max_k}], got {self.k}")
         if self.max_batch < 1 or self.prefill_chunk < 1:
             raise InvalidRequestError("max_batch and prefill_chunk must be >= 1")
+        if not self.compile_widths or not self.compile_batches or min(self.compile_widths + self.compile_batches) < 1:
+            raise InvalidRequestError("compile_widths and compile_batches need sizes >= 1")
         if len(self.load_policy) % 2:
             raise InvalidRequestError("load_policy takes pairs: batch_size,k,...")
 

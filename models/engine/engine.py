@@ -23,6 +23,7 @@ from collections import deque
 
 import torch
 
+from models.engine.compiled import CompiledForward
 from models.engine.config import EngineConfig, SamplingParams
 from models.engine.drafters import DRAFTERS, drafter_for
 from models.engine.drafters.base import Drafter, sample_token
@@ -71,15 +72,22 @@ class Engine:
         positions = model.config.max_position_embeddings  # never beyond what the model was trained for
         self.max_context = min(config.max_context, positions) if config.max_context else positions
         headroom = max(config.prefill_chunk, (config.max_k + 1) ** 2)
+        compiling = config.compile and self.lean is not None and not self.invariant_kernels
         self.cache = SlotKVCache.for_model(model.config, config.max_batch, self.max_context, headroom,
-                                           self.dtype, self.device)
+                                           self.dtype, self.device, spare_rows=int(compiling))
+        # the compiled forward (models/engine/compiled.py): its classes compile in the background from here
+        self.compiled = CompiledForward.maybe_build(self.lean, self.cache, config.max_batch, config.compile_widths,
+                                                    config.compile_batches, self.device) if compiling else None
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # running[i] owns cache row i
         self._ids = itertools.count()
         self.batch_sizes: deque[int] = deque(maxlen=100_000)  # decode batch sizes of recent iterations (tests)
         self.cancelled = 0
         self.draft_seconds = 0.0  # wall time spent drafting (benchmarks: the draft's own cost per iteration)
-        # lossless speculation needs width-invariant forwards: checked here, on this host (None: not checked)
+        # lossless speculation needs width-invariant forwards: checked here, on this host (None: not checked);
+        # a compiled forward is checked once its classes are ready (the first compile: minutes; then cached)
+        if self.compiled is not None and config.self_check:
+            self.compiled.wait()
         self.invariance = check_invariance(self) if config.self_check else None
 
     def huge_pages(self) -> dict:
@@ -370,7 +378,10 @@ class Engine:
                 attention = Attention(torch.tensor([s.slot for s in seqs]), start, local, self.lean.scale)
                 hidden = self.lean(embeds, positions, None, self.cache, attention)  # [R, T, H]
             elif self.lean is not None:
-                hidden = self.lean(embeds, positions, self._mask(start, local, kv_len).to(self.device), self.cache)
+                hidden = None if self.compiled is None or sat_ids else \
+                    self.compiled(embeds, positions, start, local, [s.slot for s in seqs])  # None: run eager
+                if hidden is None:
+                    hidden = self.lean(embeds, positions, self._mask(start, local, kv_len).to(self.device), self.cache)
             else:
                 mask = self._mask(start, local, kv_len).to(self.device)
                 hidden = self.decoder(inputs_embeds=embeds, position_ids=positions, attention_mask=mask,

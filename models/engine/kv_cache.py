@@ -37,12 +37,14 @@ class SlotKVCache:
     """Duck-types the part of `transformers.Cache` that attention layers call: `update()`."""
 
     def __init__(self, num_layers: int, slots: int, kv_heads: int, head_dim: int, capacity: int,
-                 headroom: int, dtype: torch.dtype, device: torch.device | str):
-        # headroom: padded tokens of a batched forward are written past `capacity`, never out of bounds
-        shape = (slots, kv_heads, _aligned(capacity + headroom), head_dim)
+                 headroom: int, dtype: torch.dtype, device: torch.device | str, spare_rows: int = 0):
+        # headroom: padded tokens of a batched forward are written past `capacity`, never out of bounds;
+        # spare rows (after the `slots` rows) take the KV of a compiled forward's padding rows
+        shape = (slots + spare_rows, kv_heads, _aligned(capacity + headroom), head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.length = torch.zeros(slots, dtype=torch.long)
+        self.length = torch.zeros(slots + spare_rows, dtype=torch.long)
+        self.slots = slots  # rows that sequences own
         self.capacity = capacity
         self._rows: slice | torch.Tensor = slice(0, 0)
         self._write_rows: torch.Tensor | None = None
@@ -50,13 +52,10 @@ class SlotKVCache:
         self._kv_len = 0
 
     @classmethod
-    def for_model(cls, config, slots: int, capacity: int, headroom: int, dtype, device) -> SlotKVCache:
+    def for_model(cls, config, slots: int, capacity: int, headroom: int, dtype, device, spare_rows: int = 0
+                  ) -> SlotKVCache:
         kv_heads, head_dim = kv_dims(config)
-        return cls(config.num_hidden_layers, slots, kv_heads, head_dim, capacity, headroom, dtype, device)
-
-    @property
-    def slots(self) -> int:
-        return self.keys[0].shape[0]
+        return cls(config.num_hidden_layers, slots, kv_heads, head_dim, capacity, headroom, dtype, device, spare_rows)
 
     def bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)

@@ -248,7 +248,7 @@ def _run_hf(model, ids: list[int], method: str, k: int, n: int) -> tuple[list[in
 
 def run_bench(model_dir: str, prompts: list, max_new_tokens: int, ks: list[int], reps: int,
               methods: list[str], progress: bool = True, prompt_sets: dict[str, int] | None = None,
-              dtype: str = "float32", forward: str = "lean") -> dict:
+              dtype: str = "float32", forward: str = "lean", compile: bool = False) -> dict:
     """prompts: texts, or message lists (chat form). prompt_sets: names for consecutive runs of
     `prompts` (e.g. {"humaneval-chat": 24, "heldout": 8}): the report then also gives every row per
     set, as the targets are stated for HumanEval prompts."""
@@ -257,7 +257,10 @@ def run_bench(model_dir: str, prompts: list, max_new_tokens: int, ks: list[int],
     from models.engine import Engine, EngineConfig, SpecStats
 
     engine = Engine.from_pretrained(model_dir, EngineConfig(method="ar", k=0, max_batch=2, max_k=max(ks),
-                                                            max_context=4096, dtype=dtype, forward=forward))
+                                                            max_context=4096, dtype=dtype, forward=forward,
+                                                            compile=compile))
+    if engine.compiled is not None:  # time the compiled forward only (its classes compile in the background)
+        engine.compiled.wait()
     tok = engine.tokenizer
     encoded = [encode_prompt(tok, p) for p in prompts]
     runs = [("ar", 0)]
@@ -329,6 +332,7 @@ def summarize(runs, prompts, times, outputs, stats, n, engine, ks, model_dir, se
         "model": model_dir, "machine": machine(),
         "dtype": engine.weights_dtype,
         "forward": engine.config.forward if engine.lean is not None else "transformers",
+        "device": str(engine.device), "compile": engine.compiled.report() if engine.compiled is not None else None,
         "prompts": len(prompts), "max_new_tokens": n, "results": results,
         "memory_floor": memory_floor(engine, results[0]["tokens_per_s"]),
         "cost_ratio_r": {str(w): ratios[w] for w in widths}, "t_forward_1_token_ms": ratios["t1_ms"],

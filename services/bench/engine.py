@@ -1,8 +1,12 @@
 """`sdsat bench --engine-compare`: the engine's own speed, variant by variant, in one run.
 
     sdsat bench --engine-compare float32:transformers,float32:lean,int4:transformers,int4:lean --json e.json
+    sdsat bench --engine-compare float32:lean,float32:sdpa,float32:compiled --json compiled.json
 
-Each variant is an engine built with one `dtype` and one `forward` (EngineConfig). For each, on the
+Each variant is an engine built with one `dtype` and one forward (EngineConfig): `lean` (the engine's
+forward, the CPU's invariant kernels), `transformers` (the model's own), `sdpa` (lean with PyTorch's
+ops and SDPA) or `compiled` (that one through torch.compile, models/engine/compiled.py, one class per
+width timed; its compile seconds are reported: cold on a first run, from the cache after). For each, on the
 same prompts, single stream, plain `ar` decoding with EOS ignored: ms per token (median over
 interleaved repetitions: variant order rotates, the machine is shared), the memory floor for the
 bytes that variant reads per token (its weights at its dtype, over the measured read bandwidth) and
@@ -20,16 +24,31 @@ import torch
 
 from services.bench.common import encode_prompt, first_difference, forward_cost_ratios, memory_floor, read_bandwidth_gbs
 
+# a variant's forward -> its EngineConfig fields
+FORWARDS = {"lean": {"forward": "lean"}, "transformers": {"forward": "transformers"},
+            "sdpa": {"forward": "lean", "attention": "sdpa"},
+            "compiled": {"forward": "lean", "attention": "sdpa", "compile": True}}
+
 
 def engine_comparison(model_dir: str, prompts: list, variants: list[tuple[str, str]], max_new_tokens: int = 128,
-                      reps: int = 2, widths: tuple[int, ...] = (4, 8), progress: bool = True) -> dict:
+                      reps: int = 2, widths: tuple[int, ...] = (4, 8), progress: bool = True,
+                      context: int = 4096) -> dict:
     from tqdm.auto import tqdm
 
     from models.engine import Engine, EngineConfig, SamplingParams
 
-    engines = {v: Engine.from_pretrained(model_dir, EngineConfig(method="ar", k=0, max_batch=1, max_k=8,
-                                                                 max_context=4096, dtype=v[0], forward=v[1]))
-               for v in variants}
+    def build(dtype: str, forward: str):
+        options = FORWARDS[forward] | ({"compile_widths": (1, *widths), "compile_batches": (1,)}
+                                       if forward == "compiled" else {})
+        t0 = time.perf_counter()
+        engine = Engine.from_pretrained(model_dir, EngineConfig(method="ar", k=0, max_batch=1, max_k=8, max_context=
+                                                                context, dtype=dtype, self_check=False, **options))
+        if engine.compiled is not None:
+            engine.compiled.wait()
+        return engine, time.perf_counter() - t0
+
+    built = {v: build(*v) for v in variants}
+    engines = {v: engine for v, (engine, _) in built.items()}
     first = engines[variants[0]]
     encoded = [encode_prompt(first.tokenizer, p) for p in prompts]
     params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True, method="ar")
@@ -63,7 +82,8 @@ def engine_comparison(model_dir: str, prompts: list, variants: list[tuple[str, s
             "t_forward_1_token_ms": round(ratios["t1_ms"], 2),
             "identical_to_reference": sum(p is None for p in parts) / len(parts),
             "first_difference_positions": sorted(p for p in parts if p is not None),
-            "quantization": engine.quantization,
+            "quantization": engine.quantization, "load_seconds": round(built[v][1], 1),
+            "compile": engine.compiled.report() if engine.compiled is not None else None,
         })
     base = rows[0]["ar_ms_per_token"]
     for row in rows:
