@@ -59,6 +59,7 @@ class CompiledForward:
         self.widths, self.batches = tuple(sorted(widths)), tuple(sorted(batches))
         self.columns = cache.keys[0].shape[2]
         self.cuda_graphs = device.type == "cuda"
+        self.graph_error: str | None = None  # why CUDA graphs were turned off, if they were
         inductor_cache_dir()
         # dynamo compiles one graph per class and engine (its guards see this object's modules): room for them
         torch._dynamo.config.recompile_limit += len(self.classes)
@@ -145,7 +146,11 @@ class CompiledForward:
         if not self.cuda_graphs:
             return self._fn(*inputs, self.cache.keys, self.cache.values)[:R, :T]
         if key not in self._graphs:
-            self._graphs[key] = _Graph(self._fn, inputs, self.cache, pool=next(iter(self._graphs.values()), None))
+            try:
+                self._graphs[key] = _Graph(self._fn, inputs, self.cache, next(iter(self._graphs.values()), None))
+            except RuntimeError as error:  # a capture that fails leaves the compiled forward without graphs
+                self.cuda_graphs, self.graph_error = False, f"{type(error).__name__}: {error}"[:500]
+                return self._fn(*inputs, self.cache.keys, self.cache.values)[:R, :T]
         return self._graphs[key](inputs)[:R, :T].clone()
 
     def _inputs(self, key, embeds, positions, start, local, slots):
@@ -211,7 +216,7 @@ class CompiledForward:
         return {"classes_ready": {fmt(*k): round(v, 1) for k, v in sorted(self.ready.items())},
                 "pending": self._queue.unfinished_tasks, "active": self.active,
                 "forwards": self.forwards, "failed": {fmt(*k): v for k, v in self.failed.items()},
-                "cuda_graphs": len(self._graphs), "cache_dir": inductor_cache_dir()}
+                "cuda_graphs": len(self._graphs), "graph_error": self.graph_error, "cache_dir": inductor_cache_dir()}
 
 
 class _Graph:

@@ -967,15 +967,132 @@ int sdsat_q8_linear(const float *x, int64_t M, int64_t K, const uint8_t *codes, 
 /* A SAT adapter's LoRA on the n SAT rows `rows` of a projection's input x [N, K] and output y [N, width]:
  * y[row][col + o] += s * (B (A x[row]))[o] for one adapted part (A [r, K], B [out, r], bf16 if bf16, else
  * fp32), through sdsat_linear (each SAT row on its own, in its fixed order). scratch: n * (K + r + out) floats. */
+/* ---- A SAT adapter's LoRA on SAT rows (models/weights/adapter.py), packed for streaming ------------------
+ * y[row, col + o] += (B A x)[o] * s for each SAT row, with A [r, K] packed as A^T [K][r] and B [out, r] as
+ * tiles [ceil(out / 16)][r][16] (Q4Plan packs them, zero-padded): each weight stream is read once, front to
+ * back, and the vector lanes run over A's r outputs and over B's 16 outputs of a tile. t[j] is four fmaf
+ * chains over k (k % 4 = 0..3, k ascending; four so the FMAs overlap) summed (c0 + c1) + (c2 + c3); d[o]
+ * one chain over j ascending; then y + d * s. The vector paths (r = 16) and the
+ * portable one compute the same operations in the same order: the same bits on every host. */
+static void lora_rows_portable(const float *x, int64_t K, float *y, int64_t width, const int64_t *rows, int64_t n,
+                               const void *AT, const void *Bt, int bf16, int64_t r, int64_t col, int64_t out,
+                               float s, float *t) {
+    for (int64_t i = 0; i < n; i++) {
+        float *ti = t + i * r;
+        const float *xi = x + rows[i] * K;
+        for (int64_t j = 0; j < r; j++) {
+            float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            for (int64_t k = 0; k < K; k++) c[k % 4] = fmaf(xi[k], weight_at(AT, bf16, k * r + j), c[k % 4]);
+            ti[j] = (c[0] + c[1]) + (c[2] + c[3]);
+        }
+        for (int64_t o = 0; o < out; o++) {
+            const int64_t tile = o / 16, lane = o % 16;
+            float d = 0.0f;
+            for (int64_t j = 0; j < r; j++) d = fmaf(ti[j], weight_at(Bt, bf16, (tile * r + j) * 16 + lane), d);
+            y[rows[i] * width + col + o] += d * s;
+        }
+    }
+}
+
+#ifdef HAVE_X86
+__attribute__((target("avx512f"))) static void lora_rows_avx512(const float *x, int64_t K, float *y, int64_t width,
+                                                                const int64_t *rows, int64_t n, const void *AT,
+                                                                const void *Bt, int bf16, int64_t col, int64_t out,
+                                                                float s, float *t) {
+    for (int64_t i0 = 0; i0 < n; i0 += 4) {  /* A: up to 4 rows share each 16-wide row of A^T */
+        const int64_t ni = n - i0 < 4 ? n - i0 : 4;
+        __m512 acc[4][4];  /* [row][k % 4]: four independent chains per row, so the FMAs overlap */
+        for (int m = 0; m < 4; m++)
+            for (int c = 0; c < 4; c++) acc[m][c] = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k++) {
+            const __m512 w = load16(AT, bf16, k * 16);
+            for (int m = 0; m < ni; m++)
+                acc[m][k % 4] = _mm512_fmadd_ps(_mm512_set1_ps(x[rows[i0 + m] * K + k]), w, acc[m][k % 4]);
+        }
+        for (int m = 0; m < ni; m++)
+            _mm512_storeu_ps(t + (i0 + m) * 16, _mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]),
+                                                              _mm512_add_ps(acc[m][2], acc[m][3])));
+    }
+    const __m512 sv = _mm512_set1_ps(s);
+    for (int64_t tile = 0; tile * 16 < out; tile++) {  /* B: one 16 x 16 tile (512 bytes in bf16) at a time */
+        const int64_t nn = out - tile * 16 < 16 ? out - tile * 16 : 16;
+        const __mmask16 keep = (__mmask16)((1u << nn) - 1u);
+        for (int64_t i = 0; i < n; i++) {
+            __m512 d = _mm512_setzero_ps();
+            for (int j = 0; j < 16; j++)
+                d = _mm512_fmadd_ps(_mm512_set1_ps(t[i * 16 + j]), load16(Bt, bf16, (tile * 16 + j) * 16), d);
+            float *yo = y + rows[i] * width + col + tile * 16;
+            _mm512_mask_storeu_ps(yo, keep, _mm512_add_ps(_mm512_maskz_loadu_ps(keep, yo), _mm512_mul_ps(d, sv)));
+        }
+    }
+}
+
+AVX2_TARGET static void lora_rows_avx2(const float *x, int64_t K, float *y, int64_t width, const int64_t *rows,
+                                       int64_t n, const void *AT, const void *Bt, int bf16, int64_t col, int64_t out,
+                                       float s, float *t) {
+    for (int64_t i0 = 0; i0 < n; i0 += 2) {  /* lanes 0-7 and 8-15 of lora_rows_avx512, 2 rows at a time */
+        const int64_t ni = n - i0 < 2 ? n - i0 : 2;
+        __m256 lo[2][4], hi[2][4];
+        for (int m = 0; m < 2; m++)
+            for (int c = 0; c < 4; c++) lo[m][c] = hi[m][c] = _mm256_setzero_ps();
+        for (int64_t k = 0; k < K; k++) {
+            const __m256 wl = load8(AT, bf16, k * 16), wh = load8(AT, bf16, k * 16 + 8);
+            for (int m = 0; m < ni; m++) {
+                const __m256 xv = _mm256_set1_ps(x[rows[i0 + m] * K + k]);
+                lo[m][k % 4] = _mm256_fmadd_ps(xv, wl, lo[m][k % 4]);
+                hi[m][k % 4] = _mm256_fmadd_ps(xv, wh, hi[m][k % 4]);
+            }
+        }
+        for (int m = 0; m < ni; m++) {
+            _mm256_storeu_ps(t + (i0 + m) * 16, _mm256_add_ps(_mm256_add_ps(lo[m][0], lo[m][1]),
+                                                              _mm256_add_ps(lo[m][2], lo[m][3])));
+            _mm256_storeu_ps(t + (i0 + m) * 16 + 8, _mm256_add_ps(_mm256_add_ps(hi[m][0], hi[m][1]),
+                                                                  _mm256_add_ps(hi[m][2], hi[m][3])));
+        }
+    }
+    for (int64_t tile = 0; tile * 16 < out; tile++) {
+        const int64_t nn = out - tile * 16 < 16 ? out - tile * 16 : 16;
+        for (int64_t i = 0; i < n; i++) {
+            __m256 dl = _mm256_setzero_ps(), dh = _mm256_setzero_ps();
+            for (int j = 0; j < 16; j++) {
+                const __m256 tv = _mm256_set1_ps(t[i * 16 + j]);
+                dl = _mm256_fmadd_ps(tv, load8(Bt, bf16, (tile * 16 + j) * 16), dl);
+                dh = _mm256_fmadd_ps(tv, load8(Bt, bf16, (tile * 16 + j) * 16 + 8), dh);
+            }
+            float d[16];
+            _mm256_storeu_ps(d, dl);
+            _mm256_storeu_ps(d + 8, dh);
+            float *yo = y + rows[i] * width + col + tile * 16;
+            for (int64_t o = 0; o < nn; o++) yo[o] += d[o] * s;
+        }
+    }
+}
+#endif
+
 static void lora_rows(const float *x, int64_t K, float *y, int64_t width, const int64_t *rows, int64_t n,
-                      const void *A, const void *B, int bf16, int64_t r, int64_t col, int64_t out, float s,
+                      const void *AT, const void *Bt, int bf16, int64_t r, int64_t col, int64_t out, float s,
                       float *scratch) {
-    float *xs = scratch, *t = xs + n * K, *d = t + n * r;
-    for (int64_t i = 0; i < n; i++) memcpy(xs + i * K, x + rows[i] * K, sizeof(float) * (size_t)K);
-    sdsat_linear(xs, n, K, A, bf16, r, t);
-    sdsat_linear(t, n, r, B, bf16, out, d);
-    for (int64_t i = 0; i < n; i++)
-        for (int64_t o = 0; o < out; o++) y[rows[i] * width + col + o] += d[i * out + o] * s;
+#ifdef HAVE_X86
+    if (r == 16 && simd_level() == 2) {
+        lora_rows_avx512(x, K, y, width, rows, n, AT, Bt, bf16, col, out, s, scratch);
+        return;
+    }
+    if (r == 16 && simd_level() == 1) {
+        lora_rows_avx2(x, K, y, width, rows, n, AT, Bt, bf16, col, out, s, scratch);
+        return;
+    }
+#endif
+    lora_rows_portable(x, K, y, width, rows, n, AT, Bt, bf16, r, col, out, s, scratch);
+}
+
+/* lora_rows on its own (tests): y [*, width] fp32 gets the LoRA of rows[n] of x [*, K], A^T and B tiles packed
+ * as above, r outputs of A, out of B written from column col. */
+void sdsat_lora_rows(const float *x, int64_t K, float *y, int64_t width, const int64_t *rows, int64_t n,
+                     const void *AT, const void *Bt, int bf16, int64_t r, int64_t col, int64_t out, float s) {
+    float *t = malloc(sizeof(float) * (size_t)(n * r));
+    if (t == NULL) return;
+    lora_rows(x, K, y, width, rows, n, AT, Bt, bf16, r, col, out, s, t);
+    free(t);
 }
 
 /* The adapted parts of one projection: lora[2j], lora[2j + 1] = A and B of part j (NULL: not adapted);
@@ -997,8 +1114,8 @@ static void lora_parts(const float *x, int64_t K, float *y, int64_t width, const
  * dims: H, Hq, Hkv, D, I (intermediate); eps, eps_post, eps_final: the input, post-attention and final norms'
  * epsilons (one value for every layer). x: [R*T, H] fp32 embeddings in, the residual stream after the
  * last layer out; hidden: [R*T, H] fp32, the final norm's output. A SAT adapter (models/weights/adapter.py):
- * sat_rows [n_sat] (flat row indices), lora: per layer 14 pointers, A and B of q, k, v, o, gate, up, down
- * (NULL where not adapted; bf16 if lora_bf16, else fp32), its rank and scale; lora NULL or n_sat 0: none. Every standard row's
+ * sat_rows [n_sat] (flat row indices), lora: per layer 14 pointers, A and B of q, k, v, o, gate, up, down, packed
+ * as lora_rows reads them (NULL where not adapted; bf16 if lora_bf16, else fp32), its rank and scale; lora NULL or n_sat 0: none. Every standard row's
  * arithmetic is the same with or without it. Returns 0, or -1 (out of memory). */
 int sdsat_forward_q4(float *x, int64_t R, int64_t T, int64_t layers, void *const *layer, const int64_t *dims,
                      float eps, float eps_post, float eps_final, const float *cos, const float *sin,
@@ -1014,9 +1131,7 @@ int sdsat_forward_q4(float *x, int64_t R, int64_t T, int64_t layers, void *const
     float *act = malloc(sizeof(float) * (size_t)(N * I));
     float *delta = malloc(sizeof(float) * (size_t)(N * H));
     const int adapted = lora != NULL && n_sat > 0;
-    int64_t widest = H > Hq * D ? H : Hq * D;  /* a LoRA part's largest input or output */
-    widest = widest > I ? widest : I;
-    float *scratch = adapted ? malloc(sizeof(float) * (size_t)(n_sat * (2 * widest + rank))) : NULL;
+    float *scratch = adapted ? malloc(sizeof(float) * (size_t)(n_sat * rank)) : NULL;  /* A x of each SAT row */
     int status = (h && wide && attn && act && delta && (scratch || !adapted)) ? 0 : -1;
     /* the parts of each projection, in the order of the lora table: q, k, v | o | gate, up | down */
     const int64_t qkv_cols[3] = {0, Hq * D, (Hq + Hkv) * D}, qkv_outs[3] = {Hq * D, Hkv * D, Hkv * D};

@@ -117,6 +117,8 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     lib.sdsat_forward_q4.argtypes = [ptr, i64, i64, i64, ptr, ptr, f32, f32, f32, ptr, ptr, ptr, flag, i64, ptr, ptr,
                                      ptr, f32, ptr, ptr, ptr, i64, ptr, flag, i64, f32]
     lib.sdsat_forward_q4.restype = ctypes.c_int
+    lib.sdsat_lora_rows.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, ptr, flag, i64, i64, i64, f32]
+    lib.sdsat_lora_rows.restype = None
     lib.sdsat_vector_path.argtypes = []
     lib.sdsat_vector_path.restype = ctypes.c_int
     return lib, None
@@ -245,9 +247,36 @@ class Q4Plan:
             held = [t for row in lora for t in row if t is not None]
             _check_buffers(*held)  # contiguous CPU tensors of one dtype, fp32 or bf16
             self.lora_bf16 = int(held[0].dtype == torch.bfloat16)
-            self.tensors += held
+            packed = pack_lora(lora)
+            self.tensors += [t for row in packed for t in row if t is not None]
             self.lora = (ctypes.c_void_p * (14 * len(lora)))(*[None if t is None else t.data_ptr()
-                                                               for row in lora for t in row])
+                                                               for row in packed for t in row])
+
+
+def pack_lora(lora: list[list[torch.Tensor | None]]) -> list[list[torch.Tensor | None]]:
+    """A SAT adapter's LoRA as kernels.c's lora_rows reads it: per layer and part, A [r, K] as A^T [K, r] and
+    B [out, r] as tiles [ceil(out / 16), r, 16] (zero rows pad the last), all in one buffer in the order the
+    forward reads them, so the adapter streams front to back. A copy of the adapter's weights (9.8 MB for
+    SmolLM2's in bf16), made once per plan."""
+    parts = []
+    for row in lora:
+        for a, b in zip(row[::2], row[1::2], strict=True):
+            if a is None:
+                parts += [None, None]
+                continue
+            rank, out = a.shape[0], b.shape[0]
+            tiles = torch.zeros(-(-out // 16) * 16, rank, dtype=b.dtype)
+            tiles[:out] = b
+            parts += [a.t().contiguous(), tiles.view(-1, 16, rank).transpose(1, 2).contiguous()]
+    flat = torch.cat([t.reshape(-1) for t in parts if t is not None])  # one block: a single sequential stream
+    views, offset = [], 0
+    for t in parts:
+        if t is None:
+            views.append(None)
+            continue
+        views.append(flat[offset : offset + t.numel()].view(t.shape))
+        offset += t.numel()
+    return [views[i : i + 14] for i in range(0, len(views), 14)]
 
 
 def add_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor | None, eps: float,
@@ -295,6 +324,17 @@ def q8_linear(x: torch.Tensor, codes: torch.Tensor, d: torch.Tensor, n: int) -> 
     if _library().sdsat_q8_linear(x32.data_ptr(), M, K, codes.data_ptr(), d.data_ptr(), n, out.data_ptr()) != 0:
         raise MemoryError("kernels.c could not allocate its scratch memory")
     return out
+
+
+def lora_rows(x: torch.Tensor, rows: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, y: torch.Tensor,
+              col: int = 0) -> None:
+    """y[rows, col:col + out] += scale · B A x[rows], in place, as sdsat_forward_q4 adds a SAT adapter's LoRA
+    (tests): x [M, K] and y [M, width] fp32 contiguous, a [r, K] and b [out, r] of one dtype, fp32 or bf16."""
+    (at, bt), = [[t for t in row if t is not None] for row in pack_lora([[a, b] + [None] * 12])]
+    rows = rows.to(torch.int64).contiguous()
+    _library().sdsat_lora_rows(x.data_ptr(), x.shape[1], y.data_ptr(), y.shape[1], rows.data_ptr(), rows.numel(),
+                               at.data_ptr(), bt.data_ptr(), int(a.dtype == torch.bfloat16), a.shape[0], col,
+                               b.shape[0], scale)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

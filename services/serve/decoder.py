@@ -32,7 +32,10 @@ def engine_from_config(cfg: DecoderConfig):
     on_gpu = cfg.device == "cuda" and torch.cuda.is_available()
     if not on_gpu and cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
-    overrides = {"dtype": "bfloat16" if on_gpu else "float32", **cfg.engine, "device": "cuda" if on_gpu else "cpu"}
+    # GPU replicas compile their forward with CUDA graphs (models/engine/compiled.py; the replica is ready once
+    # its classes are compiled and checked: minutes the first time, seconds from the compile cache)
+    overrides = {"dtype": "bfloat16" if on_gpu else "float32", "compile": on_gpu, **cfg.engine,
+                 "device": "cuda" if on_gpu else "cpu"}
     if on_gpu and overrides["dtype"] == "int4":  # PyTorch's int4 kernel here is the CPU one
         log.warning("dtype int4 is a CPU option: this GPU replica serves bfloat16")
         overrides["dtype"] = "bfloat16"
@@ -159,6 +162,7 @@ class Decoder:
                 "sat": dataclasses.asdict(self.engine.sat) if self.engine.sat else None,
                 "methods": {"default": self.engine.config.method,
                             "available": [m for m in METHODS if m not in unavailable], "unavailable": unavailable},
+                "compiled": self.engine.compiled.report() if self.engine.compiled is not None else None,
                 "speculation": {"lossless": self.engine.speculation_lossless,
                                 "self_check": report.to_dict() if report is not None else None,
                                 "summary": report.summary() if report is not None else "not checked"}}

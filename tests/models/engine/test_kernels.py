@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.engine.kernels import Attention, add_norm, linear, silu_mul_cast
+from models.engine.kernels import Attention, add_norm, linear, lora_rows, silu_mul_cast
 
 HQ, HKV, D, C = 6, 2, 32, 1024  # GQA group of 3, as the real base
 
@@ -88,9 +88,31 @@ def test_a_projection_rows_result_does_not_depend_on_the_other_rows(dtype):
                                atol=1e-2 if dtype == torch.bfloat16 else 1e-4)
 
 
+@pytest.mark.parametrize("rank", [16, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_sat_rows_lora_adds_s_b_a_x_to_those_rows_only(rank, dtype):
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(9, 80, generator=g), torch.randn(9, 100, generator=g)
+    # B of 37 outputs: its last tile of 16 is short
+    a, b = torch.randn(rank, 80, generator=g).to(dtype), torch.randn(37, rank, generator=g).to(dtype)
+    rows = torch.tensor([7, 2, 5])
+    got = y.clone()
+    lora_rows(x, rows, a, b, 0.5, got, 40)
+    expected = y.clone()
+    expected[rows, 40:77] += 0.5 * (x[rows] @ a.float().t()) @ b.float().t()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    untouched = torch.ones(9, 100, dtype=torch.bool)
+    untouched[rows, 40:77] = False
+    assert torch.equal(got[untouched], y[untouched])  # other rows and columns: not a bit changed
+    for i in range(3):  # a row's result does not depend on the other SAT rows
+        alone = y.clone()
+        lora_rows(x, rows[i : i + 1], a, b, 0.5, alone, 40)
+        assert torch.equal(alone[rows[i]], got[rows[i]])
+
+
 SNIPPET = """
 import sys, torch
-from models.engine.kernels import Attention, add_norm, linear, q4_linear, q8_linear, silu_mul_cast
+from models.engine.kernels import Attention, add_norm, linear, lora_rows, q4_linear, q8_linear, silu_mul_cast
 g = torch.Generator().manual_seed(0)
 k = torch.randn(2, 2, 256, 32, generator=g).bfloat16(); v = torch.randn(2, 2, 256, 32, generator=g).bfloat16()
 q = torch.randn(2, 3, 6, 32, generator=g)
@@ -110,8 +132,15 @@ d, m = (torch.randn(2, 3, 4, 16, generator=g) * 0.05).half().view(torch.int16)
 q4 = [q4_linear(torch.randn(rows, 128, generator=g), codes, d, m, 40) for rows in (1, 2, 3, 4, 5, 12)]
 codes8 = torch.randint(0, 256, (2, 4, 8, 16, 4), generator=g, dtype=torch.uint8)  # Q8_0: 2 tiles, K = 128
 q8 = [q8_linear(torch.randn(rows, 128, generator=g), codes8, d[:2], 20) for rows in (1, 3, 6)]
+lora = []
+for rank in (16, 4):  # the vector code (rank 16) and the portable loops (any other rank)
+    h, out = torch.randn(7, 96, generator=g), torch.randn(7, 120, generator=g)
+    lora_rows(h, torch.tensor([6, 1, 3, 4, 0]), torch.randn(rank, 96, generator=g).bfloat16(),
+              torch.randn(50, rank, generator=g).bfloat16(), 0.7, out, 30)
+    lora.append(out)
 torch.save({"attention": a, "linear": y, "add_norm": torch.cat([x, n]), "silu": s, "rope_attend": r, "k": k,
-            **{f"q4_{i}": t for i, t in enumerate(q4)}, **{f"q8_{i}": t for i, t in enumerate(q8)}}, sys.argv[1])
+            **{f"q4_{i}": t for i, t in enumerate(q4)}, **{f"q8_{i}": t for i, t in enumerate(q8)},
+            **{f"lora_{i}": t for i, t in enumerate(lora)}}, sys.argv[1])
 """
 
 

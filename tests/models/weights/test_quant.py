@@ -205,14 +205,15 @@ def test_the_one_call_int4_forward_equals_the_per_layer_loop(count_tokenizer, mo
         assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
-def test_sat_rows_ride_the_one_call_int4_forward(count_tokenizer, monkeypatch):
+@pytest.mark.parametrize("rank", [4, 16])  # kernels.c's portable LoRA loops, and its vector code (rank 16)
+def test_sat_rows_ride_the_one_call_int4_forward(count_tokenizer, monkeypatch, rank):
     """A SAT adapter's LoRA inside sdsat_forward_q4 (its rows only): the standard rows of a forward with SAT
     rows are bit for bit those of the per-layer loop, and the SAT rows agree with the loop's LoRA (torch
     matmuls there, kernels.c's fixed order here) to rounding."""
     from models.weights.adapter import AdapterConfig, SatAdapter
 
     model = int4_ready_llama()
-    cfg = AdapterConfig(base_name="tiny", base_sha256="0" * 64, vocab_size=32, num_sat=3, rank=4, alpha=8.0)
+    cfg = AdapterConfig(base_name="tiny", base_sha256="0" * 64, vocab_size=32, num_sat=3, rank=rank, alpha=2.0 * rank)
     adapter = SatAdapter.create(model, cfg)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():  # a trained-looking adapter: B != 0
