@@ -166,9 +166,9 @@ def add_train_speculator_parser(sub) -> None:
 
 
 def default_model_dir() -> str:
-    from services.serve.config import default_model_dir as configured_default
+    from models.weights.checkpoint import default_model_dir as embedded  # no pydantic: runs on a bare GPU host
 
-    return configured_default()
+    return embedded()
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -19,18 +19,18 @@ export PYTHONPATH=$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUF
 (nvidia-smi; "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)") \
     > "$DEST/machine.txt" 2>&1
 rc=0
-timeout 240 "$PY" -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$DEST/tests.log" | tail -5 || rc=1
-bench() {  # name, then sdsat bench arguments
-    local name=$1; shift
-    timeout 150 "$PY" -m services.cli bench --dtype bfloat16 --no-progress --reps 1 --max-new-tokens 64 \
+timeout 200 "$PY" -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$DEST/tests.log" | tail -5 || rc=1
+bench() {  # name, seconds, then sdsat bench arguments
+    local name=$1 seconds=$2; shift 2
+    timeout "$seconds" "$PY" -m services.cli bench --dtype bfloat16 --no-progress --reps 1 --max-new-tokens 64 \
         --methods sdsat,sdsat-fused,prompt-lookup,mlp --ks 1,2,3 "$@" --json "$DEST/bench_$name.json" \
         > "$DEST/bench_$name.log" 2>&1 || { echo "gpu-check: bench $name failed (see bench_$name.log)" >&2; rc=1; }
 }
 TOY=${TMPDIR:-/tmp}/sdsat-gpu-check-toy
-bench toy_eager --toy "$TOY" --limit 8
-bench toy_compiled --toy "$TOY" --limit 8 --compile
+bench toy_eager 80 --toy "$TOY" --limit 8
+bench toy_compiled 160 --toy "$TOY" --limit 8 --compile
 if "$PY" -m models.weights.base_model > "$DEST/smollm2_convert.log" 2>&1; then
-    bench smollm2_compiled --limit 4 --completion-limit 2 --heldout-snippets 2 --compile
+    bench smollm2_compiled 150 --limit 4 --completion-limit 2 --heldout-snippets 2 --compile
 fi
 grep -h '"tokens_per_s"' "$DEST"/bench_*.json > /dev/null 2>&1 && echo "gpu-check: results in $DEST"
 exit $rc

@@ -56,7 +56,7 @@ class CompiledForward:
     def __init__(self, lean: LlamaForward, cache, spare_row: int, widths: tuple[int, ...],
                  batches: tuple[int, ...], device: torch.device):
         self.lean, self.cache, self.spare_row, self.device = lean, cache, spare_row, device
-        self.widths, self.batches = tuple(sorted(widths)), tuple(sorted(batches))
+        self.widths, self.batches = tuple(sorted(set(widths))), tuple(sorted(set(batches)))
         self.columns = cache.keys[0].shape[2]
         self.cuda_graphs = device.type == "cuda"
         self.graph_error: str | None = None  # why CUDA graphs were turned off, if they were
@@ -89,16 +89,22 @@ class CompiledForward:
         return cls(lean, cache, spare_row, widths, batches, device)
 
     # ---- the graph: every layer of the lean SDPA forward over static shapes ------------------------
-    def _layers(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, slots: torch.Tensor,
-                cols: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor, keys: list[torch.Tensor],
-                values: list[torch.Tensor]) -> torch.Tensor:
-        """x [R, T, H] embeds, positions [R, T], mask [R, 1, T, L] additive, slots [R] cache rows, cols
-        [R, T] the columns each token's KV is written to -> hidden [R, T, H] after the final norm. The
-        same ops as LlamaForward.__call__ (RoPE from the same fp32 table), with the KV write an index_put."""
+    def _layers(self, x: torch.Tensor, positions: torch.Tensor, first: torch.Tensor, cols: torch.Tensor,
+                seen: torch.Tensor, slots: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor,
+                keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
+        """x [R, T, H] embeds, positions [R, T], first [R] each row's committed keys, cols [R, T] the columns
+        each token's KV is written to, seen [R, T, T] which new tokens each one sees, slots [R] cache rows
+        -> hidden [R, T, H] after the final norm. The same ops as LlamaForward.__call__ (RoPE from the same
+        fp32 table, the mask Engine._mask builds, here over all L columns), the KV write an index_put."""
         lean = self.lean
         R, T, hidden = x.shape
-        L = mask.shape[-1]
+        L = self.columns
         heads, kv_heads, D = lean.heads, lean.kv_heads, lean.head_dim
+        column = torch.arange(L, device=x.device)
+        visible = (column[None, None, :] < first[:, None, None]) | \
+            ((column[None, None, None, :] == cols[:, None, :, None]) & seen[..., None]).any(dim=2)  # [R, T, L]
+        mask = torch.zeros(R, 1, T, L, dtype=x.dtype, device=x.device)
+        mask = mask.masked_fill(~visible[:, None], torch.finfo(x.dtype).min)
         group, qk_width = heads // kv_heads, (heads + kv_heads) * D
         cos = cos_table[positions].to(x.dtype)[:, :, None]  # [R, T, 1, D]
         sin = sin_table[positions].to(x.dtype)[:, :, None]
@@ -129,50 +135,48 @@ class CompiledForward:
 
     @property
     def active(self) -> bool:
-        """Whether forwards run compiled: every class compiled, none failed."""
-        return len(self.ready) == len(self.classes)
+        """Whether forwards run compiled: every class compiled, none failed (here or while serving)."""
+        return len(self.ready) == len(self.classes) and not self.failed
 
     def __call__(self, embeds: torch.Tensor, positions: torch.Tensor, start: torch.Tensor, local: torch.Tensor,
                  slots: list[int]) -> torch.Tensor | None:
-        """embeds [R, T, H], positions [R, T], start [R] first new column per row, local [R, T, T] which
-        new tokens each sees -> hidden [R, T, H], or None where the forward runs eager (not active yet,
-        no class fits, or the keys would run past the cache's columns)."""
+        """embeds [R, T, H], positions [R, T] (CPU), start [R] first new column per row, local [R, T, T] which
+        new tokens each sees -> hidden [R, T, H], or None where the forward runs eager (not active, no class
+        fits, or the keys would run past the cache's columns)."""
         R, T, hidden = embeds.shape
         key = (_bucket(R, self.batches), _bucket(T, self.widths))
         if not self.active or None in key or int(start.max()) + key[1] > self.columns:
             return None
         inputs = self._inputs(key, embeds, positions, start, local, slots)
+        try:
+            with torch.compiler.set_stance("fail_on_recompile"):  # never a compile in the serving thread
+                if not self.cuda_graphs:
+                    out = self._fn(*inputs, self.cache.keys, self.cache.values)[:R, :T]
+                else:
+                    if key not in self._graphs:  # all graphs share the first one's memory pool
+                        pool = next(iter(self._graphs.values()), None)
+                        self._graphs[key] = _Graph(self._fn, inputs, self.cache, pool)
+                    out = self._graphs[key](inputs)[:R, :T].clone()
+        except Exception as error:  # the compiled path is off from here on (the report says why): eager serves
+            self.failed[key] = f"while serving: {type(error).__name__}: {error}"[:500]
+            return None
         self.forwards += 1
-        if not self.cuda_graphs:
-            return self._fn(*inputs, self.cache.keys, self.cache.values)[:R, :T]
-        if key not in self._graphs:
-            try:
-                self._graphs[key] = _Graph(self._fn, inputs, self.cache, next(iter(self._graphs.values()), None))
-            except RuntimeError as error:  # a capture that fails leaves the compiled forward without graphs
-                self.cuda_graphs, self.graph_error = False, f"{type(error).__name__}: {error}"[:500]
-                return self._fn(*inputs, self.cache.keys, self.cache.values)[:R, :T]
-        return self._graphs[key](inputs)[:R, :T].clone()
+        return out
 
     def _inputs(self, key, embeds, positions, start, local, slots):
-        """The class's padded inputs (module docstring): x, positions, mask, slots, cols, cos and sin tables."""
-        (B, W), (R, T, hidden), L = key, embeds.shape, self.columns
+        """The class's padded inputs (module docstring): x, positions, first, cols, seen, slots, cos, sin."""
+        (B, W), (R, T, hidden) = key, embeds.shape
         x = embeds.new_zeros(B, W, hidden)
         x[:R, :T] = embeds
         pos = torch.zeros(B, W, dtype=torch.long)
-        pos[:R, :T] = positions.cpu()
+        pos[:R, :T] = positions
         first = torch.zeros(B, dtype=torch.long)
         first[:R] = start
         cols = first[:, None] + torch.arange(W)[None]  # [B, W]; padding rows write columns 0..W-1 of the spare row
         seen = torch.eye(W, dtype=torch.bool).repeat(B, 1, 1)  # padding sees itself only
         seen[:R, :T, :T] = local
-        visible = (torch.arange(L)[None, None, :] < first[:, None, None]).repeat(1, W, 1)  # [B, W, L]
-        visible[R:] = False
-        visible.scatter_(2, cols[:, None, :].expand(B, W, W), seen)
-        mask = torch.zeros(B, 1, W, L, dtype=embeds.dtype)
-        mask.masked_fill_(~visible[:, None], torch.finfo(embeds.dtype).min)
         rows = torch.tensor(list(slots) + [self.spare_row] * (B - R), dtype=torch.long)
-        dev = self.device
-        return (x, pos.to(dev), mask.to(dev), rows.to(dev), cols.to(dev), *self.rope)
+        return (x, *(t.to(self.device) for t in (pos, first, cols, seen, rows)), *self.rope)
 
     # ---- the background worker ---------------------------------------------------------------------
     def wait(self, timeout: float | None = None) -> bool:
@@ -213,9 +217,10 @@ class CompiledForward:
         """What is compiled: classes (sequences x tokens) ready with their compile seconds, pending and failed,
         whether forwards run compiled, the CUDA graphs captured and the cache folder."""
         fmt = "{}x{}".format
-        return {"classes_ready": {fmt(*k): round(v, 1) for k, v in sorted(self.ready.items())},
+        ready, failed = dict(self.ready), dict(self.failed)  # the worker may be adding to them
+        return {"classes_ready": {fmt(*k): round(v, 1) for k, v in sorted(ready.items())},
                 "pending": self._queue.unfinished_tasks, "active": self.active,
-                "forwards": self.forwards, "failed": {fmt(*k): v for k, v in self.failed.items()},
+                "forwards": self.forwards, "failed": {fmt(*k): v for k, v in failed.items()},
                 "cuda_graphs": len(self._graphs), "graph_error": self.graph_error, "cache_dir": inductor_cache_dir()}
 
 
@@ -224,7 +229,8 @@ class _Graph:
     the graph replays every kernel in one launch (as vLLM and gpt-fast's reduce-overhead do)."""
 
     def __init__(self, fn, inputs: tuple, cache, pool=None):
-        self.static = tuple(t.clone() for t in inputs[:5]) + tuple(inputs[5:])  # the rope tables are fixed
+        self.changing = len(inputs) - 2  # every input but the two RoPE tables, which stay put
+        self.static = tuple(t.clone() for t in inputs[: self.changing]) + tuple(inputs[self.changing :])
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up off the capture (allocator, lazy init)
@@ -235,7 +241,7 @@ class _Graph:
             self.out = fn(*self.static, cache.keys, cache.values)
 
     def __call__(self, inputs: tuple) -> torch.Tensor:
-        for dst, src in zip(self.static[:5], inputs[:5], strict=True):
+        for dst, src in zip(self.static[: self.changing], inputs[: self.changing], strict=True):
             dst.copy_(src)
         self.graph.replay()
         return self.out

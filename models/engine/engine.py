@@ -27,7 +27,7 @@ from models.engine.compiled import CompiledForward
 from models.engine.config import EngineConfig, SamplingParams
 from models.engine.drafters import DRAFTERS, drafter_for
 from models.engine.drafters.base import Drafter, sample_token
-from models.engine.invariance import check_invariance
+from models.engine.invariance import WIDTHS, check_invariance
 from models.engine.kernels import Attention
 from models.engine.kv_cache import SlotKVCache
 from models.engine.llama import LlamaForward, project
@@ -75,9 +75,13 @@ class Engine:
         compiling = config.compile and self.lean is not None and not self.invariant_kernels
         self.cache = SlotKVCache.for_model(model.config, config.max_batch, self.max_context, headroom,
                                            self.dtype, self.device, spare_rows=int(compiling))
-        # the compiled forward (models/engine/compiled.py): its classes compile in the background from here
+        # the compiled forward (models/engine/compiled.py): its classes compile in the background from here; the
+        # largest batch class is max_batch, so every decode step fits one
+        batches = {b for b in config.compile_batches if b < config.max_batch} | {config.max_batch}
         self.compiled = CompiledForward.maybe_build(self.lean, self.cache, config.max_batch, config.compile_widths,
-                                                    config.compile_batches, self.device) if compiling else None
+                                                    batches, self.device) if compiling else None
+        # a verify forward is k + 1 rows: with a compiled forward, k stays within its widest class
+        self.k_cap = config.max_k if self.compiled is None else max(self.compiled.widths) - 1
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # running[i] owns cache row i
         self._ids = itertools.count()
@@ -86,9 +90,13 @@ class Engine:
         self.draft_seconds = 0.0  # wall time spent drafting (benchmarks: the draft's own cost per iteration)
         # lossless speculation needs width-invariant forwards: checked here, on this host (None: not checked);
         # a compiled forward is checked once its classes are ready (the first compile: minutes; then cached)
-        if self.compiled is not None and config.self_check:
+        self.invariance = None
+        if self.compiled is not None and config.self_check:  # the widths a verify can have here, compiled
             self.compiled.wait()
-        self.invariance = check_invariance(self) if config.self_check else None
+            widths = tuple(w for w in WIDTHS if w <= self.k_cap + 1)
+            self.invariance = check_invariance(self, widths) if widths else None
+        elif config.self_check:
+            self.invariance = check_invariance(self)
 
     def huge_pages(self) -> dict:
         """The int4 weights' placement (models/engine/memory.py): MiB copied into the huge-page block, and MiB
@@ -168,6 +176,8 @@ class Engine:
             raise InvalidRequestError(why)
         if drafter.speculative and not self.speculation_lossless:  # never a silently lossy speculation
             method, drafter = "ar", drafter_for("ar")
+        if drafter.sat_rows and self.compiled is not None:  # its forwards carry SAT rows, which run eager: rows
+            method, drafter = "ar", drafter_for("ar")  # of the compiled graphs and of eager ones can differ
         generator = None
         if not params.greedy:
             seed = params.seed if params.seed is not None else int(torch.randint(2**62, ()))
@@ -296,7 +306,7 @@ class Engine:
         """Set each sequence's k for this iteration and its drafts."""
         for seq in seqs:
             room = self.max_context - seq.context_len  # cache room left for the chunk
-            k = max(0, min(seq.k, batch_k, seq.remaining - 1, room - 1))  # k drafts + the bonus token fit
+            k = max(0, min(seq.k, batch_k, self.k_cap, seq.remaining - 1, room - 1))  # k drafts + bonus fit
             seq.k_now = self._drafter(seq).k_for(self, seq, k)
             if seq.k_now == 0:
                 seq.drafts, seq.draft_probs = [], None
@@ -363,7 +373,8 @@ class Engine:
                 else:
                     offsets[i, :n] = torch.tensor(layout[0])
                     local[i, :n, :n] = layout[1]
-        ids, positions = ids.to(self.device), (start[:, None] + offsets).to(self.device)
+        positions_cpu = start[:, None] + offsets
+        ids, positions = ids.to(self.device), positions_cpu.to(self.device)
         # decode and verify forwards always run the invariant kernels (speculation == ar needs them); a
         # prefill chunk wider than PREFILL_LIBRARY_ROWS runs the libraries' faster kernels unless
         # `invariant_prefill` (prefill is the same for every method, so identity does not need it)
@@ -379,7 +390,7 @@ class Engine:
                 hidden = self.lean(embeds, positions, None, self.cache, attention)  # [R, T, H]
             elif self.lean is not None:
                 hidden = None if self.compiled is None or sat_ids else \
-                    self.compiled(embeds, positions, start, local, [s.slot for s in seqs])  # None: run eager
+                    self.compiled(embeds, positions_cpu, start, local, [s.slot for s in seqs])  # None: run eager
                 if hidden is None:
                     hidden = self.lean(embeds, positions, self._mask(start, local, kv_len).to(self.device), self.cache)
             else:

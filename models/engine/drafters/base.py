@@ -56,6 +56,7 @@ class Drafter:
 
     name: str = ""
     speculative: bool = True  # False: the request's k is ignored (stored as 0)
+    sat_rows: bool = False  # its forwards carry SAT rows (the adapter's LoRA), which a compiled forward runs eager
 
     def unavailable(self, engine: EngineView) -> str | None:
         """Why this engine cannot run the method (the request is refused with it), or None."""

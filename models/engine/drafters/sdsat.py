@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 
 class SdsatDrafter(Drafter):
     name = "sdsat"
+    sat_rows = True
 
     def unavailable(self, engine: EngineView) -> str | None:
         if engine.sat is None:

@@ -39,6 +39,7 @@ def fused_block_rows(num_drafts: int, k: int, j: int) -> slice:
 
 class FusedSdsatDrafter(Drafter):
     name = "sdsat-fused"
+    sat_rows = True
 
     def unavailable(self, engine: EngineView) -> str | None:
         if engine.sat is None:
