@@ -13,9 +13,10 @@ its graphs in seconds. Until every class is ready the engine runs eager; then it
 compiled forward for every forward that fits a class (wider prefill chunks stay eager). The switch
 is all at once, so a verify never mixes a compiled row with an eager one. With the start-up
 self-check on, the engine waits for the classes and checks the compiled path itself. On CUDA each
-class is also captured as a CUDA graph, in the serving thread, on its first use.
+class is also captured as a CUDA graph, in the serving thread, on its first use. An error from a graph (or
+a forward that would need a new one) turns the compiled path off: eager serves from then on.
 
-    compiled = CompiledForward.maybe_build(lean, cache, widths=(1, 4, 8), batches=(1, 4, 16))
+    compiled = CompiledForward.maybe_build(lean, cache, spare_row, widths=(1, 4, 16), batches=(1, 4, 16), device=dev)
     hidden = compiled(embeds, positions, start, local, slots)   # [R, T, H], or None: run eager
     compiled.report()   # classes ready with their compile seconds, failures, the cache folder
 """
@@ -59,7 +60,6 @@ class CompiledForward:
         self.widths, self.batches = tuple(sorted(set(widths))), tuple(sorted(set(batches)))
         self.columns = cache.keys[0].shape[2]
         self.cuda_graphs = device.type == "cuda"
-        self.graph_error: str | None = None  # why CUDA graphs were turned off, if they were
         inductor_cache_dir()
         # dynamo compiles one graph per class and engine (its guards see this object's modules): room for them
         torch._dynamo.config.recompile_limit += len(self.classes)
@@ -221,7 +221,7 @@ class CompiledForward:
         return {"classes_ready": {fmt(*k): round(v, 1) for k, v in sorted(ready.items())},
                 "pending": self._queue.unfinished_tasks, "active": self.active,
                 "forwards": self.forwards, "failed": {fmt(*k): v for k, v in failed.items()},
-                "cuda_graphs": len(self._graphs), "graph_error": self.graph_error, "cache_dir": inductor_cache_dir()}
+                "cuda_graphs": len(self._graphs), "cache_dir": inductor_cache_dir()}
 
 
 class _Graph:
