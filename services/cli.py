@@ -515,6 +515,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compile(args: argparse.Namespace) -> int:
+    """Compile the GPU replica's forward into the compile cache ahead of its first start (`make setup` runs
+    this). Without a CUDA GPU it does nothing: CPU replicas run the int4 forward in C, built by `make setup`."""
+    import time
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("sdsat compile: no CUDA GPU here, nothing to compile (CPU replicas run kernels.c)")
+        return 0
+    from services.serve.config import AppConfig
+    from services.serve.decoder import engine_from_config
+
+    _, app_args = load_serve_config(args.config)
+    decoder = AppConfig(**app_args).decoder.model_copy(update={"device": "cuda"})
+    t0 = time.perf_counter()
+    engine = engine_from_config(decoder)  # a GPU replica's engine: it compiles (and, self-checking, waits)
+    if engine.compiled is None:
+        print("sdsat compile: this config's GPU engine does not compile (compile: false, or no lean forward)")
+        return 0
+    engine.compiled.wait()
+    report = engine.compiled.report()
+    print(json.dumps({"seconds": round(time.perf_counter() - t0, 1), **report}, indent=2))
+    return 1 if report["failed"] else 0
+
+
+def add_compile_parser(sub) -> None:
+    p = sub.add_parser("compile", help="compile the GPU replica's forward into the compile cache (no-op on CPUs)")
+    p.add_argument("--config", default="infra/serve_config.yaml", help="Serve config YAML (default: %(default)s)")
+    p.set_defaults(func=cmd_compile)
+
+
 def add_serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="start the Ray Serve service (router + autoscaled decoders)")
     p.add_argument("--config", default="infra/serve_config.yaml", help="Serve config YAML (default: %(default)s)")
@@ -654,6 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_serve_parser(sub)
     add_bench_prefix_parser(sub)
     add_serve_parser(sub)
+    add_compile_parser(sub)
     add_batch_parser(sub)
     add_eval_parser(sub)
     return parser
