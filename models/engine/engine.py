@@ -93,10 +93,12 @@ class Engine:
         self.invariance = None
         if self.compiled is not None and config.self_check:  # the widths a verify can have here, compiled
             self.compiled.wait()
-            widths = tuple(w for w in WIDTHS if w <= self.k_cap + 1)
-            self.invariance = check_invariance(self, widths) if widths else None
+            widths = sorted({w for w in WIDTHS if w <= self.k_cap + 1} | {self.k_cap + 1})
+            self.invariance = check_invariance(self, tuple(widths)) if self.k_cap > 0 else None
         elif config.self_check:
             self.invariance = check_invariance(self)
+        # what the self-check saw: compiled graphs or eager ops (a graph error while serving turns them off)
+        self._checked_compiled = self.compiled is not None and self.compiled.active
 
     def huge_pages(self) -> dict:
         """The int4 weights' placement (models/engine/memory.py): MiB copied into the huge-page block, and MiB
@@ -152,7 +154,10 @@ class Engine:
 
     @property
     def speculation_lossless(self) -> bool:
-        """False when the start-up self-check found a verify row that differs from the 1-token forward."""
+        """False when the start-up self-check found a verify row that differs from the 1-token forward, or
+        when the forward it checked (compiled graphs) has since been turned off for eager ops never checked."""
+        if self.compiled is not None and self.compiled.active != self._checked_compiled:
+            return False
         return self.invariance is None or self.invariance.lossless
 
     @property

@@ -964,9 +964,6 @@ int sdsat_q8_linear(const float *x, int64_t M, int64_t K, const uint8_t *codes, 
     return quantized_linear(0, x, M, K, codes, d, NULL, N, out);
 }
 
-/* A SAT adapter's LoRA on the n SAT rows `rows` of a projection's input x [N, K] and output y [N, width]:
- * y[row][col + o] += s * (B (A x[row]))[o] for one adapted part (A [r, K], B [out, r], bf16 if bf16, else
- * fp32), through sdsat_linear (each SAT row on its own, in its fixed order). scratch: n * (K + r + out) floats. */
 /* ---- A SAT adapter's LoRA on SAT rows (models/weights/adapter.py), packed for streaming ------------------
  * y[row, col + o] += (B A x)[o] * s for each SAT row, with A [r, K] packed as A^T [K][r] and B [out, r] as
  * tiles [ceil(out / 16)][r][16] (Q4Plan packs them, zero-padded): each weight stream is read once, front to

@@ -247,6 +247,8 @@ class Q4Plan:
             held = [t for row in lora for t in row if t is not None]
             _check_buffers(*held)  # contiguous CPU tensors of one dtype, fp32 or bf16
             self.lora_bf16 = int(held[0].dtype == torch.bfloat16)
+            if any(t.shape[0] != rank for t in held[::2]) or any(t.shape[1] != rank for t in held[1::2]):
+                raise ValueError("every LoRA part must have the plan's rank")  # kernels.c sizes its scratch by it
             packed = pack_lora(lora)
             self.tensors += [t for row in packed for t in row if t is not None]
             self.lora = (ctypes.c_void_p * (14 * len(lora)))(*[None if t is None else t.data_ptr()
@@ -330,6 +332,10 @@ def lora_rows(x: torch.Tensor, rows: torch.Tensor, a: torch.Tensor, b: torch.Ten
               col: int = 0) -> None:
     """y[rows, col:col + out] += scale · B A x[rows], in place, as sdsat_forward_q4 adds a SAT adapter's LoRA
     (tests): x [M, K] and y [M, width] fp32 contiguous, a [r, K] and b [out, r] of one dtype, fp32 or bf16."""
+    if not (x.dtype == y.dtype == torch.float32 and x.is_contiguous() and y.is_contiguous()):
+        raise ValueError("lora_rows reads x and writes y as contiguous fp32")
+    if a.shape[0] != b.shape[1] or a.shape[1] != x.shape[1] or col + b.shape[0] > y.shape[1]:
+        raise ValueError("lora_rows: A [r, K], B [out, r] must match x [M, K] and fit y's columns from col")
     (at, bt), = [[t for t in row if t is not None] for row in pack_lora([[a, b] + [None] * 12])]
     rows = rows.to(torch.int64).contiguous()
     _library().sdsat_lora_rows(x.data_ptr(), x.shape[1], y.data_ptr(), y.shape[1], rows.data_ptr(), rows.numel(),

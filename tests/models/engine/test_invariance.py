@@ -142,3 +142,12 @@ def test_many_rows_on_many_threads_stay_invariant(count_tokenizer, monkeypatch):
         assert not report.lossless and {f["case"] for f in report.failures} == {"batch"}
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("widths", [(2,), (3,), (2, 4)])
+def test_the_self_check_runs_at_the_narrow_widths_a_capped_engine_verifies(count_tokenizer, widths):
+    """A compiled engine checks only the widths its verifies can have (k + 1 up to its widest class): the tree
+    case, 4 rows wide, runs only where 4 is among them."""
+    engine = tiny_engine(count_tokenizer, "float32", self_check=False)
+    report = check_invariance(engine, widths)
+    assert report.lossless and report.widths == list(widths), report.failures

@@ -133,10 +133,10 @@ q4 = [q4_linear(torch.randn(rows, 128, generator=g), codes, d, m, 40) for rows i
 codes8 = torch.randint(0, 256, (2, 4, 8, 16, 4), generator=g, dtype=torch.uint8)  # Q8_0: 2 tiles, K = 128
 q8 = [q8_linear(torch.randn(rows, 128, generator=g), codes8, d[:2], 20) for rows in (1, 3, 6)]
 lora = []
-for rank in (16, 4):  # the vector code (rank 16) and the portable loops (any other rank)
+for rank, dtype in ((16, torch.bfloat16), (16, torch.float32), (4, torch.bfloat16)):  # rank 16: the vector code
     h, out = torch.randn(7, 96, generator=g), torch.randn(7, 120, generator=g)
-    lora_rows(h, torch.tensor([6, 1, 3, 4, 0]), torch.randn(rank, 96, generator=g).bfloat16(),
-              torch.randn(50, rank, generator=g).bfloat16(), 0.7, out, 30)
+    lora_rows(h, torch.tensor([6, 1, 3, 4, 0]), torch.randn(rank, 96, generator=g).to(dtype),
+              torch.randn(50, rank, generator=g).to(dtype), 0.7, out, 30)
     lora.append(out)
 torch.save({"attention": a, "linear": y, "add_norm": torch.cat([x, n]), "silu": s, "rope_attend": r, "k": k,
             **{f"q4_{i}": t for i, t in enumerate(q4)}, **{f"q8_{i}": t for i, t in enumerate(q8)},
