@@ -16,7 +16,7 @@ self-check on, the engine waits for the classes and checks the compiled path its
 class is also captured as a CUDA graph, in the serving thread, on its first use. An error from a graph (or
 a forward that would need a new one) turns the compiled path off: eager serves from then on.
 
-    compiled = CompiledForward.maybe_build(lean, cache, spare_row, widths=(1, 4, 16), batches=(1, 4, 16), device=dev)
+    compiled = CompiledForward.maybe_build(lean, cache, widths=(1, 4, 16), batches=(1, 4, 16), device=dev)
     hidden = compiled(embeds, positions, start, local, slots)   # [R, T, H], or None: run eager
     compiled.report()   # classes ready with their compile seconds, failures, the cache folder
 """
@@ -54,9 +54,10 @@ def _bucket(n: int, sizes: tuple[int, ...]) -> int | None:
 
 
 class CompiledForward:
-    def __init__(self, lean: LlamaForward, cache, spare_row: int, widths: tuple[int, ...],
-                 batches: tuple[int, ...], device: torch.device):
-        self.lean, self.cache, self.spare_row, self.device = lean, cache, spare_row, device
+    def __init__(self, lean: LlamaForward, cache, widths: tuple[int, ...], batches: tuple[int, ...],
+                 device: torch.device):
+        self.lean, self.cache, self.device = lean, cache, device
+        self.spare_row = cache.slots  # the first row after the sequences' own (SlotKVCache(spare_rows=1))
         self.widths, self.batches = tuple(sorted(set(widths))), tuple(sorted(set(batches)))
         self.columns = cache.keys[0].shape[2]
         self.cuda_graphs = device.type == "cuda"
@@ -78,7 +79,7 @@ class CompiledForward:
         self._worker.start()
 
     @classmethod
-    def maybe_build(cls, lean: LlamaForward | None, cache, spare_row: int, widths, batches, device
+    def maybe_build(cls, lean: LlamaForward | None, cache, widths, batches, device
                     ) -> CompiledForward | None:
         """A compiled forward for a lean forward of dense projections (int4 and Q8_0 modules call ctypes
         kernels, which a graph cannot hold); else None."""
@@ -86,7 +87,7 @@ class CompiledForward:
             return None
         if not all(type(m) is nn.Linear for layer in lean.layers for m in layer.projections.values()):
             return None
-        return cls(lean, cache, spare_row, widths, batches, device)
+        return cls(lean, cache, widths, batches, device)
 
     # ---- the graph: every layer of the lean SDPA forward over static shapes ------------------------
     def _layers(self, x: torch.Tensor, positions: torch.Tensor, first: torch.Tensor, cols: torch.Tensor,

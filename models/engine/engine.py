@@ -78,8 +78,8 @@ class Engine:
         # the compiled forward (models/engine/compiled.py): its classes compile in the background from here; the
         # largest batch class is max_batch, so every decode step fits one
         batches = {b for b in config.compile_batches if b < config.max_batch} | {config.max_batch}
-        self.compiled = CompiledForward.maybe_build(self.lean, self.cache, config.max_batch, config.compile_widths,
-                                                    batches, self.device) if compiling else None
+        self.compiled = CompiledForward.maybe_build(self.lean, self.cache, config.compile_widths, batches,
+                                                    self.device) if compiling else None
         # a verify forward is k + 1 rows: with a compiled forward, k stays within its widest class
         self.k_cap = config.max_k if self.compiled is None else max(self.compiled.widths) - 1
         self.waiting: deque[Sequence] = deque()
@@ -179,10 +179,10 @@ class Engine:
         drafter = drafter_for(method)
         if (why := drafter.unavailable(self)) is not None:
             raise InvalidRequestError(why)
-        if drafter.speculative and not self.speculation_lossless:  # never a silently lossy speculation
+        # never a silently lossy speculation: not where the self-check failed, nor for SAT rows, which run eager
+        # beside a compiled forward's graphs (their rows and the graphs' can differ)
+        if drafter.speculative and (not self.speculation_lossless or drafter.sat_rows and self.compiled is not None):
             method, drafter = "ar", drafter_for("ar")
-        if drafter.sat_rows and self.compiled is not None:  # its forwards carry SAT rows, which run eager: rows
-            method, drafter = "ar", drafter_for("ar")  # of the compiled graphs and of eager ones can differ
         generator = None
         if not params.greedy:
             seed = params.seed if params.seed is not None else int(torch.randint(2**62, ()))

@@ -24,9 +24,10 @@ def compiled_engine(counting_sdsat_dir, tmp_path_factory):
         yield engine, cache
 
 
-def eager(directory) -> Engine:
-    return Engine.from_pretrained(directory, EngineConfig(method="ar", k=3, attention="sdpa", max_batch=2,
-                                                          max_context=256))
+@pytest.fixture(scope="module")
+def eager(counting_sdsat_dir) -> Engine:
+    return Engine.from_pretrained(counting_sdsat_dir, EngineConfig(method="ar", k=3, attention="sdpa", max_batch=2,
+                                                                   max_context=256))
 
 
 def test_the_compiled_class_is_ready_and_cached_under_the_cache_folder(compiled_engine):
@@ -36,17 +37,16 @@ def test_the_compiled_class_is_ready_and_cached_under_the_cache_folder(compiled_
     assert report["cache_dir"] == str(cache) and any(cache.iterdir())  # inductor wrote its artifacts there
 
 
-def test_compiled_forwards_give_the_eager_tokens(compiled_engine, counting_sdsat_dir):
+def test_compiled_forwards_give_the_eager_tokens(compiled_engine, eager):
     """Plain decoding. (Speculation here: the self-check of the compiled graphs fails on CPUs, as for eager
     SDPA, so speculative requests serve ar; the GPU test asserts speculation on its graphs.)"""
     engine, _ = compiled_engine
-    reference = eager(counting_sdsat_dir)
     params = SamplingParams(max_new_tokens=24, ignore_eos=True)
     before = engine.compiled.forwards
     single = [engine.generate(p, params)["token_ids"] for p in PROMPTS]  # padded: a spare row, 3 padding tokens
     batched = [r["token_ids"] for r in engine.generate_batch(PROMPTS[:2], params)]
     assert engine.compiled.forwards > before  # decode and verify forwards ran compiled (prefill > 4 tokens: eager)
-    expected_ar = [reference.generate(p, SamplingParams(max_new_tokens=24, ignore_eos=True))["token_ids"]
+    expected_ar = [eager.generate(p, SamplingParams(max_new_tokens=24, ignore_eos=True))["token_ids"]
                    for p in PROMPTS]
     assert single == expected_ar and batched == expected_ar[:2]
 
@@ -69,19 +69,18 @@ def test_sat_row_methods_serve_ar_under_a_compiled_forward(compiled_engine):
     assert out["stats"]["drafted"] > 0 and len(out["stats"]["accepted_per_position"]) <= 3  # k = 8 asked: at most 3
 
 
-def test_compiled_and_eager_write_the_same_kv(compiled_engine, counting_sdsat_dir):
+def test_compiled_and_eager_write_the_same_kv(compiled_engine, eager):
     engine, _ = compiled_engine
-    reference = eager(counting_sdsat_dir)
-    for e in (engine, reference):
+    for e in (engine, eager):
         e.add_request(PROMPTS[2], SamplingParams(max_new_tokens=6, ignore_eos=True))
         while not e.running or len(e.running[0].output_ids) < 5:
             e.step()
     n = int(engine.cache.length[0])
-    assert n == int(reference.cache.length[0]) > len(PROMPTS[2])
-    for ours, theirs in zip(engine.cache.keys + engine.cache.values, reference.cache.keys + reference.cache.values,
+    assert n == int(eager.cache.length[0]) > len(PROMPTS[2])
+    for ours, theirs in zip(engine.cache.keys + engine.cache.values, eager.cache.keys + eager.cache.values,
                             strict=True):
         torch.testing.assert_close(ours[0, :, :n], theirs[0, :, :n], rtol=1e-5, atol=1e-5)
-    for e in (engine, reference):
+    for e in (engine, eager):
         e.cancel(e.running[0].request_id)
 
 
