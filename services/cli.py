@@ -266,6 +266,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         model = str(train_counting_sdsat(args.toy))
         prompts = [" ".join(d.split()[:6]) for d in counting_documents(args.limit, 6, seed=123)]
+        warmup = [" ".join(d.split()[:6]) for d in counting_documents(4, 6, seed=7)]
         sets = None
     else:
         from models.weights.chat import has_chat_template
@@ -276,6 +277,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         prompts = ((bench.humaneval_chat_prompts if chat else bench.humaneval_prompts)(args.limit)
                    + bench.humaneval_prompts(args.completion_limit) + bench.stdlib_snippets(args.heldout_snippets))
         sets = {"humaneval-chat": args.limit, "humaneval": args.completion_limit, "heldout": args.heldout_snippets}
+        # what `auto` learns acceptance from before the timed runs: the next HumanEval tasks, not benchmarked
+        warmup = (bench.humaneval_chat_prompts if chat else bench.humaneval_prompts)(args.limit + 8)[args.limit:]
     ks = [int(k) for k in args.ks.split(",")]
     if args.cache_compare:
         report = {"cache_comparison": [bench.cache_comparison(model, k) for k in ks]}
@@ -324,9 +327,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.batch_sweep:
         swept = (*bench.K_SWEPT, "prompt-lookup")
         runs = [("ar", 0)] + [(m, k) for m in args.methods.split(",") if m in swept for k in ks]
+        runs += [("auto", 0)] if "auto" in args.methods.split(",") else []
         sizes = [int(b) for b in args.batch_sweep.split(",")]
         report = bench.batch_sweep(model, prompts, sizes, runs, args.max_new_tokens, args.reps, not args.no_progress,
-                                   dtype=args.dtype)
+                                   dtype=args.dtype, warmup_prompts=warmup)
         write_json(args.json, report)
         for row in report["rows"] if args.json != "-" else []:
             print(f"batch {row['batch']:>3} {row['method']:>12} k={row['k']}  {row['tokens_per_s']:8.1f} tok/s"
@@ -334,7 +338,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     report = bench.run_bench(model, prompts, args.max_new_tokens, ks, args.reps, args.methods.split(","),
                              progress=not args.no_progress, prompt_sets=sets, dtype=args.dtype,
-                             forward=args.forward, compile=args.compile)
+                             forward=args.forward, compile=args.compile, warmup_prompts=warmup)
     write_json(args.json, report)
     if args.plot:
         bench.plot(report, args.plot)
@@ -391,7 +395,7 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--peers", metavar="PEER", choices=["llama.cpp"],
                    help="instead: this engine (ar and --methods x --ks) beside llama.cpp plain and with its prompt "
                         "lookup on the same GGUF, decode only, with r(w) of both (needs `make bench-peers`)")
-    p.add_argument("--methods", default="sdsat,sdsat-fused,mlp,prompt-lookup,hf-generate,hf-prompt-lookup",
+    p.add_argument("--methods", default="sdsat,sdsat-fused,mlp,prompt-lookup,auto,hf-generate,hf-prompt-lookup",
                    help="methods besides ar (default: all; mlp only for a model with a speculator)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own)")
     p.add_argument("--cache-compare", action="store_true",

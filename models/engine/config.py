@@ -14,8 +14,9 @@ from typing import Literal
 from models.config import field as cfg_field
 from models.errors import InvalidRequestError
 
-Method = Literal["ar", "sdsat", "sdsat-fused", "prompt-lookup", "mlp"]
-METHODS: tuple[str, ...] = ("ar", "sdsat", "sdsat-fused", "prompt-lookup", "mlp")
+Method = Literal["ar", "sdsat", "sdsat-fused", "prompt-lookup", "mlp", "auto"]
+# auto: the engine picks among the others by measured cost and acceptance (models/engine/planner.py)
+METHODS: tuple[str, ...] = ("ar", "sdsat", "sdsat-fused", "prompt-lookup", "mlp", "auto")
 
 
 @dataclass(frozen=True)

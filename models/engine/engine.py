@@ -32,6 +32,7 @@ from models.engine.kernels import Attention
 from models.engine.kv_cache import SlotKVCache
 from models.engine.llama import LlamaForward, project
 from models.engine.memory import huge_page_bytes, place_in_huge_pages
+from models.engine.planner import Planner, manifest_priors, resolve
 from models.engine.prefix import read_blocks, write_blocks
 from models.engine.sampling import process_logits, verify_greedy, verify_sampling
 from models.engine.sequence import RequestOutput, Sequence
@@ -45,7 +46,8 @@ PREFILL_LIBRARY_ROWS = 16  # the widest forward the self-check and the identity 
 
 class Engine:
     def __init__(self, model, tokenizer, sat: SatSpec | None, config: EngineConfig, prefix_store=None,
-                 speculator: MLPSpeculator | None = None, adapter=None, quantization: dict | None = None):
+                 speculator: MLPSpeculator | None = None, adapter=None, quantization: dict | None = None,
+                 acceptance_priors: dict[str, list[float]] | None = None):
         self.model, self.tokenizer, self.sat, self.config = model.eval(), tokenizer, sat, config
         self.adapter = adapter  # a models.weights.adapter.SatAdapter attached to `model` (SAT rows only), or None
         self.prefix_store = prefix_store  # a models.engine.prefix.PrefixStore, or None
@@ -99,6 +101,8 @@ class Engine:
             self.invariance = check_invariance(self)
         # what the self-check saw: compiled graphs or eager ops (a graph error while serving turns them off)
         self._checked_compiled = self.compiled is not None and self.compiled.active
+        # method `auto` (models/engine/planner.py): this host's forward costs, measured on the first auto request
+        self.planner = Planner(self, acceptance_priors)
 
     def huge_pages(self) -> dict:
         """The int4 weights' placement (models/engine/memory.py): MiB copied into the huge-page block, and MiB
@@ -137,7 +141,8 @@ class Engine:
             if adapter is not None:
                 adapter.to(torch.bfloat16)
         return cls(model, load_tokenizer(directory), SatSpec.maybe_load(directory), config,
-                   speculator=MLPSpeculator.maybe_load(directory), adapter=adapter, quantization=report)
+                   speculator=MLPSpeculator.maybe_load(directory), adapter=adapter, quantization=report,
+                   acceptance_priors=manifest_priors(directory))
 
     def _use_invariant_kernels(self, config: EngineConfig) -> bool:
         """Whether the lean forward's attention and dense projections, and the LM head, run the
@@ -176,20 +181,25 @@ class Engine:
             raise PromptTooLongError(f"prompt has {len(prompt_ids)} tokens; the context limit is {self.max_context}")
         if k > self.config.max_k:
             raise InvalidRequestError(f"k must be <= {self.config.max_k}, got {k}")
-        drafter = drafter_for(method)
-        if (why := drafter.unavailable(self)) is not None:
-            raise InvalidRequestError(why)
+        if method == "auto":  # the planner picks the method at admission; a request's k caps its draft length
+            drafter = None
+            k = self.config.max_k if params.k is None else k
+        else:
+            drafter = drafter_for(method)
+            if (why := drafter.unavailable(self)) is not None:
+                raise InvalidRequestError(why)
         # never a silently lossy speculation: not where the self-check failed, nor for SAT rows, which run eager
         # beside a compiled forward's graphs (their rows and the graphs' can differ)
-        if drafter.speculative and (not self.speculation_lossless or drafter.sat_rows and self.compiled is not None):
+        if drafter is not None and drafter.speculative and (
+                not self.speculation_lossless or drafter.sat_rows and self.compiled is not None):
             method, drafter = "ar", drafter_for("ar")
         generator = None
         if not params.greedy:
             seed = params.seed if params.seed is not None else int(torch.randint(2**62, ()))
             generator = torch.Generator().manual_seed(seed)
         seq = Sequence(request_id or f"req-{next(self._ids)}", list(prompt_ids), params, method,
-                       k if drafter.speculative else 0, self.tokenizer.eos_token_id, self.max_context, self.tokenizer,
-                       generator, tenant=tenant)
+                       k if drafter is None or drafter.speculative else 0, self.tokenizer.eos_token_id,
+                       self.max_context, self.tokenizer, generator, tenant=tenant, auto=drafter is None)
         if self.config.record_hidden:
             seq.hidden_trace = []
         self.waiting.append(seq)
@@ -216,6 +226,8 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         while self.waiting and len(self.running) < self.cache.slots:  # admission: a free KV slot
             seq = self.waiting.popleft()
+            if seq.auto:  # its method, for the batch it joins (the first time: this host's costs, in its free row)
+                resolve(self, seq, len(self.running) + 1 + len(self.waiting))
             seq.slot = len(self.running)
             self.cache.commit(seq.slot, 0)
             self.running.append(seq)
@@ -231,6 +243,7 @@ class Engine:
             self._iterate(decoding)
         outputs = [out for s in list(self.running) if (out := s.take_output()) is not None]
         for seq in [s for s in self.running if s.finished]:
+            self.planner.observe(seq)
             self._release(seq)
         return outputs
 
@@ -311,7 +324,10 @@ class Engine:
         """Set each sequence's k for this iteration and its drafts."""
         for seq in seqs:
             room = self.max_context - seq.context_len  # cache room left for the chunk
-            k = max(0, min(seq.k, batch_k, self.k_cap, seq.remaining - 1, room - 1))  # k drafts + bonus fit
+            k = min(seq.k, batch_k, self.k_cap, seq.remaining - 1, room - 1)  # k drafts + bonus fit
+            if seq.auto:  # the best draft length for its method at this iteration's batch size
+                k = min(k, self.planner.k_for(seq.method, len(seqs)))
+            k = max(0, k)
             seq.k_now = self._drafter(seq).k_for(self, seq, k)
             if seq.k_now == 0:
                 seq.drafts, seq.draft_probs = [], None

@@ -47,6 +47,7 @@ class Sequence:
     tokenizer: object
     generator: torch.Generator | None = None
     tenant: str = "default"  # namespaces the prefix cache
+    auto: bool = False  # method `auto`: the planner set `method` at admission and sets k each iteration
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     slot: int = -1
     prefilled: int = 0  # prompt tokens whose KV is in the cache
@@ -149,7 +150,8 @@ class Sequence:
             self.timings.setdefault("finished", time.time_ns())
         out = RequestOutput(
             self.request_id, self.text[self._sent_chars : safe], new_tokens, self.finished, self.finish_reason,
-            len(self.prompt_ids), len(self.output_ids), self.stats.to_dict(), self.cached_tokens,
+            len(self.prompt_ids), len(self.output_ids), {"method": self.method, **self.stats.to_dict()},
+            self.cached_tokens,
             self.logprobs[self._sent_tokens :] if self.params.logprobs is not None else None,
             dict(self.timings) if self.finished else None,
             # a stop inside an accepted run leaves states past the last kept token: the output has L - 1

@@ -145,12 +145,35 @@ def build(cfg: AdapterTrainConfig):
                            base_dir="" if not cfg.model else str(Path(cfg.model).resolve()))
     torch.manual_seed(cfg.seed)
     adapter = SatAdapter.create(model, config)
+    if cfg.init_from:
+        _init_from(adapter, Path(cfg.init_from))
     embeddings = [adapter.sat_embeddings]
     lora = [p for p in adapter.trainable_parameters() if p is not adapter.sat_embeddings]
     optimizer = torch.optim.AdamW([{"params": lora, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
                                    {"params": embeddings, "lr": cfg.embedding_lr, "weight_decay": 0.0}])
     sat = SatSpec(ids=config.sat_ids, k_train=cfg.k_train)
     return model, load_tokenizer(base_dir), adapter, sat, optimizer, device
+
+
+def _init_from(adapter: SatAdapter, directory: Path) -> None:
+    """Start from the weights of a trained adapter (fp32 master copies), after checking it is the same shape
+    of adapter on the same base."""
+    from safetensors.torch import load_file
+
+    from models.weights.adapter import ADAPTER_WEIGHTS
+
+    saved, ours = AdapterConfig.load(directory), adapter.config
+    for name in ("base_sha256", "vocab_size", "num_sat", "rank", "targets"):
+        if getattr(saved, name) != getattr(ours, name):
+            raise ConfigError(f"init_from {directory}: its {name} is {getattr(saved, name)!r}, this run's is "
+                              f"{getattr(ours, name)!r}")
+    state = load_file(str(directory / ADAPTER_WEIGHTS))
+    missing = set(adapter.adapter_state()) - set(state)
+    if missing:
+        raise ConfigError(f"init_from {directory}: weights lack {sorted(missing)[:3]}...")
+    with torch.no_grad():
+        for name, tensor in adapter.adapter_state().items():
+            tensor.copy_(state[name].to(tensor.dtype))
 
 
 def save_adapter(directory: Path, adapter: SatAdapter, sat: SatSpec, files: dict[str, str]) -> None:
@@ -241,6 +264,9 @@ def train(cfg: AdapterTrainConfig, progress: bool = True, rank: int = 0, world: 
                 entry.update(heldout_loss(model, adapter, heldout, cfg, device))
             log.write(json.dumps(entry) + "\n")
             log.flush()
+        if cfg.snapshot_every and step % cfg.snapshot_every == 0:
+            save_adapter(out / "snapshots" / f"step-{step}", adapter, sat,
+                         {"metrics.json": json.dumps({"steps": step, "train_seconds": round(seconds, 1)}) + "\n"})
         if step % cfg.save_every == 0 or step == cfg.max_steps:
             tmp = out / (CHECKPOINT + ".tmp")
             torch.save({"adapter": adapter.adapter_state(), "optimizer": optimizer.state_dict(), "step": step,

@@ -216,6 +216,8 @@ class AdapterTrainConfig:
     grad_clip: float = field(1.0, "max gradient norm; 0 disables clipping")
     seed: int = field(0, "seed for initialisation, data order and anchors")
     heldout_rows: int = field(16, "rows at the end of the data file kept for the held-out SAT loss")
+    init_from: str = field("", "adapter folder whose weights start this run (a later round resumes a shipped "
+                               "adapter under a fresh schedule); its rank, k and targets must match")
     device: str = field("auto", "cpu, cuda, cuda:N, or auto")
     dtype: Literal["float32", "bfloat16"] = field("bfloat16", "compute dtype of the frozen base (the teacher): "
                                                            "use the dtype that is served")
@@ -223,3 +225,5 @@ class AdapterTrainConfig:
     save_every: int = field(25, "write checkpoint-last.pt every N steps")
     log_every: int = field(5, "append a line to output_dir/log.jsonl every N steps")
     eval_every: int = field(0, "held-out SAT loss every N steps (0: only at the end)")
+    snapshot_every: int = field(0, "keep the adapter of every Nth step in output_dir/snapshots/step-N (with its "
+                                   "training seconds), for acceptance against training time; 0 = none")

@@ -222,7 +222,8 @@ def linear_cost_ratios(engine, widths: list[int], repeats: int = 200) -> dict[st
 def _run_engine(engine, ids: list[int], method: str, k: int, n: int) -> tuple[list[int], dict, float]:
     from models.engine import SamplingParams
 
-    params = SamplingParams(max_new_tokens=n, ignore_eos=True, method=method, k=k)
+    # auto: the planner sets k (models/engine/planner.py)
+    params = SamplingParams(max_new_tokens=n, ignore_eos=True, method=method, k=None if method == "auto" else k)
     draft0, t0 = engine.draft_seconds, time.perf_counter()
     out = engine.generate(ids, params)
     return out["token_ids"], dict(out["stats"], draft_s=engine.draft_seconds - draft0), time.perf_counter() - t0
@@ -248,10 +249,13 @@ def _run_hf(model, ids: list[int], method: str, k: int, n: int) -> tuple[list[in
 
 def run_bench(model_dir: str, prompts: list, max_new_tokens: int, ks: list[int], reps: int,
               methods: list[str], progress: bool = True, prompt_sets: dict[str, int] | None = None,
-              dtype: str = "float32", forward: str = "lean", compile: bool = False) -> dict:
+              dtype: str = "float32", forward: str = "lean", compile: bool = False,
+              warmup_prompts: list | None = None) -> dict:
     """prompts: texts, or message lists (chat form). prompt_sets: names for consecutive runs of
     `prompts` (e.g. {"humaneval-chat": 24, "heldout": 8}): the report then also gives every row per
-    set, as the targets are stated for HumanEval prompts."""
+    set, as the targets are stated for HumanEval prompts. warmup_prompts: what `auto`'s planner learns
+    acceptance from before the timed runs (other prompts than the benchmarked ones); it is then frozen, so
+    it never learns from the benchmarked prompts' own outputs."""
     from tqdm.auto import tqdm
 
     from models.engine import Engine, EngineConfig, SpecStats
@@ -280,6 +284,12 @@ def run_bench(model_dir: str, prompts: list, max_new_tokens: int, ks: list[int],
 
     for method, k in runs:  # warm-up
         run(method, k, encoded[0][:32], 8)
+    if ("auto", 0) in runs:  # learn from the warm-up prompts only: not from the runs above (the first prompt)
+        engine.planner.forget()
+        for ids in [encode_prompt(tok, p) for p in warmup_prompts or []]:
+            run("auto", 0, ids, max_new_tokens)
+        engine.planner.learning = False
+    chosen: dict[str, int] = {}  # auto: the method each timed request got
     times = {r: [[] for _ in prompts] for r in runs}
     draft_times = {r: [[] for _ in prompts] for r in runs}  # seconds spent drafting, per run
     outputs, stats = {}, {(r, p): SpecStats() for r in runs for p in range(len(prompts))}
@@ -289,6 +299,8 @@ def run_bench(model_dir: str, prompts: list, max_new_tokens: int, ks: list[int],
             order = runs[rep % len(runs):] + runs[: rep % len(runs)]  # rotate who goes first
             for r in order:
                 tokens, st, dt = run(*r, ids, max_new_tokens)
+                if r[0] == "auto":
+                    chosen[st["method"]] = chosen.get(st["method"], 0) + 1
                 times[r][p].append(dt)
                 draft_times[r][p].append(st.get("draft_s", 0.0))
                 outputs.setdefault((r, p), tokens)
@@ -301,7 +313,11 @@ def run_bench(model_dir: str, prompts: list, max_new_tokens: int, ks: list[int],
     for name, count in (prompt_sets or {}).items():
         start = sum(len(v) for v in sets.values())
         sets[name] = list(range(start, min(start + count, len(prompts))))
-    return summarize(runs, prompts, times, outputs, stats, max_new_tokens, engine, ks, model_dir, sets, draft_times)
+    report = summarize(runs, prompts, times, outputs, stats, max_new_tokens, engine, ks, model_dir, sets, draft_times)
+    if ("auto", 0) in runs:  # what auto chose for the timed requests, and the plan (costs, acceptance) behind it
+        report["auto"] = {"warmup_prompts": len(warmup_prompts or []), "chosen": chosen,
+                          "plan": engine.planner.report()}
+    return report
 
 
 def summarize(runs, prompts, times, outputs, stats, n, engine, ks, model_dir, sets=None, draft_times=None) -> dict:
@@ -432,9 +448,11 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
 
 
 def batch_sweep(model_dir: str, prompts: list[str], batch_sizes: list[int], runs: list[tuple[str, int]],
-                max_new_tokens: int, reps: int = 3, progress: bool = True, dtype: str = "float32") -> dict:
+                max_new_tokens: int, reps: int = 3, progress: bool = True, dtype: str = "float32",
+                warmup_prompts: list | None = None) -> dict:
     """Aggregate tokens/s of the engine with `b` sequences decoded together, per method and k: the
-    measurement behind the speculation-under-load policy (EngineConfig.load_policy)."""
+    measurement behind the speculation-under-load policy (EngineConfig.load_policy). `auto` (k is the
+    planner's) learns acceptance from `warmup_prompts` first, then is frozen, as in `run_bench`."""
     from tqdm.auto import tqdm
 
     from models.engine import Engine, EngineConfig, SamplingParams
@@ -444,13 +462,20 @@ def batch_sweep(model_dir: str, prompts: list[str], batch_sizes: list[int], runs
     runs = [(m, k) for m, k in runs if available(engine, m)]
     encoded = [encode_prompt(engine.tokenizer, p) for p in prompts]
     engine.generate_batch(encoded[:2], SamplingParams(max_new_tokens=8, ignore_eos=True))  # warm-up
+    if any(m == "auto" for m, _ in runs):
+        engine.planner.forget()
+        warm = [encode_prompt(engine.tokenizer, p) for p in warmup_prompts or []]
+        if warm:
+            engine.generate_batch(warm, SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True, method="auto"))
+        engine.planner.learning = False
     times: dict[tuple, list[float]] = {}
     bar = tqdm(total=reps * len(batch_sizes) * len(runs), desc="batch sweep", disable=not progress)
     for _ in range(reps):  # interleaved repetitions, medians: the machine is shared and noisy
         for b in batch_sizes:
             batch = [encoded[i % len(encoded)] for i in range(b)]
             for method, k in runs:
-                params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True, method=method, k=k)
+                params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True, method=method,
+                                        k=None if method == "auto" else k)
                 t0 = time.perf_counter()
                 engine.generate_batch(batch, params)
                 times.setdefault((b, method, k), []).append(time.perf_counter() - t0)
@@ -461,8 +486,11 @@ def batch_sweep(model_dir: str, prompts: list[str], batch_sizes: list[int], runs
     plain = {r["batch"]: r["tokens_per_s"] for r in rows if r["method"] == "ar"}
     for r in rows:
         r["vs_ar"] = r["tokens_per_s"] / plain[r["batch"]]
-    return {"model": model_dir, "dtype": str(engine.dtype).replace("torch.", ""), "max_new_tokens": max_new_tokens,
-            "reps": reps, "rows": rows}
+    report = {"model": model_dir, "dtype": engine.weights_dtype, "max_new_tokens": max_new_tokens,
+              "reps": reps, "rows": rows}
+    if any(m == "auto" for m, _ in runs):
+        report["auto"] = engine.planner.report(tuple(batch_sizes))
+    return report
 
 
 def plot(report: dict, path: str) -> None:

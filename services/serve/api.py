@@ -19,7 +19,9 @@ from models.engine.config import METHODS
 class Speculation(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal[METHODS] | None = Field(None, description="ar, sdsat, sdsat-fused, mlp or prompt-lookup")
+    method: Literal[METHODS] | None = Field(
+        None, description="ar, sdsat, sdsat-fused, mlp, prompt-lookup, or auto (the engine picks by this host's "
+                          "measured forward costs and acceptance)")
     k: int | None = Field(None, ge=0, le=16, description="draft tokens per iteration (0 = plain decoding)")
 
 

@@ -47,7 +47,7 @@ def engine_from_config(cfg: DecoderConfig):
         log.warning("speculation self-check failed: %s; failures: %s", report.summary(), report.failures[:4])
     elif report is not None:
         log.info("speculation self-check: %s", report.summary())
-    why = drafter_for(engine.config.method).unavailable(engine)
+    why = drafter_for(engine.config.method).unavailable(engine) if engine.config.method != "auto" else None
     if why:  # e.g. the configured sdsat method on a base without an adapter: serve it plainly, and say so
         log.warning("default method %r is unavailable for %s (%s): the default is 'ar'", engine.config.method,
                     cfg.model_dir, why)
@@ -116,6 +116,7 @@ class Decoder:
         self.engine.prefix_store = self.prefix_cache
         self.engine.generate([1, 2, 3], SamplingParams(max_new_tokens=4))  # warm-up before taking traffic
         self.engine.batch_sizes.clear()
+        self.engine.planner.forget()  # `auto` learns acceptance from real requests, not from the warm-up's
         self.tracing = Tracing("sdsat-decoder", TelemetryConfig(**(telemetry or {})).otlp_endpoint)
         self.metrics = DecoderMetrics(self.config.model_name)
         self.metrics.self_check(self.engine.speculation_lossless, self.engine.weights_dtype)
@@ -157,11 +158,12 @@ class Decoder:
         from models.engine.drafters import drafter_for
 
         report = self.engine.invariance
-        unavailable = {m: why for m in METHODS if (why := drafter_for(m).unavailable(self.engine)) is not None}
+        unavailable = {m: why for m in METHODS if m != "auto" and (why := drafter_for(m).unavailable(self.engine))}
         return {"ready": True, "model": self.config.model_name, "max_context": self.engine.max_context,
                 "sat": dataclasses.asdict(self.engine.sat) if self.engine.sat else None,
                 "methods": {"default": self.engine.config.method,
                             "available": [m for m in METHODS if m not in unavailable], "unavailable": unavailable},
+                "auto": self.engine.planner.report(),
                 "compiled": self.engine.compiled.report() if self.engine.compiled is not None else None,
                 "speculation": {"lossless": self.engine.speculation_lossless,
                                 "self_check": report.to_dict() if report is not None else None,

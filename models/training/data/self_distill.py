@@ -67,14 +67,20 @@ def code_contexts(paths: list[Path], tokenizer, context: int, count: int, seed: 
     return out
 
 
-def prompts(tokenizer, chat: int, completion: int, context: int, seed: int, heldout: bool = False) -> list[dict]:
-    """Interleaved chat and completion prompts (so a partial file has both kinds)."""
+def prompts(tokenizer, chat: int, completion: int, context: int, seed: int, heldout: bool = False,
+            skip_chat: int = 0, skip_completion: int = 0) -> list[dict]:
+    """Interleaved chat and completion prompts (so a partial file has both kinds). `skip_*` drops the first
+    prompts of each kind's seeded order: a later round of data takes the prompts after an earlier round's
+    (the same seed's first N prompts do not depend on how many are asked for)."""
     paths = stdlib_split(heldout)
     rng = random.Random(seed)
     headers = function_headers(paths)
     rng.shuffle(headers)
-    chat_rows = [{"kind": "chat", "ids": encode_chat(tokenizer, code_task_messages(h))} for h in headers[:chat]]
-    contexts = code_contexts(paths, tokenizer, context, completion, seed)
+    if skip_chat + chat > len(headers):
+        raise ValueError(f"{skip_chat} + {chat} chat prompts asked for, the split has {len(headers)} functions")
+    chat_rows = [{"kind": "chat", "ids": encode_chat(tokenizer, code_task_messages(h))}
+                 for h in headers[skip_chat : skip_chat + chat]]
+    contexts = code_contexts(paths, tokenizer, context, skip_completion + completion, seed)[skip_completion:]
     code_rows = [{"kind": "completion", "ids": ids} for ids in contexts]
     rows, ci, oi = [], 0, 0
     while ci < len(chat_rows) or oi < len(code_rows):  # keep the two kinds' ratio along the file
@@ -152,6 +158,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--context", type=int, default=128, help="tokens per raw code context")
     p.add_argument("--chat-new-tokens", type=int, default=160)
     p.add_argument("--completion-new-tokens", type=int, default=96)
+    p.add_argument("--skip-chat", type=int, default=0,
+                   help="skip the first N chat prompts of the seed's order (taken by an earlier round)")
+    p.add_argument("--skip-completion", type=int, default=0,
+                   help="skip the first N code contexts of the seed's order (taken by an earlier round)")
     p.add_argument("--limit", type=int, default=0, help="generate only the first N prompts (0 = all)")
     p.add_argument("--heldout", action="store_true", help="prompts from the held-out split (evaluation data)")
     p.add_argument("--seed", type=int, default=0)
@@ -165,7 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     engine = Engine.from_pretrained(args.model or ensure_base_model(),
                                     EngineConfig(method="ar", k=0, max_batch=args.max_batch, max_context=1024,
                                                  dtype=args.dtype, device="cpu"))
-    rows = prompts(engine.tokenizer, args.chat, args.completion, args.context, args.seed, args.heldout)
+    rows = prompts(engine.tokenizer, args.chat, args.completion, args.context, args.seed, args.heldout,
+                   args.skip_chat, args.skip_completion)
     rows = rows[: args.limit] if args.limit else rows
     args.out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

@@ -143,6 +143,18 @@ def test_the_trainer_learns_resumes_and_writes_a_loadable_adapter(tmp_path, coun
     spec = engine.generate(prompt, SamplingParams(max_new_tokens=16, method="sdsat", k=3, ignore_eos=True))
     assert spec["token_ids"] == ar["token_ids"]
     assert spec["stats"]["mean_accepted_per_iteration"] > 1.0
+    # a next round starts from these weights (fresh schedule and optimizer) and keeps snapshots along the way
+    again = replace(cfg, output_dir=str(tmp_path / "round-2"), init_from=str(final), max_steps=10, lr=1e-4,
+                    embedding_lr=1e-4, snapshot_every=5)
+    train(again, progress=False)
+    log2 = [json.loads(line) for line in (tmp_path / "round-2" / "log.jsonl").read_text().splitlines()]
+    assert log2[0]["loss"] < 0.5 * first, (log2[0]["loss"], first)  # it starts where round 1 ended, not afresh
+    snapshots = tmp_path / "round-2" / "snapshots"
+    assert sorted(p.name for p in snapshots.iterdir()) == ["step-10", "step-5"]
+    assert json.loads((snapshots / "step-5" / "metrics.json").read_text())["steps"] == 5
+    SatAdapter.load(snapshots / "step-5", load_model(counting_sdsat_dir))  # a snapshot is a loadable adapter
+    with pytest.raises(ConfigError, match="rank"):
+        train(replace(again, output_dir=str(tmp_path / "round-x"), rank=8, alpha=16.0), progress=False)
 
 
 @pytest.mark.parametrize("method", ["sdsat", "sdsat-fused"])

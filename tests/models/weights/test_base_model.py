@@ -134,3 +134,18 @@ def test_engine_greedy_equals_transformers_generate_on_the_real_base(fp32_engine
         ref = fp32_engine.model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
                                          eos_token_id=-1, pad_token_id=tokenizer.eos_token_id)
         assert out["token_ids"] == ref[0, len(prompt):].tolist()
+
+
+def test_a_later_round_of_data_takes_the_next_prompts_of_the_same_seeded_order(tokenizer):
+    from models.training.data.self_distill import prompts
+
+    def ids(rows):
+        return {tuple(r["ids"]) for r in rows}
+
+    first = prompts(tokenizer, 3, 2, 64, seed=3, heldout=True)
+    second = prompts(tokenizer, 3, 2, 64, seed=3, heldout=True, skip_chat=3, skip_completion=2)
+    both = prompts(tokenizer, 6, 4, 64, seed=3, heldout=True)
+    assert len(second) == 5 and not ids(first) & ids(second)
+    assert ids(first) | ids(second) == ids(both)
+    with pytest.raises(ValueError, match="chat prompts"):
+        prompts(tokenizer, 1, 0, 64, seed=3, heldout=True, skip_chat=10**6)

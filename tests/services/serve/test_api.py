@@ -70,7 +70,7 @@ def test_models_health_ready(service):
     assert speculation["lossless"] is True and speculation["self_check"]["kernels"] == "invariant"
     assert speculation["self_check"]["failures"] == [] and speculation["self_check"]["widths"] == [2, 4, 8, 16]
     methods = ready.json()["methods"]  # the counting test model has SAT tokens but no speculator beside it
-    assert set(methods["available"]) == {"ar", "sdsat", "sdsat-fused", "prompt-lookup"}
+    assert set(methods["available"]) == {"ar", "sdsat", "sdsat-fused", "prompt-lookup", "auto"}
     assert "speculator" in methods["unavailable"]["mlp"]
     models = httpx.get(service + "/v1/models").json()
     assert [m["id"] for m in models["data"]] == ["counting"] and models["data"][0]["methods"] == methods
@@ -85,6 +85,18 @@ def test_speculation_extension_and_seeded_sampling(service):
                    timeout=60).json()
     assert a["usage"]["speculation"]["drafted"] == 0 and b["usage"]["speculation"]["drafted"] > 0
     assert b["choices"][0]["text"] == c["choices"][0]["text"]  # seeded: reproducible
+
+
+def test_auto_answers_like_ar_and_reports_the_method_it_chose(service):
+    body = {"prompt": PROMPT, "max_tokens": 24, "temperature": 0}
+    ar = httpx.post(service + "/v1/completions", json={**body, "speculation": {"method": "ar"}}, timeout=60).json()
+    auto = httpx.post(service + "/v1/completions", json={**body, "speculation": {"method": "auto"}}, timeout=60).json()
+    assert auto["choices"][0]["text"] == ar["choices"][0]["text"]
+    assert ar["usage"]["speculation"]["method"] == "ar"
+    assert auto["usage"]["speculation"]["method"] in {"ar", "sdsat", "sdsat-fused", "prompt-lookup"}
+    plan = httpx.get(service + "/ready", timeout=30).json()["auto"]  # the costs it measured, what it would pick
+    assert plan["calibrated"] and plan["plans"]["1"]["choice"]["method"] in {"ar", "sdsat", "sdsat-fused",
+                                                                               "prompt-lookup"}
 
 
 def test_logprobs(service):

@@ -1,0 +1,326 @@
+"""`auto`: the decoding method and draft length with the most expected tokens per second, on this host,
+at the batch size the engine runs (issue [P] deliverable 3).
+
+Two measurements decide it, both taken by the engine itself:
+
+- cost: f(n), the time of one verify forward of n rows (one sequence, a `CONTEXT`-token context), measured
+  once on this host (`Planner.calibrate`, on the first `auto` request; about a second), for standard rows
+  and for rows that are SAT tokens (which carry the adapter's LoRA). A batch of B sequences of w rows each
+  costs about f(B * w): the weights are read once per forward whatever its rows, and each row attends to
+  its own sequence's keys in either case.
+- acceptance: a_m[i], the share of method m's iterations whose draft i was accepted. It starts from the
+  model's manifest (held-out acceptance measured when the adapter was trained, worth `PRIOR_ITERATIONS`
+  iterations), and every finished greedy request adds its own counts. Prompt lookup drafts without a
+  forward, so every finished greedy request, whatever its method, is also replayed through lookup at each
+  k (`lookup_replay`): greedy output does not depend on the method, so the replay is what lookup would
+  have accepted on it, the data users actually send.
+
+Per candidate, tokens emitted per iteration and rows per sequence (A(k) = a[0] + ... + a[k-1]):
+
+    ar               1              1 row
+    prompt-lookup k  1 + A(k)       1 + d(k) rows (d(k): drafts lookup found, per iteration)
+    sdsat k          2 + A(k)       k + 1 rows with k SAT rows, then a k + 1 row verify
+    sdsat-fused k    1 + A(k)       (k + 1) + (k + 1) k rows, (k + 1) k of them SAT rows
+
+A request asking for `auto` gets, at admission, the method with the best rate at the batch size it joins;
+then each iteration its k is the best for that method at the batch size of that iteration (0 = plain
+decoding, where no draft length beats ar). Every method is exact, so `auto` is exact too. Not modelled:
+the per-iteration Python time outside the forward (it favours speculation, so leaving it out is the
+conservative side), and the MLP speculator's own draft forwards (`mlp` is not a candidate).
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from models.engine.drafters import drafter_for
+from models.engine.drafters.prompt_lookup import prompt_lookup
+
+if TYPE_CHECKING:
+    from models.engine.sequence import Sequence
+
+CANDIDATES = ("prompt-lookup", "sdsat", "sdsat-fused")
+ROWS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64)  # forward widths timed by calibrate
+CONTEXT = 256  # committed tokens the timed forwards attend to
+REPEATS = 3  # timings per width; the fastest counts
+PRIOR_ITERATIONS = 64  # weight of the manifest's held-out acceptance against what requests show
+LOOKUP_MAX_K = 8
+
+
+@dataclass
+class Acceptance:
+    """Iterations and, per draft position, iterations that accepted it (plus drafts proposed: lookup
+    proposes fewer than k where its n-gram has no match or a short continuation)."""
+
+    iterations: float = 0.0
+    drafted: float = 0.0
+    accepted: list[float] | None = None
+
+    def add(self, iterations: float, drafted: float, per_position: list[float]) -> None:
+        self.iterations += iterations
+        self.drafted += drafted
+        acc = self.accepted or []
+        acc += [0.0] * (len(per_position) - len(acc))
+        for i, n in enumerate(per_position):
+            acc[i] += n
+        self.accepted = acc
+
+    def rate(self, i: int) -> float:
+        """a[i]: the share of iterations that accepted draft i (0 where nothing was seen)."""
+        if not self.iterations or self.accepted is None or i >= len(self.accepted):
+            return 0.0
+        return self.accepted[i] / self.iterations
+
+    def expected(self, k: int) -> float:
+        return sum(self.rate(i) for i in range(k))
+
+
+@dataclass(frozen=True)
+class Choice:
+    method: str
+    k: int
+    rate: float  # expected tokens per unit of time, in units of a 1-row forward's time, for the whole batch
+    speedup: float  # rate / ar's rate at the same batch size
+
+
+def lookup_replay(context: list[int], output: list[int], ngram: int, max_k: int = LOOKUP_MAX_K
+                  ) -> dict[int, tuple[int, int, list[int]]]:
+    """What prompt lookup would have done on a finished greedy request, for every k in 1..max_k:
+    k -> (iterations, drafts proposed, accepted per position). `context` is the prompt, `output` every
+    emitted token; the first output token comes from the prefill, so iterations start after it."""
+    # the continuation lookup proposes at each position, once, at the longest k (a shorter k takes a prefix)
+    proposals: dict[int, list[int]] = {}
+
+    def proposal(pos: int) -> list[int]:
+        if pos not in proposals:
+            proposals[pos] = prompt_lookup(context + output[:pos], max_k, ngram)
+        return proposals[pos]
+
+    out = {}
+    for k in range(1, max_k + 1):
+        pos, iterations, drafted, per_position = 1, 0, 0, [0] * k
+        while pos < len(output):
+            drafts = proposal(pos)[: min(k, len(output) - pos - 1)] if len(output) - pos > 1 else []
+            accepted = 0
+            while accepted < len(drafts) and drafts[accepted] == output[pos + accepted]:
+                per_position[accepted] += 1
+                accepted += 1
+            iterations += 1
+            drafted += len(drafts)
+            pos += accepted + 1
+        out[k] = (iterations, drafted, per_position)
+    return out
+
+
+class Planner:
+    def __init__(self, engine, priors: dict[str, list[float]] | None = None):
+        self.engine = engine
+        self.costs: dict[str, list[float]] | None = None  # "standard" / "sat" -> seconds per forward, at ROWS
+        self.widths: list[int] = []
+        self.priors = dict(priors or {})
+        self.learning = True  # False: finished requests no longer change the acceptance (benchmarks freeze it)
+        self._table: dict[int, tuple[Choice, dict[str, Choice]]] = {}
+        self.forget()
+
+    def forget(self) -> None:
+        """Drop what requests showed: acceptance is the manifest's prior again (the costs stay)."""
+        self.seen: dict[str, Acceptance] = {m: Acceptance() for m in ("sdsat", "sdsat-fused")}
+        self.lookup: dict[int, Acceptance] = {k: Acceptance() for k in range(1, LOOKUP_MAX_K + 1)}
+        for method, by_position in self.priors.items():
+            if method in self.seen:
+                self.seen[method].add(PRIOR_ITERATIONS, PRIOR_ITERATIONS * len(by_position),
+                                      [PRIOR_ITERATIONS * a for a in by_position])
+        self._table.clear()
+
+    # ---- what the engine tells it -----------------------------------------------------------------
+    def observe(self, seq: Sequence) -> None:
+        """A finished request's acceptance: its own method's counts, and lookup's replay."""
+        if not self.learning or not seq.params.greedy or seq.finish_reason == "cancelled":
+            return
+        s = seq.stats
+        if seq.method in self.seen and s.iterations:
+            self.seen[seq.method].add(s.iterations, s.drafted, list(s.accepted_per_position))
+        if len(seq.output_ids) > 1:
+            replay = lookup_replay(seq.prompt_ids, seq.output_ids, self.engine.config.prompt_lookup_ngram)
+            for k, (iterations, drafted, per_position) in replay.items():
+                self.lookup[k].add(iterations, drafted, per_position)
+        self._table.clear()
+
+    def calibrate(self, slot: int) -> None:
+        """Time forwards of every width in ROWS over a CONTEXT-token context in the free cache row `slot`,
+        standard rows and SAT rows; the row is left empty."""
+        eng = self.engine
+        cache = eng.cache
+        context = min(CONTEXT, eng.max_context // 2)
+        widths = [n for n in ROWS if context + n <= eng.max_context]
+        holder = _Slot(slot)
+        vocab = eng.model.config.vocab_size
+        filler = [(17 + 31 * i) % vocab for i in range(context + max(widths))]
+        cache.commit(slot, 0)
+        eng._forward([holder], [filler[:context]], last_only=True)
+        cache.commit(slot, context)
+        sat_ids = list(eng.sat.ids) if eng.sat is not None and eng.sat.ids else None
+        costs: dict[str, list[float]] = {"standard": [], "sat": []}
+        try:
+            for n in widths:
+                rows = {"standard": filler[context : context + n]}
+                if sat_ids is not None:
+                    rows["sat"] = [filler[context]] + [sat_ids[i % len(sat_ids)] for i in range(n - 1)]
+                for kind, chunk in rows.items():
+                    best = float("inf")
+                    for _ in range(REPEATS):
+                        t0 = time.perf_counter()
+                        eng._forward([holder], [chunk])
+                        best = min(best, time.perf_counter() - t0)
+                        cache.commit(slot, context)
+                    costs[kind].append(best)
+        finally:
+            cache.commit(slot, 0)
+        self.widths = widths
+        self.costs = {kind: c for kind, c in costs.items() if c}
+        self._table.clear()
+
+    # ---- the model ----------------------------------------------------------------------------------
+    def f(self, rows: float, kind: str = "standard") -> float:
+        """Seconds of one forward of `rows` rows (linear between timed widths, and past the widest)."""
+        xs, ys = self.widths, self.costs[kind]
+        rows = max(1.0, rows)
+        i = min(max(bisect.bisect_left(xs, rows), 1), len(xs) - 1)
+        x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+        return y0 + (y1 - y0) * (rows - x0) / (x1 - x0)
+
+    def mixed(self, rows: float, sat_rows: float) -> float:
+        """A forward of `rows` rows of which `sat_rows` are SAT rows."""
+        if "sat" not in self.costs or rows <= 1:
+            return self.f(rows)
+        standard, sat = self.f(rows), self.f(rows, "sat")  # the "sat" timing has rows - 1 SAT rows
+        return standard + (sat - standard) * sat_rows / (rows - 1)
+
+    def candidates(self) -> list[str]:
+        """Methods this engine can run losslessly for a request now."""
+        eng = self.engine
+        if not eng.speculation_lossless:
+            return []
+        out = []
+        for method in CANDIDATES:
+            drafter = drafter_for(method)
+            if drafter.unavailable(eng) is None and not (drafter.sat_rows and eng.compiled is not None):
+                out.append(method)
+        return out
+
+    def rate(self, method: str, k: int, batch: int) -> float:
+        """Expected tokens per unit of time (a 1-row forward = 1) for `batch` sequences decoding with it."""
+        unit = self.f(1)
+        if method == "ar" or k == 0:
+            return batch * unit / self.f(batch)
+        if method == "prompt-lookup":
+            seen = self.lookup[k]
+            drafted = seen.drafted / seen.iterations if seen.iterations else 0.0
+            return batch * (1 + seen.expected(k)) * unit / self.f(batch * (1 + drafted))
+        seen = self.seen[method]
+        if method == "sdsat":
+            cost = self.mixed(batch * (k + 1), batch * k) + self.f(batch * (k + 1))
+            return batch * (2 + seen.expected(k)) * unit / cost
+        if method == "sdsat-fused":
+            rows = (k + 1) + (k + 1) * k
+            return batch * (1 + seen.expected(k)) * unit / self.mixed(batch * rows, batch * (k + 1) * k)
+        raise ValueError(method)
+
+    def k_range(self, method: str) -> range:
+        eng = self.engine
+        top = min(eng.config.max_k, eng.k_cap)
+        if method == "prompt-lookup":
+            return range(1, min(top, LOOKUP_MAX_K) + 1)
+        return range(1, min(top, eng.sat.k_train if eng.sat is not None else 0) + 1)
+
+    def table(self, batch: int) -> tuple[Choice, dict[str, Choice]]:
+        """The best choice at this batch size, and each candidate method's best k there."""
+        if batch not in self._table:
+            ar_rate = self.rate("ar", 0, batch)
+            per_method = {"ar": Choice("ar", 0, ar_rate, 1.0)}
+            for method in self.candidates():
+                scored = [(self.rate(method, k, batch), k) for k in self.k_range(method)]
+                rate, k = max(scored, default=(0.0, 0), key=lambda x: (x[0], -x[1]))
+                if k and rate > ar_rate:
+                    per_method[method] = Choice(method, k, rate, rate / ar_rate)
+                else:  # no draft length beats plain decoding: the method decodes plainly at this size
+                    per_method[method] = Choice(method, 0, ar_rate, 1.0)
+            best = max(per_method.values(), key=lambda c: (c.rate, c.method == "ar"))
+            self._table[batch] = (best, per_method)
+        return self._table[batch]
+
+    # ---- what the engine asks -----------------------------------------------------------------------
+    def choose(self, batch: int, slot: int) -> Choice:
+        """The method for a request joining a batch of `batch` sequences (calibrates first if needed,
+        in the free cache row `slot`)."""
+        if self.costs is None:
+            self.calibrate(slot)
+        return self.table(max(1, batch))[0]
+
+    def k_for(self, method: str, batch: int) -> int:
+        return self.table(max(1, batch))[1].get(method, Choice(method, 0, 0.0, 1.0)).k
+
+    def report(self, batches: tuple[int, ...] = (1, 2, 4, 8, 16)) -> dict:
+        """What auto would choose at each batch size and why (for `/ready` and `sdsat bench`)."""
+        if self.costs is None:
+            return {"calibrated": False, "priors": self.priors}
+        one = self.costs["standard"][0]
+        out = {"calibrated": True, "host_forward_ms": round(one * 1e3, 3),
+               "r": {str(n): round(c / one, 3) for n, c in zip(self.widths, self.costs["standard"], strict=True)},
+               "acceptance_by_position": {
+                   **{m: [round(a.rate(i), 3) for i in range(len(a.accepted or []))] for m, a in self.seen.items()},
+                   "prompt-lookup": [round(self.lookup[LOOKUP_MAX_K].rate(i), 3) for i in range(LOOKUP_MAX_K)]},
+               "observed_iterations": {**{m: round(a.iterations - (PRIOR_ITERATIONS if m in self.priors else 0))
+                                          for m, a in self.seen.items()},
+                                       "prompt-lookup": int(self.lookup[1].iterations)},
+               "priors": self.priors}
+        if "sat" in self.costs:
+            out["sat_row_cost"] = {str(n): round(s / c, 3) for n, c, s in
+                                   zip(self.widths, self.costs["standard"], self.costs["sat"], strict=True) if n > 1}
+        plans = {}
+        for b in batches:
+            if b > self.engine.config.max_batch:
+                continue
+            best, per_method = self.table(b)
+            plans[str(b)] = {"choice": {"method": best.method, "k": best.k, "expected_speedup": round(best.speedup, 3)},
+                             "candidates": {m: {"k": c.k, "expected_speedup": round(c.speedup, 3)}
+                                            for m, c in per_method.items()}}
+        out["plans"] = plans
+        return out
+
+
+class _Slot:
+    """Stands in for a Sequence in `Engine._forward`, which reads only the cache row."""
+
+    def __init__(self, slot: int):
+        self.slot = slot
+
+
+def manifest_priors(directory: str | Path) -> dict[str, list[float]]:
+    """Held-out acceptance by position per SDSAT method, from the model folder's manifest.json (the
+    longest k measured), or nothing."""
+    path = Path(directory) / "manifest.json"
+    if not path.is_file():
+        return {}
+    report = json.loads(path.read_text()).get("heldout_acceptance") or {}
+    priors: dict[str, list[float]] = {}
+    for key, value in report.items():
+        if not isinstance(value, dict) or "accepted_by_position" not in value:
+            continue
+        method = key.rsplit("_k", 1)[0]
+        if method in ("sdsat", "sdsat-fused") and len(value["accepted_by_position"]) > len(priors.get(method, [])):
+            priors[method] = [float(a) for a in value["accepted_by_position"]]
+    return priors
+
+
+def resolve(engine, seq: Sequence, batch: int) -> None:
+    """Give an `auto` request its method at admission (its cache row is not yet taken)."""
+    choice = engine.planner.choose(batch, len(engine.running))
+    seq.method = choice.method if choice.k else "ar"
+    if seq.method == "ar":
+        seq.k = 0
