@@ -227,7 +227,7 @@ class Engine:
         while self.waiting and len(self.running) < self.cache.slots:  # admission: a free KV slot
             seq = self.waiting.popleft()
             if seq.auto:  # its method, for the batch it joins (the first time: this host's costs, in its free row)
-                resolve(self, seq, len(self.running) + 1 + len(self.waiting))
+                resolve(self, seq, min(self.cache.slots, len(self.running) + 1 + len(self.waiting)))
             seq.slot = len(self.running)
             self.cache.commit(seq.slot, 0)
             self.running.append(seq)
