@@ -9,8 +9,8 @@ Two measurements decide it, both taken by the engine itself:
   costs about f(B * w): the weights are read once per forward whatever its rows, and each row attends to
   its own sequence's keys in either case.
 - acceptance: a_m[i], the share of method m's iterations whose draft i was accepted. It starts from the
-  model's manifest (held-out acceptance measured when the adapter was trained, worth `PRIOR_ITERATIONS`
-  iterations), and every finished greedy request adds its own counts. Prompt lookup drafts without a
+  model's manifests (held-out acceptance measured when the adapter and the speculator were trained, worth
+  `PRIOR_ITERATIONS` iterations), and every finished greedy request adds its own counts. Prompt lookup drafts without a
   forward, so every finished greedy request, whatever its method, is also replayed through lookup at each
   k (`lookup_replay`): greedy output does not depend on the method, so the replay is what lookup would
   have accepted on it, the data users actually send.
@@ -21,12 +21,13 @@ Per candidate, tokens emitted per iteration and rows per sequence (A(k) = a[0] +
     prompt-lookup k  1 + A(k)       1 + d(k) rows (d(k): drafts lookup found, per iteration)
     sdsat k          2 + A(k)       k + 1 rows with k SAT rows, then a k + 1 row verify
     sdsat-fused k    1 + A(k)       (k + 1) + (k + 1) k rows, (k + 1) k of them SAT rows
+    mlp k            1 + A(k)       k speculator stages (timed at calibration), then k + 1 rows
 
 A request asking for `auto` gets, at admission, the method with the best rate at the batch size it joins;
 then each iteration its k is the best for that method at the batch size of that iteration (0 = plain
 decoding, where no draft length beats ar). Every method is exact, so `auto` is exact too. Not modelled:
 the per-iteration Python time outside the forward (it favours speculation, so leaving it out is the
-conservative side), and the MLP speculator's own draft forwards (`mlp` is not a candidate).
+conservative side).
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ from models.engine.drafters.prompt_lookup import prompt_lookup
 if TYPE_CHECKING:
     from models.engine.sequence import Sequence
 
-CANDIDATES = ("prompt-lookup", "sdsat", "sdsat-fused")
+CANDIDATES = ("prompt-lookup", "sdsat", "sdsat-fused", "mlp")
+SEEN = ("sdsat", "sdsat-fused", "mlp")  # methods whose acceptance only their own requests show
 ROWS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64)  # forward widths timed by calibrate
 CONTEXT = 256  # committed tokens the timed forwards attend to
 REPEATS = 3  # timings per width; the fastest counts
@@ -122,6 +124,7 @@ class Planner:
         self.engine = engine
         self.costs: dict[str, list[float]] | None = None  # "standard" / "sat" -> seconds per forward, at ROWS
         self.widths: list[int] = []
+        self.draft_step: dict[int, float] = {}  # mlp: seconds of one speculator stage for B sequences
         self.priors = dict(priors or {})
         self.learning = True  # False: finished requests no longer change the acceptance (benchmarks freeze it)
         self._table: dict[int, tuple[Choice, dict[str, Choice]]] = {}
@@ -129,7 +132,7 @@ class Planner:
 
     def forget(self) -> None:
         """Drop what requests showed: acceptance is the manifest's prior again (the costs stay)."""
-        self.seen: dict[str, Acceptance] = {m: Acceptance() for m in ("sdsat", "sdsat-fused")}
+        self.seen: dict[str, Acceptance] = {m: Acceptance() for m in SEEN}
         self.lookup: dict[int, Acceptance] = {k: Acceptance() for k in range(1, LOOKUP_MAX_K + 1)}
         for method, by_position in self.priors.items():
             if method in self.seen:
@@ -183,7 +186,37 @@ class Planner:
             cache.commit(slot, 0)
         self.widths = widths
         self.costs = {kind: c for kind, c in costs.items() if c}
+        if eng.speculator is not None:
+            self.draft_step = {b: self._time_draft_step(b) for b in sorted({1, eng.config.max_batch})}
         self._table.clear()
+
+    def _time_draft_step(self, batch: int) -> float:
+        """Seconds of one MLP speculator stage for `batch` sequences, as the `mlp` drafter runs it (the
+        stage, its logits to the CPU, the argmax)."""
+        import functools
+
+        import torch
+
+        from models.engine.drafters.mlp import _linear
+
+        eng = self.engine
+        spec, linear = eng.speculator, functools.partial(_linear, invariant=eng.invariant_kernels)
+        state = torch.zeros(batch, eng.model.config.hidden_size, dtype=eng.dtype, device=eng.device)
+        tokens = torch.zeros(batch, dtype=torch.long, device=eng.device)
+        best = float("inf")
+        with torch.inference_mode():
+            for _ in range(REPEATS):
+                t0 = time.perf_counter()
+                _, logits = spec.step(0, state, tokens, linear)
+                logits.float().cpu().argmax(-1)
+                best = min(best, time.perf_counter() - t0)
+        return best
+
+    def draft_cost(self, batch: int, k: int) -> float:
+        """mlp: k speculator stages for `batch` sequences (linear between the timed batch sizes)."""
+        (b0, t0), (b1, t1) = min(self.draft_step.items()), max(self.draft_step.items())
+        per_stage = t0 if b1 == b0 else t0 + (t1 - t0) * (batch - b0) / (b1 - b0)
+        return k * per_stage
 
     # ---- the model ----------------------------------------------------------------------------------
     def f(self, rows: float, kind: str = "standard") -> float:
@@ -229,6 +262,8 @@ class Planner:
         if method == "sdsat-fused":
             rows = (k + 1) + (k + 1) * k
             return batch * (1 + seen.expected(k)) * unit / self.mixed(batch * rows, batch * (k + 1) * k)
+        if method == "mlp":  # its stages, then a plain k + 1 row verify
+            return batch * (1 + seen.expected(k)) * unit / (self.draft_cost(batch, k) + self.f(batch * (k + 1)))
         raise ValueError(method)
 
     def k_range(self, method: str) -> range:
@@ -236,6 +271,8 @@ class Planner:
         top = min(eng.config.max_k, eng.k_cap)
         if method == "prompt-lookup":
             return range(1, min(top, LOOKUP_MAX_K) + 1)
+        if method == "mlp":
+            return range(1, min(top, eng.speculator.n_predict if eng.speculator is not None else 0) + 1)
         return range(1, min(top, eng.sat.k_train if eng.sat is not None else 0) + 1)
 
     def table(self, batch: int) -> tuple[Choice, dict[str, Choice]]:
@@ -279,6 +316,8 @@ class Planner:
                                           for m, a in self.seen.items()},
                                        "prompt-lookup": int(self.lookup[1].iterations)},
                "priors": self.priors}
+        if self.draft_step:
+            out["mlp_stage_ms"] = {str(b): round(t * 1e3, 3) for b, t in self.draft_step.items()}
         if "sat" in self.costs:
             out["sat_row_cost"] = {str(n): round(s / c, 3) for n, c, s in
                                    zip(self.widths, self.costs["standard"], self.costs["sat"], strict=True) if n > 1}
@@ -315,6 +354,11 @@ def manifest_priors(directory: str | Path) -> dict[str, list[float]]:
         method = key.rsplit("_k", 1)[0]
         if method in ("sdsat", "sdsat-fused") and len(value["accepted_by_position"]) > len(priors.get(method, [])):
             priors[method] = [float(a) for a in value["accepted_by_position"]]
+    speculator = Path(directory) / "speculator" / "manifest.json"
+    if speculator.is_file():  # the served engine's own greedy check of the speculator shipped beside the model
+        check = json.loads(speculator.read_text()).get("engine_check") or {}
+        if check.get("accepted_by_position"):
+            priors["mlp"] = [float(a) for a in check["accepted_by_position"]]
     return priors
 
 

@@ -145,4 +145,16 @@ def test_the_shipped_adapter_has_priors():
     from models.weights.checkpoint import default_model_dir
 
     priors = manifest_priors(default_model_dir())
-    assert set(priors) == {"sdsat", "sdsat-fused"} and all(0 < p[0] <= 1 for p in priors.values())
+    assert set(priors) == {"sdsat", "sdsat-fused", "mlp"} and all(0 < p[0] <= 1 for p in priors.values())
+
+
+def test_a_dear_speculator_stage_counts_against_mlp():
+    flat = {n: 1.0 + 0.05 * (n - 1) for n in (1, 2, 4, 8, 16, 36, 64)}
+    cheap, dear = _planner(flat), _planner(flat)
+    for planner, stage in ((cheap, 0.02), (dear, 1.0)):  # one speculator stage, in units of a 1-row forward
+        planner.engine.speculator = type("Speculator", (), {"n_predict": 3})()
+        planner.draft_step = {1: stage, 16: 4 * stage}
+        _accept(planner, "mlp", [0.8, 0.6, 0.4])
+    assert cheap.table(1)[1]["mlp"].k == 3 and cheap.table(1)[0].method == "mlp"
+    assert dear.table(1)[1]["mlp"].rate < cheap.table(1)[1]["mlp"].rate
+    assert dear.k_for("mlp", 16) <= cheap.k_for("mlp", 16)

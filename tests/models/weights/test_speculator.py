@@ -187,3 +187,17 @@ def test_cli_trains_and_reports_errors(tmp_path, counting_sdsat_dir, count_corpu
     assert MLPSpeculator.load(tmp_path / "speculator").n_predict == 2
     assert main(args + ["--n-predict", "0"]) == 2
     assert "n_predict must be >= 1" in capsys.readouterr().err
+
+
+def test_auto_weighs_the_speculator_too_and_stays_exact(parts):
+    prompts = [[1, 2, 3, 4], [8, 10, 12], [5, 7]]
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    plain = _engine(parts, method="ar").generate_batch(prompts, params)
+    engine = _engine(parts, method="auto")
+    engine.planner.priors = {"mlp": [0.95, 0.9, 0.85, 0.8]}  # as the speculator's manifest would give it
+    engine.planner.forget()
+    got = engine.generate_batch(prompts, params)
+    assert [o["token_ids"] for o in got] == [o["token_ids"] for o in plain]
+    report = engine.planner.report()
+    assert set(report["mlp_stage_ms"]) == {"1", "16"} and all(v > 0 for v in report["mlp_stage_ms"].values())
+    assert "mlp" in report["plans"]["1"]["candidates"]
