@@ -3,7 +3,8 @@
 `SpecStats` is the one stats schema used everywhere (CLI, bench, service `usage.speculation`,
 metrics): forwards (target-model forwards, prefill included), iterations (draft-verify rounds),
 drafted, accepted (draft tokens accepted; the exact and bonus tokens are not drafts), emitted
-(output tokens) and accepted_per_position.
+(output tokens), accepted_per_position and drafted_per_position (iterations that drafted position i:
+acceptance at i given a draft there is accepted_per_position[i] / drafted_per_position[i]).
 """
 
 from __future__ import annotations
@@ -135,6 +136,7 @@ class SpecStats:
     accepted: int = 0
     emitted: int = 0
     accepted_per_position: list[int] = field(default_factory=list)
+    drafted_per_position: list[int] = field(default_factory=list)  # iterations that drafted position i at all
 
     def record(self, drafted: int, accepted: int) -> None:
         self.iterations += 1
@@ -142,8 +144,11 @@ class SpecStats:
         self.accepted += accepted
         if len(self.accepted_per_position) < drafted:
             self.accepted_per_position.extend([0] * (drafted - len(self.accepted_per_position)))
+            self.drafted_per_position.extend([0] * (drafted - len(self.drafted_per_position)))
         for i in range(accepted):
             self.accepted_per_position[i] += 1
+        for i in range(drafted):
+            self.drafted_per_position[i] += 1
 
     def merge(self, other: SpecStats) -> None:
         self.forwards += other.forwards
@@ -151,16 +156,18 @@ class SpecStats:
         self.iterations += other.iterations
         self.drafted += other.drafted
         self.accepted += other.accepted
-        for i, n in enumerate(other.accepted_per_position):
-            if i >= len(self.accepted_per_position):
-                self.accepted_per_position.append(0)
-            self.accepted_per_position[i] += n
+        for mine, theirs in ((self.accepted_per_position, other.accepted_per_position),
+                             (self.drafted_per_position, other.drafted_per_position)):
+            mine.extend([0] * (len(theirs) - len(mine)))
+            for i, n in enumerate(theirs):
+                mine[i] += n
 
     def to_dict(self) -> dict:
         return {
             "forwards": self.forwards, "iterations": self.iterations, "drafted": self.drafted,
             "accepted": self.accepted, "emitted": self.emitted,
             "accepted_per_position": list(self.accepted_per_position),
+            "drafted_per_position": list(self.drafted_per_position),
             "acceptance_rate": self.accepted / self.drafted if self.drafted else 0.0,
             "mean_accepted_per_iteration": self.accepted / self.iterations if self.iterations else 0.0,
             "forwards_per_token": self.forwards / self.emitted if self.emitted else 0.0,

@@ -34,52 +34,58 @@ from __future__ import annotations
 
 import bisect
 import json
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from models.engine.drafters import drafter_for
-from models.engine.drafters.prompt_lookup import prompt_lookup
 
 if TYPE_CHECKING:
     from models.engine.sequence import Sequence
 
 CANDIDATES = ("prompt-lookup", "sdsat", "sdsat-fused", "mlp")
 SEEN = ("sdsat", "sdsat-fused", "mlp")  # methods whose acceptance only their own requests show
-ROWS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64)  # forward widths timed by calibrate
+ROWS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64, 96, 128, 192, 256)  # forward widths calibrate times
 CONTEXT = 256  # committed tokens the timed forwards attend to
-REPEATS = 3  # timings per width; the fastest counts
+REPEATS = 3  # timings per width (2 past 64 rows); the fastest counts
 PRIOR_ITERATIONS = 64  # weight of the manifest's held-out acceptance against what requests show
 LOOKUP_MAX_K = 8
 
 
 @dataclass
 class Acceptance:
-    """Iterations and, per draft position, iterations that accepted it (plus drafts proposed: lookup
-    proposes fewer than k where its n-gram has no match or a short continuation)."""
+    """Iterations, drafts proposed, and per draft position: iterations that drafted it (`offered`) and
+    iterations that accepted it."""
 
     iterations: float = 0.0
     drafted: float = 0.0
-    accepted: list[float] | None = None
+    accepted: list[float] = field(default_factory=list)
+    offered: list[float] = field(default_factory=list)
 
-    def add(self, iterations: float, drafted: float, per_position: list[float]) -> None:
+    def add(self, iterations: float, drafted: float, accepted: list[float], offered: list[float]) -> None:
         self.iterations += iterations
         self.drafted += drafted
-        acc = self.accepted or []
-        acc += [0.0] * (len(per_position) - len(acc))
-        for i, n in enumerate(per_position):
-            acc[i] += n
-        self.accepted = acc
+        for mine, theirs in ((self.accepted, accepted), (self.offered, offered)):
+            mine.extend([0.0] * (len(theirs) - len(mine)))
+            for i, n in enumerate(theirs):
+                mine[i] += n
 
     def rate(self, i: int) -> float:
-        """a[i]: the share of iterations that accepted draft i (0 where nothing was seen)."""
-        if not self.iterations or self.accepted is None or i >= len(self.accepted):
+        """a[i]: the share of iterations that drafted position i and accepted it (0 where none drafted it).
+        Iterations that drafted less (k = 0 under load, the end of a request) say nothing about position i."""
+        if i >= len(self.offered) or not self.offered[i]:
             return 0.0
-        return self.accepted[i] / self.iterations
+        return self.accepted[i] / self.offered[i]
 
     def expected(self, k: int) -> float:
+        """Drafts accepted per iteration that drafts k."""
         return sum(self.rate(i) for i in range(k))
+
+    def per_iteration(self) -> float:
+        """Drafts accepted per iteration, iterations that found nothing to draft included (prompt lookup)."""
+        return sum(self.accepted) / self.iterations if self.iterations else 0.0
 
 
 @dataclass(frozen=True)
@@ -90,73 +96,97 @@ class Choice:
     speedup: float  # rate / ar's rate at the same batch size
 
 
-def lookup_replay(context: list[int], output: list[int], ngram: int, max_k: int = LOOKUP_MAX_K
-                  ) -> dict[int, tuple[int, int, list[int]]]:
+def lookup_replay(context: list[int], output: list[int], ngram: int, max_k: int = LOOKUP_MAX_K,
+                  limit: int | None = None) -> dict[int, tuple[int, int, list[int], list[int]]]:
     """What prompt lookup would have done on a finished greedy request, for every k in 1..max_k:
-    k -> (iterations, drafts proposed, accepted per position). `context` is the prompt, `output` every
-    emitted token; the first output token comes from the prefill, so iterations start after it."""
-    # the continuation lookup proposes at each position, once, at the longest k (a shorter k takes a prefix)
-    proposals: dict[int, list[int]] = {}
-
-    def proposal(pos: int) -> list[int]:
-        if pos not in proposals:
-            proposals[pos] = prompt_lookup(context + output[:pos], max_k, ngram)
-        return proposals[pos]
-
+    k -> (iterations, drafts proposed, accepted per position, drafted per position). `context` is the
+    prompt, `output` every emitted token, `limit` the most tokens the request could emit (default: as many
+    as it did); the first output token comes from the prefill, so iterations start after it. Exact for a
+    request that ended by its length; for one that stopped at EOS or a stop string, its last iteration may
+    differ (the engine may have drafted past the stop). One pass over the tokens: an index from each
+    n-gram to its latest start, grown as the context grows (the engine's `prompt_lookup` at every step)."""
+    tokens = list(context) + list(output)
+    limit = len(output) if limit is None else limit
+    index: list[dict[tuple, int]] = [{} for _ in range(ngram + 1)]
+    proposals, indexed = [[] for _ in output], -1  # indexed: windows ending at or before this index are known
+    for pos in range(1, len(output)):
+        end = len(context) + pos  # the context at this iteration is tokens[:end]
+        while indexed < end - 2:  # a window must have a successor inside the context
+            indexed += 1
+            for n in range(1, ngram + 1):
+                if indexed - n + 1 >= 0:
+                    index[n][tuple(tokens[indexed - n + 1 : indexed + 1])] = indexed - n + 1
+        for n in range(min(ngram, end - 1), 0, -1):  # the longest n-gram with an earlier occurrence
+            start = index[n].get(tuple(tokens[end - n : end]))
+            if start is not None:
+                proposals[pos] = tokens[start + n : min(start + n + max_k, end)]
+                break
     out = {}
     for k in range(1, max_k + 1):
-        pos, iterations, drafted, per_position = 1, 0, 0, [0] * k
+        pos, iterations, drafted, accepted, offered = 1, 0, 0, [0] * k, [0] * k
         while pos < len(output):
-            drafts = proposal(pos)[: min(k, len(output) - pos - 1)] if len(output) - pos > 1 else []
-            accepted = 0
-            while accepted < len(drafts) and drafts[accepted] == output[pos + accepted]:
-                per_position[accepted] += 1
-                accepted += 1
+            drafts = proposals[pos][: max(0, min(k, limit - pos - 1))]
+            n = 0
+            while n < len(drafts) and pos + n < len(output) and drafts[n] == output[pos + n]:
+                accepted[n] += 1
+                n += 1
+            for i in range(len(drafts)):
+                offered[i] += 1
             iterations += 1
             drafted += len(drafts)
-            pos += accepted + 1
-        out[k] = (iterations, drafted, per_position)
+            pos += n + 1
+        out[k] = (iterations, drafted, accepted, offered)
     return out
 
 
 class Planner:
     def __init__(self, engine, priors: dict[str, list[float]] | None = None):
         self.engine = engine
-        self.costs: dict[str, list[float]] | None = None  # "standard" / "sat" -> seconds per forward, at ROWS
+        self.costs: dict[str, list[float]] | None = None  # "standard" / "sat" -> seconds per forward, at widths
         self.widths: list[int] = []
         self.draft_step: dict[int, float] = {}  # mlp: seconds of one speculator stage for B sequences
         self.priors = dict(priors or {})
         self.learning = True  # False: finished requests no longer change the acceptance (benchmarks freeze it)
+        self._calibrated_compiled = False  # whether the costs were timed on compiled graphs
+        self._lock = threading.RLock()  # the engine's thread learns and plans; /ready reads from another
         self._table: dict[int, tuple[Choice, dict[str, Choice]]] = {}
         self.forget()
 
     def forget(self) -> None:
-        """Drop what requests showed: acceptance is the manifest's prior again (the costs stay)."""
-        self.seen: dict[str, Acceptance] = {m: Acceptance() for m in SEEN}
-        self.lookup: dict[int, Acceptance] = {k: Acceptance() for k in range(1, LOOKUP_MAX_K + 1)}
-        for method, by_position in self.priors.items():
-            if method in self.seen:
-                self.seen[method].add(PRIOR_ITERATIONS, PRIOR_ITERATIONS * len(by_position),
-                                      [PRIOR_ITERATIONS * a for a in by_position])
-        self._table.clear()
+        """Drop what requests showed: acceptance is the manifests' prior again (the costs stay)."""
+        with self._lock:
+            self.seen: dict[str, Acceptance] = {m: Acceptance() for m in SEEN}
+            self.lookup: dict[int, Acceptance] = {k: Acceptance() for k in range(1, LOOKUP_MAX_K + 1)}
+            for method, by_position in self.priors.items():
+                if method in self.seen:
+                    n = PRIOR_ITERATIONS
+                    self.seen[method].add(n, n * len(by_position), [n * a for a in by_position],
+                                          [n] * len(by_position))
+            self._table.clear()
 
     # ---- what the engine tells it -----------------------------------------------------------------
     def observe(self, seq: Sequence) -> None:
-        """A finished request's acceptance: its own method's counts, and lookup's replay."""
-        if not self.learning or not seq.params.greedy or seq.finish_reason == "cancelled":
+        """A finished request's acceptance: its own method's counts, and lookup's replay. Only once `auto`
+        is in use on this engine (its costs measured): before that nothing here is read."""
+        if self.costs is None or not self.learning or not seq.params.greedy or seq.finish_reason == "cancelled":
             return
         s = seq.stats
-        if seq.method in self.seen and s.iterations:
-            self.seen[seq.method].add(s.iterations, s.drafted, list(s.accepted_per_position))
+        replay = None
         if len(seq.output_ids) > 1:
-            replay = lookup_replay(seq.prompt_ids, seq.output_ids, self.engine.config.prompt_lookup_ngram)
-            for k, (iterations, drafted, per_position) in replay.items():
-                self.lookup[k].add(iterations, drafted, per_position)
-        self._table.clear()
+            limit = min(seq.params.max_new_tokens, seq.max_context - len(seq.prompt_ids))
+            replay = lookup_replay(seq.prompt_ids, seq.output_ids, self.engine.config.prompt_lookup_ngram,
+                                   limit=limit)
+        with self._lock:
+            if seq.method in self.seen and s.iterations:
+                self.seen[seq.method].add(s.iterations, s.drafted, list(s.accepted_per_position),
+                                          list(s.drafted_per_position))
+            for k, (iterations, drafted, accepted, offered) in (replay or {}).items():
+                self.lookup[k].add(iterations, drafted, accepted, offered)
+            self._table.clear()
 
     def calibrate(self, slot: int) -> None:
         """Time forwards of every width in ROWS over a CONTEXT-token context in the free cache row `slot`,
-        standard rows and SAT rows; the row is left empty."""
+        standard rows and SAT rows (and one MLP speculator stage); the row is left empty."""
         eng = self.engine
         cache = eng.cache
         context = min(CONTEXT, eng.max_context // 2)
@@ -164,19 +194,19 @@ class Planner:
         holder = _Slot(slot)
         vocab = eng.model.config.vocab_size
         filler = [(17 + 31 * i) % vocab for i in range(context + max(widths))]
-        cache.commit(slot, 0)
-        eng._forward([holder], [filler[:context]], last_only=True)
-        cache.commit(slot, context)
         sat_ids = list(eng.sat.ids) if eng.sat is not None and eng.sat.ids else None
         costs: dict[str, list[float]] = {"standard": [], "sat": []}
+        cache.commit(slot, 0)
         try:
+            eng._forward([holder], [filler[:context]], last_only=True)
+            cache.commit(slot, context)
             for n in widths:
                 rows = {"standard": filler[context : context + n]}
                 if sat_ids is not None:
                     rows["sat"] = [filler[context]] + [sat_ids[i % len(sat_ids)] for i in range(n - 1)]
                 for kind, chunk in rows.items():
                     best = float("inf")
-                    for _ in range(REPEATS):
+                    for _ in range(REPEATS if n <= 64 else 2):
                         t0 = time.perf_counter()
                         eng._forward([holder], [chunk])
                         best = min(best, time.perf_counter() - t0)
@@ -184,11 +214,14 @@ class Planner:
                     costs[kind].append(best)
         finally:
             cache.commit(slot, 0)
-        self.widths = widths
-        self.costs = {kind: c for kind, c in costs.items() if c}
-        if eng.speculator is not None:
-            self.draft_step = {b: self._time_draft_step(b) for b in sorted({1, eng.config.max_batch})}
-        self._table.clear()
+        draft_step = {b: self._time_draft_step(b) for b in sorted({1, eng.config.max_batch})} \
+            if eng.speculator is not None else {}
+        with self._lock:
+            self.widths = widths
+            self.costs = {kind: c for kind, c in costs.items() if c}
+            self.draft_step = draft_step
+            self._calibrated_compiled = eng.compiled is not None and eng.compiled.active
+            self._table.clear()
 
     def _time_draft_step(self, batch: int) -> float:
         """Seconds of one MLP speculator stage for `batch` sequences, as the `mlp` drafter runs it (the
@@ -212,16 +245,12 @@ class Planner:
                 best = min(best, time.perf_counter() - t0)
         return best
 
-    def draft_cost(self, batch: int, k: int) -> float:
-        """mlp: k speculator stages for `batch` sequences (linear between the timed batch sizes)."""
-        (b0, t0), (b1, t1) = min(self.draft_step.items()), max(self.draft_step.items())
-        per_stage = t0 if b1 == b0 else t0 + (t1 - t0) * (batch - b0) / (b1 - b0)
-        return k * per_stage
-
     # ---- the model ----------------------------------------------------------------------------------
     def f(self, rows: float, kind: str = "standard") -> float:
         """Seconds of one forward of `rows` rows (linear between timed widths, and past the widest)."""
         xs, ys = self.widths, self.costs[kind]
+        if len(xs) == 1:
+            return ys[0] * max(1.0, rows)
         rows = max(1.0, rows)
         i = min(max(bisect.bisect_left(xs, rows), 1), len(xs) - 1)
         x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
@@ -233,6 +262,12 @@ class Planner:
             return self.f(rows)
         standard, sat = self.f(rows), self.f(rows, "sat")  # the "sat" timing has rows - 1 SAT rows
         return standard + (sat - standard) * sat_rows / (rows - 1)
+
+    def draft_cost(self, batch: int, k: int) -> float:
+        """mlp: k speculator stages for `batch` sequences (linear between the timed batch sizes)."""
+        (b0, t0), (b1, t1) = min(self.draft_step.items()), max(self.draft_step.items())
+        per_stage = t0 if b1 == b0 else t0 + (t1 - t0) * (batch - b0) / (b1 - b0)
+        return k * per_stage
 
     def candidates(self) -> list[str]:
         """Methods this engine can run losslessly for a request now."""
@@ -247,14 +282,17 @@ class Planner:
         return out
 
     def rate(self, method: str, k: int, batch: int) -> float:
-        """Expected tokens per unit of time (a 1-row forward = 1) for `batch` sequences decoding with it."""
+        """Expected tokens per unit of time (a 1-row forward = 1) for `batch` sequences decoding with it.
+        A batched forward pads every sequence to the widest chunk, so B sequences of up to w rows cost f(B w)."""
         unit = self.f(1)
         if method == "ar" or k == 0:
             return batch * unit / self.f(batch)
-        if method == "prompt-lookup":
+        if method == "prompt-lookup":  # replayed at this k: iterations without a match draft nothing
             seen = self.lookup[k]
-            drafted = seen.drafted / seen.iterations if seen.iterations else 0.0
-            return batch * (1 + seen.expected(k)) * unit / self.f(batch * (1 + drafted))
+            matched = seen.offered[0] / seen.iterations if seen.iterations and seen.offered else 0.0
+            drafts = seen.drafted / seen.offered[0] if seen.offered and seen.offered[0] else 0.0
+            width = 1 + drafts * (1 - (1 - matched) ** batch)  # the widest chunk: one match pads them all
+            return batch * (1 + seen.per_iteration()) * unit / self.f(batch * width)
         seen = self.seen[method]
         if method == "sdsat":
             cost = self.mixed(batch * (k + 1), batch * k) + self.f(batch * (k + 1))
@@ -277,7 +315,9 @@ class Planner:
 
     def table(self, batch: int) -> tuple[Choice, dict[str, Choice]]:
         """The best choice at this batch size, and each candidate method's best k there."""
-        if batch not in self._table:
+        with self._lock:
+            if batch in self._table:
+                return self._table[batch]
             ar_rate = self.rate("ar", 0, batch)
             per_method = {"ar": Choice("ar", 0, ar_rate, 1.0)}
             for method in self.candidates():
@@ -288,14 +328,15 @@ class Planner:
                 else:  # no draft length beats plain decoding: the method decodes plainly at this size
                     per_method[method] = Choice(method, 0, ar_rate, 1.0)
             best = max(per_method.values(), key=lambda c: (c.rate, c.method == "ar"))
-            self._table[batch] = (best, per_method)
-        return self._table[batch]
+            self._table[batch] = entry = (best, per_method)
+            return entry
 
     # ---- what the engine asks -----------------------------------------------------------------------
     def choose(self, batch: int, slot: int) -> Choice:
-        """The method for a request joining a batch of `batch` sequences (calibrates first if needed,
-        in the free cache row `slot`)."""
-        if self.costs is None:
+        """The method for a request joining a batch of `batch` sequences (calibrates first if needed, in the
+        free cache row `slot`, and again once a compiled forward has taken over from eager ops)."""
+        compiled = self.engine.compiled
+        if self.costs is None or (compiled is not None and compiled.active != self._calibrated_compiled):
             self.calibrate(slot)
         return self.table(max(1, batch))[0]
 
@@ -304,33 +345,39 @@ class Planner:
 
     def report(self, batches: tuple[int, ...] = (1, 2, 4, 8, 16)) -> dict:
         """What auto would choose at each batch size and why (for `/ready` and `sdsat bench`)."""
-        if self.costs is None:
-            return {"calibrated": False, "priors": self.priors}
-        one = self.costs["standard"][0]
-        out = {"calibrated": True, "host_forward_ms": round(one * 1e3, 3),
-               "r": {str(n): round(c / one, 3) for n, c in zip(self.widths, self.costs["standard"], strict=True)},
-               "acceptance_by_position": {
-                   **{m: [round(a.rate(i), 3) for i in range(len(a.accepted or []))] for m, a in self.seen.items()},
-                   "prompt-lookup": [round(self.lookup[LOOKUP_MAX_K].rate(i), 3) for i in range(LOOKUP_MAX_K)]},
-               "observed_iterations": {**{m: round(a.iterations - (PRIOR_ITERATIONS if m in self.priors else 0))
-                                          for m, a in self.seen.items()},
-                                       "prompt-lookup": int(self.lookup[1].iterations)},
-               "priors": self.priors}
-        if self.draft_step:
-            out["mlp_stage_ms"] = {str(b): round(t * 1e3, 3) for b, t in self.draft_step.items()}
-        if "sat" in self.costs:
-            out["sat_row_cost"] = {str(n): round(s / c, 3) for n, c, s in
-                                   zip(self.widths, self.costs["standard"], self.costs["sat"], strict=True) if n > 1}
-        plans = {}
-        for b in batches:
-            if b > self.engine.config.max_batch:
-                continue
-            best, per_method = self.table(b)
-            plans[str(b)] = {"choice": {"method": best.method, "k": best.k, "expected_speedup": round(best.speedup, 3)},
-                             "candidates": {m: {"k": c.k, "expected_speedup": round(c.speedup, 3)}
-                                            for m, c in per_method.items()}}
-        out["plans"] = plans
-        return out
+        with self._lock:
+            if self.costs is None:
+                return {"calibrated": False, "priors": self.priors}
+            one = self.costs["standard"][0]
+            out = {"calibrated": True, "host_forward_ms": round(one * 1e3, 3),
+                   "r": {str(n): round(c / one, 3) for n, c in zip(self.widths, self.costs["standard"], strict=True)},
+                   "acceptance_by_position": {
+                       **{m: [round(a.rate(i), 3) for i in range(len(a.offered))] for m, a in self.seen.items()},
+                       "prompt-lookup": [round(self.lookup[LOOKUP_MAX_K].rate(i), 3) for i in range(LOOKUP_MAX_K)]},
+                   "lookup_accepted_per_iteration": {str(k): round(a.per_iteration(), 3)
+                                                     for k, a in self.lookup.items()},
+                   "observed_iterations": {
+                       **{m: round(a.iterations - (PRIOR_ITERATIONS if m in self.priors else 0))
+                          for m, a in self.seen.items()},
+                       "prompt-lookup": int(self.lookup[1].iterations)},
+                   "priors": self.priors}
+            if self.draft_step:
+                out["mlp_stage_ms"] = {str(b): round(t * 1e3, 3) for b, t in self.draft_step.items()}
+            if "sat" in self.costs:
+                out["sat_row_cost"] = {str(n): round(s / c, 3) for n, c, s in
+                                       zip(self.widths, self.costs["standard"], self.costs["sat"], strict=True)
+                                       if n > 1}
+            plans = {}
+            for b in batches:
+                if b > self.engine.config.max_batch:
+                    continue
+                best, per_method = self.table(b)
+                plans[str(b)] = {"choice": {"method": best.method, "k": best.k,
+                                            "expected_speedup": round(best.speedup, 3)},
+                                 "candidates": {m: {"k": c.k, "expected_speedup": round(c.speedup, 3)}
+                                                for m, c in per_method.items()}}
+            out["plans"] = plans
+            return out
 
 
 class _Slot:

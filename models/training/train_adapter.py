@@ -163,7 +163,7 @@ def _init_from(adapter: SatAdapter, directory: Path) -> None:
     from models.weights.adapter import ADAPTER_WEIGHTS
 
     saved, ours = AdapterConfig.load(directory), adapter.config
-    for name in ("base_sha256", "vocab_size", "num_sat", "rank", "targets"):
+    for name in ("base_sha256", "vocab_size", "num_sat", "rank", "alpha", "targets"):
         if getattr(saved, name) != getattr(ours, name):
             raise ConfigError(f"init_from {directory}: its {name} is {getattr(saved, name)!r}, this run's is "
                               f"{getattr(ours, name)!r}")

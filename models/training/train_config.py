@@ -217,7 +217,8 @@ class AdapterTrainConfig:
     seed: int = field(0, "seed for initialisation, data order and anchors")
     heldout_rows: int = field(16, "rows at the end of the data file kept for the held-out SAT loss")
     init_from: str = field("", "adapter folder whose weights start this run (a later round resumes a shipped "
-                               "adapter under a fresh schedule); its rank, k and targets must match")
+                               "adapter under a fresh schedule); its k_train, rank, alpha and targets "
+                               "must match this run's")
     device: str = field("auto", "cpu, cuda, cuda:N, or auto")
     dtype: Literal["float32", "bfloat16"] = field("bfloat16", "compute dtype of the frozen base (the teacher): "
                                                            "use the dtype that is served")
