@@ -201,3 +201,19 @@ def test_auto_weighs_the_speculator_too_and_stays_exact(parts):
     report = engine.planner.report()
     assert set(report["mlp_stage_ms"]) == {"1", "16"} and all(v > 0 for v in report["mlp_stage_ms"].values())
     assert "mlp" in report["plans"]["1"]["candidates"]
+
+
+def test_bench_runs_auto_after_a_warm_up_and_records_its_choices(trained):
+    from services.bench import common as bench
+
+    report = bench.run_bench(str(trained[0]), ["0 1 2 3", "7 9 11"], 12, [2], 1, ["prompt-lookup", "auto"],
+                             progress=False, warmup_prompts=["4 5 6", "10 12 14"])
+    rows = {r["method"]: r for r in report["results"]}
+    assert set(rows) == {"ar", "prompt-lookup", "auto"} and rows["auto"]["identical_fraction"] == 1.0
+    auto = report["auto"]
+    assert auto["warmup_prompts"] == 2 and sum(auto["chosen"].values()) == 2  # one timed request per prompt
+    assert set(auto["chosen"]) <= {"ar", "prompt-lookup", "sdsat", "sdsat-fused", "mlp"}
+    # learned from the two warm-up prompts only, then frozen: the timed runs added nothing
+    plan = auto["plan"]
+    assert plan["calibrated"] and plan["observed_iterations"]["prompt-lookup"] > 0
+    assert plan["observed_iterations"]["prompt-lookup"] <= 2 * 12  # at most one iteration per warm-up token
