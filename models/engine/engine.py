@@ -90,6 +90,7 @@ class Engine:
         self.batch_sizes: deque[int] = deque(maxlen=100_000)  # decode batch sizes of recent iterations (tests)
         self.cancelled = 0
         self.draft_seconds = 0.0  # wall time spent drafting (benchmarks: the draft's own cost per iteration)
+        self.forward_seconds = 0.0  # wall time in model forwards (reset after the self-check below)
         # lossless speculation needs width-invariant forwards: checked here, on this host (None: not checked);
         # a compiled forward is checked once its classes are ready (the first compile: minutes; then cached)
         self.invariance = None
@@ -103,6 +104,10 @@ class Engine:
         self._checked_compiled = self.compiled is not None and self.compiled.active
         # method `auto` (models/engine/planner.py): this host's forward costs, measured on the first auto request
         self.planner = Planner(self, acceptance_priors)
+        # where a step's time goes, from here on (the planner: time outside the forward per decoding sequence;
+        # its own calibration counts as neither)
+        self.forward_seconds = self.outside_seconds = self.calibration_seconds = 0.0
+        self.sequence_iterations = 0
 
     def huge_pages(self) -> dict:
         """The int4 weights' placement (models/engine/memory.py): MiB copied into the huge-page block, and MiB
@@ -224,6 +229,7 @@ class Engine:
     # ---- the engine step ------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
+        t0, forward0, calibration0 = time.perf_counter(), self.forward_seconds, self.calibration_seconds
         while self.waiting and len(self.running) < self.cache.slots:  # admission: a free KV slot
             seq = self.waiting.popleft()
             if seq.auto:  # its method, for the batch it joins (the first time: this host's costs, in its free row)
@@ -245,6 +251,9 @@ class Engine:
         for seq in [s for s in self.running if s.finished]:
             self.planner.observe(seq)
             self._release(seq)
+        self.outside_seconds += time.perf_counter() - t0 - (self.forward_seconds - forward0) \
+            - (self.calibration_seconds - calibration0)
+        self.sequence_iterations += len(decoding)
         return outputs
 
     def _release(self, seq: Sequence) -> None:
@@ -372,6 +381,13 @@ class Engine:
 
     # ---- the batched forward --------------------------------------------------------------------
     def _forward(self, seqs: list[Sequence], chunks: list[list[int]], layouts=None, last_only=False):
+        t0 = time.perf_counter()
+        try:
+            return self._run_forward(seqs, chunks, layouts, last_only)
+        finally:
+            self.forward_seconds += time.perf_counter() - t0
+
+    def _run_forward(self, seqs: list[Sequence], chunks: list[list[int]], layouts=None, last_only=False):
         """One model forward over new tokens of several sequences, written after each one's committed
         KV. layouts[i] = (position offsets, local [T_i, T_i] visibility) or None for a causal chunk.
         Returns per sequence its [T_i, V] logits on the CPU and [T_i, H] final hidden states on the

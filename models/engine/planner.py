@@ -25,9 +25,9 @@ Per candidate, tokens emitted per iteration and rows per sequence (A(k) = a[0] +
 
 A request asking for `auto` gets, at admission, the method with the best rate at the batch size it joins;
 then each iteration its k is the best for that method at the batch size of that iteration (0 = plain
-decoding, where no draft length beats ar). Every method is exact, so `auto` is exact too. Not modelled:
-the per-iteration Python time outside the forward (it favours speculation, so leaving it out is the
-conservative side).
+decoding, where no draft length beats ar). Every method is exact, so `auto` is exact too. Each forward
+also pays the engine step's time outside the forward (accept, emit, detokenize), per sequence, as the
+engine measures it while it runs: two-step SDSAT pays it twice per iteration.
 """
 
 from __future__ import annotations
@@ -188,6 +188,7 @@ class Planner:
         """Time forwards of every width in ROWS over a CONTEXT-token context in the free cache row `slot`,
         standard rows and SAT rows (and one MLP speculator stage); the row is left empty."""
         eng = self.engine
+        t0, forward0 = time.perf_counter(), eng.forward_seconds
         cache = eng.cache
         context = min(CONTEXT, eng.max_context // 2)
         widths = [n for n in ROWS if context + n <= eng.max_context]
@@ -216,6 +217,8 @@ class Planner:
             cache.commit(slot, 0)
         draft_step = {b: self._time_draft_step(b) for b in sorted({1, eng.config.max_batch})} \
             if eng.speculator is not None else {}
+        eng.forward_seconds = forward0  # the calibration is not the engine's decoding work
+        eng.calibration_seconds += time.perf_counter() - t0
         with self._lock:
             self.widths = widths
             self.costs = {kind: c for kind, c in costs.items() if c}
@@ -281,27 +284,35 @@ class Planner:
                 out.append(method)
         return out
 
+    def overhead(self) -> float:
+        """Seconds of an engine step outside the forward, per decoding sequence, as the engine has measured
+        them so far (accepting, emitting, detokenizing, drafting without a forward); 0 before any step."""
+        eng = self.engine
+        return max(0.0, eng.outside_seconds) / eng.sequence_iterations if eng.sequence_iterations else 0.0
+
     def rate(self, method: str, k: int, batch: int) -> float:
         """Expected tokens per unit of time (a 1-row forward = 1) for `batch` sequences decoding with it.
-        A batched forward pads every sequence to the widest chunk, so B sequences of up to w rows cost f(B w)."""
-        unit = self.f(1)
+        A batched forward pads every sequence to the widest chunk, so B sequences of up to w rows cost f(B w);
+        each forward also costs the step's time outside it (`overhead`), per sequence."""
+        unit, extra = self.f(1), batch * self.overhead()
         if method == "ar" or k == 0:
-            return batch * unit / self.f(batch)
+            return batch * unit / (self.f(batch) + extra)
         if method == "prompt-lookup":  # replayed at this k: iterations without a match draft nothing
             seen = self.lookup[k]
             matched = seen.offered[0] / seen.iterations if seen.iterations and seen.offered else 0.0
             drafts = seen.drafted / seen.offered[0] if seen.offered and seen.offered[0] else 0.0
             width = 1 + drafts * (1 - (1 - matched) ** batch)  # the widest chunk: one match pads them all
-            return batch * (1 + seen.per_iteration()) * unit / self.f(batch * width)
+            return batch * (1 + seen.per_iteration()) * unit / (self.f(batch * width) + extra)
         seen = self.seen[method]
-        if method == "sdsat":
-            cost = self.mixed(batch * (k + 1), batch * k) + self.f(batch * (k + 1))
+        if method == "sdsat":  # two forwards, each with its step's work around it
+            cost = self.mixed(batch * (k + 1), batch * k) + self.f(batch * (k + 1)) + 2 * extra
             return batch * (2 + seen.expected(k)) * unit / cost
         if method == "sdsat-fused":
             rows = (k + 1) + (k + 1) * k
-            return batch * (1 + seen.expected(k)) * unit / self.mixed(batch * rows, batch * (k + 1) * k)
+            return batch * (1 + seen.expected(k)) * unit / (self.mixed(batch * rows, batch * (k + 1) * k) + extra)
         if method == "mlp":  # its stages, then a plain k + 1 row verify
-            return batch * (1 + seen.expected(k)) * unit / (self.draft_cost(batch, k) + self.f(batch * (k + 1)))
+            cost = self.draft_cost(batch, k) + self.f(batch * (k + 1)) + extra
+            return batch * (1 + seen.expected(k)) * unit / cost
         raise ValueError(method)
 
     def k_range(self, method: str) -> range:
@@ -350,6 +361,7 @@ class Planner:
                 return {"calibrated": False, "priors": self.priors}
             one = self.costs["standard"][0]
             out = {"calibrated": True, "host_forward_ms": round(one * 1e3, 3),
+                   "step_overhead_ms_per_sequence": round(self.overhead() * 1e3, 3),
                    "r": {str(n): round(c / one, 3) for n, c in zip(self.widths, self.costs["standard"], strict=True)},
                    "acceptance_by_position": {
                        **{m: [round(a.rate(i), 3) for i in range(len(a.offered))] for m, a in self.seen.items()},
