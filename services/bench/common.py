@@ -273,7 +273,7 @@ def run_bench(model_dir: str, prompts: list, max_new_tokens: int, ks: list[int],
         if m in K_SWEPT:  # mlp drafts at most one token per head: larger k would repeat k = n_predict
             runs += [(m, k) for k in ks if m != "mlp" or k <= engine.speculator.n_predict]
         elif m in ("prompt-lookup", "hf-prompt-lookup"):
-            runs += [(m, k) for k in ks if k in (3, 5, 8)] or [(m, ks[-1])]
+            runs += [(m, k) for k in ks if k in (1, 3, 5, 8)] or [(m, ks[-1])]  # 1: the served default
         elif m != "ar":
             runs.append((m, 0))
 
