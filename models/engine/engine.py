@@ -107,7 +107,7 @@ class Engine:
         # where a step's time goes, from here on (the planner: time outside the forward per decoding sequence;
         # its own calibration counts as neither)
         self.forward_seconds = self.outside_seconds = self.calibration_seconds = 0.0
-        self.sequence_iterations = 0
+        self.sequence_iterations = self.decoded_tokens = 0
 
     def huge_pages(self) -> dict:
         """The int4 weights' placement (models/engine/memory.py): MiB copied into the huge-page block, and MiB
@@ -245,6 +245,7 @@ class Engine:
         decoding = [s for s in self.running if s.prefilled == len(s.prompt_ids) and not s.finished]
         if prefilling:
             self._prefill(prefilling)
+        emitted0 = sum(len(s.output_ids) for s in decoding)
         if decoding:
             self._iterate(decoding)
         outputs = [out for s in list(self.running) if (out := s.take_output()) is not None]
@@ -254,6 +255,7 @@ class Engine:
         self.outside_seconds += time.perf_counter() - t0 - (self.forward_seconds - forward0) \
             - (self.calibration_seconds - calibration0)
         self.sequence_iterations += len(decoding)
+        self.decoded_tokens += sum(len(s.output_ids) for s in decoding) - emitted0
         return outputs
 
     def _release(self, seq: Sequence) -> None:

@@ -25,15 +25,16 @@ Per candidate, tokens emitted per iteration and rows per sequence (A(k) = a[0] +
 
 A request asking for `auto` gets, at admission, the method with the best rate at the batch size it joins;
 then each iteration its k is the best for that method at the batch size of that iteration (0 = plain
-decoding, where no draft length beats ar). Every method is exact, so `auto` is exact too. Each forward
-also pays the engine step's time outside the forward (accept, emit, detokenize), per sequence, as the
-engine measures it while it runs: two-step SDSAT pays it twice per iteration.
+decoding, where no draft length beats ar). Every method is exact, so `auto` is exact too. Each emitted
+token also costs the engine's time outside the forward (accept, emit, detokenize), as the engine measures
+it while it runs.
 """
 
 from __future__ import annotations
 
 import bisect
 import json
+import statistics
 import threading
 import time
 from dataclasses import dataclass, field
@@ -47,9 +48,11 @@ if TYPE_CHECKING:
 
 CANDIDATES = ("prompt-lookup", "sdsat", "sdsat-fused", "mlp")
 SEEN = ("sdsat", "sdsat-fused", "mlp")  # methods whose acceptance only their own requests show
-ROWS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64, 96, 128, 192, 256)  # forward widths calibrate times
+ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)  # forward widths calibrate times (past 128: linear)
+SAT_ROWS = 16  # SAT rows are timed up to this width; wider, they cost what they cost there, relative to standard
+WIDE = 64  # widths past this are timed in one pass only (a 128-row int4 forward takes about 0.2 s on 2 vCPUs)
 CONTEXT = 256  # committed tokens the timed forwards attend to
-REPEATS = 3  # timings per width (2 past 64 rows); the fastest counts
+REPEATS = 3  # timed passes over the widths (after one untimed); the median counts
 PRIOR_ITERATIONS = 64  # weight of the manifest's held-out acceptance against what requests show
 LOOKUP_MAX_K = 8
 
@@ -188,7 +191,7 @@ class Planner:
         """Time forwards of every width in ROWS over a CONTEXT-token context in the free cache row `slot`,
         standard rows and SAT rows (and one MLP speculator stage); the row is left empty."""
         eng = self.engine
-        t0, forward0 = time.perf_counter(), eng.forward_seconds
+        began, forward0 = time.perf_counter(), eng.forward_seconds
         cache = eng.cache
         context = min(CONTEXT, eng.max_context // 2)
         widths = [n for n in ROWS if context + n <= eng.max_context]
@@ -201,24 +204,35 @@ class Planner:
         try:
             eng._forward([holder], [filler[:context]], last_only=True)
             cache.commit(slot, context)
+            chunks = []
             for n in widths:
-                rows = {"standard": filler[context : context + n]}
-                if sat_ids is not None:
-                    rows["sat"] = [filler[context]] + [sat_ids[i % len(sat_ids)] for i in range(n - 1)]
-                for kind, chunk in rows.items():
-                    best = float("inf")
-                    for _ in range(REPEATS if n <= 64 else 2):
-                        t0 = time.perf_counter()
-                        eng._forward([holder], [chunk])
-                        best = min(best, time.perf_counter() - t0)
-                        cache.commit(slot, context)
-                    costs[kind].append(best)
+                chunks.append(("standard", n, filler[context : context + n]))
+                if sat_ids is not None and n <= SAT_ROWS:
+                    chunks.append(("sat", n, [filler[context]] + [sat_ids[i % len(sat_ids)] for i in range(n - 1)]))
+            times: dict[tuple[str, int], list[float]] = {(kind, n): [] for kind, n, _ in chunks}
+            for rep in range(REPEATS + 1):  # every width once per pass (the first pass warms up, untimed), so a
+                for kind, n, chunk in chunks:  # slow spell of the shared machine hits all widths alike
+                    if n > WIDE and rep < REPEATS:
+                        continue
+                    t0 = time.perf_counter()
+                    eng._forward([holder], [chunk])
+                    if rep:
+                        times[(kind, n)].append(time.perf_counter() - t0)
+                    cache.commit(slot, context)
+            for kind, n, _ in chunks:
+                costs[kind].append(statistics.median(times[(kind, n)]))
+            for series in costs.values():  # a wider forward never costs less than a narrower one
+                for i in range(1, len(series)):
+                    series[i] = max(series[i], series[i - 1])
+            if costs["sat"]:  # past SAT_ROWS: the widest timed SAT-row cost ratio
+                ratio = costs["sat"][-1] / costs["standard"][len(costs["sat"]) - 1]
+                costs["sat"] += [c * ratio for c in costs["standard"][len(costs["sat"]) :]]
         finally:
             cache.commit(slot, 0)
         draft_step = {b: self._time_draft_step(b) for b in sorted({1, eng.config.max_batch})} \
             if eng.speculator is not None else {}
         eng.forward_seconds = forward0  # the calibration is not the engine's decoding work
-        eng.calibration_seconds += time.perf_counter() - t0
+        eng.calibration_seconds += time.perf_counter() - began
         with self._lock:
             self.widths = widths
             self.costs = {kind: c for kind, c in costs.items() if c}
@@ -285,34 +299,38 @@ class Planner:
         return out
 
     def overhead(self) -> float:
-        """Seconds of an engine step outside the forward, per decoding sequence, as the engine has measured
-        them so far (accepting, emitting, detokenizing, drafting without a forward); 0 before any step."""
+        """Seconds of engine work outside the forward per emitted token, as the engine has measured it so far
+        (accepting, emitting, detokenizing, drafting without a forward); 0 before any step. Counted per token,
+        not per iteration: speculation is not credited with spreading it over several tokens, since most of it
+        (the argmax over each verified row, emitting, detokenizing) grows with the tokens."""
         eng = self.engine
-        return max(0.0, eng.outside_seconds) / eng.sequence_iterations if eng.sequence_iterations else 0.0
+        return max(0.0, eng.outside_seconds) / eng.decoded_tokens if eng.decoded_tokens else 0.0
 
     def rate(self, method: str, k: int, batch: int) -> float:
         """Expected tokens per unit of time (a 1-row forward = 1) for `batch` sequences decoding with it.
         A batched forward pads every sequence to the widest chunk, so B sequences of up to w rows cost f(B w);
         each forward also costs the step's time outside it (`overhead`), per sequence."""
-        unit, extra = self.f(1), batch * self.overhead()
+        unit, per_token = self.f(1), self.overhead()
+
+        def per_time(tokens: float, forward_cost: float) -> float:  # `tokens` per sequence and iteration
+            return batch * tokens * unit / (forward_cost + batch * tokens * per_token)
+
         if method == "ar" or k == 0:
-            return batch * unit / (self.f(batch) + extra)
+            return per_time(1.0, self.f(batch))
         if method == "prompt-lookup":  # replayed at this k: iterations without a match draft nothing
             seen = self.lookup[k]
             matched = seen.offered[0] / seen.iterations if seen.iterations and seen.offered else 0.0
             drafts = seen.drafted / seen.offered[0] if seen.offered and seen.offered[0] else 0.0
             width = 1 + drafts * (1 - (1 - matched) ** batch)  # the widest chunk: one match pads them all
-            return batch * (1 + seen.per_iteration()) * unit / (self.f(batch * width) + extra)
+            return per_time(1 + seen.per_iteration(), self.f(batch * width))
         seen = self.seen[method]
-        if method == "sdsat":  # two forwards, each with its step's work around it
-            cost = self.mixed(batch * (k + 1), batch * k) + self.f(batch * (k + 1)) + 2 * extra
-            return batch * (2 + seen.expected(k)) * unit / cost
+        if method == "sdsat":  # two forwards an iteration
+            return per_time(2 + seen.expected(k), self.mixed(batch * (k + 1), batch * k) + self.f(batch * (k + 1)))
         if method == "sdsat-fused":
             rows = (k + 1) + (k + 1) * k
-            return batch * (1 + seen.expected(k)) * unit / (self.mixed(batch * rows, batch * (k + 1) * k) + extra)
+            return per_time(1 + seen.expected(k), self.mixed(batch * rows, batch * (k + 1) * k))
         if method == "mlp":  # its stages, then a plain k + 1 row verify
-            cost = self.draft_cost(batch, k) + self.f(batch * (k + 1)) + extra
-            return batch * (1 + seen.expected(k)) * unit / cost
+            return per_time(1 + seen.expected(k), self.draft_cost(batch, k) + self.f(batch * (k + 1)))
         raise ValueError(method)
 
     def k_range(self, method: str) -> range:
@@ -361,7 +379,7 @@ class Planner:
                 return {"calibrated": False, "priors": self.priors}
             one = self.costs["standard"][0]
             out = {"calibrated": True, "host_forward_ms": round(one * 1e3, 3),
-                   "step_overhead_ms_per_sequence": round(self.overhead() * 1e3, 3),
+                   "outside_forward_ms_per_token": round(self.overhead() * 1e3, 3),
                    "r": {str(n): round(c / one, 3) for n, c in zip(self.widths, self.costs["standard"], strict=True)},
                    "acceptance_by_position": {
                        **{m: [round(a.rate(i), 3) for i in range(len(a.offered))] for m, a in self.seen.items()},
