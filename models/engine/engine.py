@@ -103,11 +103,11 @@ class Engine:
         # what the self-check saw: compiled graphs or eager ops (a graph error while serving turns them off)
         self._checked_compiled = self.compiled is not None and self.compiled.active
         # method `auto` (models/engine/planner.py): this host's forward costs, measured on the first auto request
-        self.planner = Planner(self, acceptance_priors)
-        # where a step's time goes, from here on (the planner: time outside the forward per decoding sequence;
+        # where a step's time goes, from here on (the planner: time outside the forward per decoded token;
         # its own calibration counts as neither)
         self.forward_seconds = self.outside_seconds = self.calibration_seconds = 0.0
         self.sequence_iterations = self.decoded_tokens = 0
+        self.planner = Planner(self, acceptance_priors)
 
     def huge_pages(self) -> dict:
         """The int4 weights' placement (models/engine/memory.py): MiB copied into the huge-page block, and MiB

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import logging
 import statistics
 import threading
 import time
@@ -45,6 +46,8 @@ from models.engine.drafters import drafter_for
 
 if TYPE_CHECKING:
     from models.engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
 
 CANDIDATES = ("prompt-lookup", "sdsat", "sdsat-fused", "mlp")
 SEEN = ("sdsat", "sdsat-fused", "mlp")  # methods whose acceptance only their own requests show
@@ -156,7 +159,9 @@ class Planner:
         self.forget()
 
     def forget(self) -> None:
-        """Drop what requests showed: acceptance is the manifests' prior again (the costs stay)."""
+        """Drop what requests showed: acceptance is the manifests' prior again, and the time outside the
+        forward is measured afresh (the forward costs stay)."""
+        self.engine.outside_seconds, self.engine.decoded_tokens = 0.0, 0
         with self._lock:
             self.seen: dict[str, Acceptance] = {m: Acceptance() for m in SEEN}
             self.lookup: dict[int, Acceptance] = {k: Acceptance() for k in range(1, LOOKUP_MAX_K + 1)}
@@ -227,12 +232,12 @@ class Planner:
             if costs["sat"]:  # past SAT_ROWS: the widest timed SAT-row cost ratio
                 ratio = costs["sat"][-1] / costs["standard"][len(costs["sat"]) - 1]
                 costs["sat"] += [c * ratio for c in costs["standard"][len(costs["sat"]) :]]
+            draft_step = {b: self._time_draft_step(b) for b in sorted({1, eng.config.max_batch})} \
+                if eng.speculator is not None else {}
         finally:
             cache.commit(slot, 0)
-        draft_step = {b: self._time_draft_step(b) for b in sorted({1, eng.config.max_batch})} \
-            if eng.speculator is not None else {}
-        eng.forward_seconds = forward0  # the calibration is not the engine's decoding work
-        eng.calibration_seconds += time.perf_counter() - began
+            eng.forward_seconds = forward0  # the calibration is not the engine's decoding work
+            eng.calibration_seconds += time.perf_counter() - began
         with self._lock:
             self.widths = widths
             self.costs = {kind: c for kind, c in costs.items() if c}
@@ -440,8 +445,14 @@ def manifest_priors(directory: str | Path) -> dict[str, list[float]]:
 
 
 def resolve(engine, seq: Sequence, batch: int) -> None:
-    """Give an `auto` request its method at admission (its cache row is not yet taken)."""
-    choice = engine.planner.choose(batch, len(engine.running))
+    """Give an `auto` request its method at admission (its cache row is not yet taken). If planning fails
+    (the calibration's widest forward out of memory, say), the request decodes plainly rather than being lost."""
+    try:
+        choice = engine.planner.choose(batch, len(engine.running))
+    except Exception:
+        log.exception("auto: planning failed; the request decodes with ar")
+        seq.method, seq.k, seq.auto = "ar", 0, False
+        return
     seq.method = choice.method if choice.k else "ar"
     if seq.method == "ar":
         seq.k = 0

@@ -217,3 +217,16 @@ def test_the_engine_measures_its_time_outside_the_forward(parts):
     forward = engine.forward_seconds
     engine.planner.calibrate(slot=3)  # its forwards are not decoding work
     assert engine.calibration_seconds > 0 and engine.forward_seconds == forward
+
+
+def test_a_failed_calibration_leaves_the_request_on_ar_not_lost(parts, monkeypatch):
+    engine = _engine(parts)
+
+    def out_of_memory(slot):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(engine.planner, "calibrate", out_of_memory)
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    out = engine.generate(PROMPTS[0], params)
+    assert out["stats"]["method"] == "ar" and out["finish_reason"] == "length"
+    assert out["token_ids"] == _engine(parts, method="ar").generate(PROMPTS[0], params)["token_ids"]
