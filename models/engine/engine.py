@@ -102,11 +102,11 @@ class Engine:
             self.invariance = check_invariance(self)
         # what the self-check saw: compiled graphs or eager ops (a graph error while serving turns them off)
         self._checked_compiled = self.compiled is not None and self.compiled.active
-        # method `auto` (models/engine/planner.py): this host's forward costs, measured on the first auto request
         # where a step's time goes, from here on (the planner: time outside the forward per decoded token;
         # its own calibration counts as neither)
         self.forward_seconds = self.outside_seconds = self.calibration_seconds = 0.0
-        self.sequence_iterations = self.decoded_tokens = 0
+        self.decoded_tokens = 0
+        # method `auto` (models/engine/planner.py): this host's forward costs, measured on the first auto request
         self.planner = Planner(self, acceptance_priors)
 
     def huge_pages(self) -> dict:
@@ -170,6 +170,12 @@ class Engine:
             return False
         return self.invariance is None or self.invariance.lossless
 
+    def speculates_losslessly(self, drafter: Drafter) -> bool:
+        """Whether `drafter`'s speculation stays token-identical to `ar` here: not where the self-check failed,
+        nor for SAT rows, which run eager beside a compiled forward's graphs (their rows and the graphs' can
+        differ). Where it does not, requests for it are served with `ar`."""
+        return self.speculation_lossless and not (drafter.sat_rows and self.compiled is not None)
+
     @property
     def weights_dtype(self) -> str:
         """What the weights are served as: "int4", or the compute dtype's name ("float32", ...)."""
@@ -193,11 +199,8 @@ class Engine:
             drafter = drafter_for(method)
             if (why := drafter.unavailable(self)) is not None:
                 raise InvalidRequestError(why)
-        # never a silently lossy speculation: not where the self-check failed, nor for SAT rows, which run eager
-        # beside a compiled forward's graphs (their rows and the graphs' can differ)
-        if drafter is not None and drafter.speculative and (
-                not self.speculation_lossless or drafter.sat_rows and self.compiled is not None):
-            method, drafter = "ar", drafter_for("ar")
+        if drafter is not None and drafter.speculative and not self.speculates_losslessly(drafter):
+            method, drafter = "ar", drafter_for("ar")  # never a silently lossy speculation
         generator = None
         if not params.greedy:
             seed = params.seed if params.seed is not None else int(torch.randint(2**62, ()))
@@ -254,7 +257,6 @@ class Engine:
             self._release(seq)
         self.outside_seconds += time.perf_counter() - t0 - (self.forward_seconds - forward0) \
             - (self.calibration_seconds - calibration0)
-        self.sequence_iterations += len(decoding)
         self.decoded_tokens += sum(len(s.output_ids) for s in decoding) - emitted0
         return outputs
 

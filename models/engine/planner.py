@@ -294,14 +294,8 @@ class Planner:
     def candidates(self) -> list[str]:
         """Methods this engine can run losslessly for a request now."""
         eng = self.engine
-        if not eng.speculation_lossless:
-            return []
-        out = []
-        for method in CANDIDATES:
-            drafter = drafter_for(method)
-            if drafter.unavailable(eng) is None and not (drafter.sat_rows and eng.compiled is not None):
-                out.append(method)
-        return out
+        return [m for m in CANDIDATES
+                if (drafter := drafter_for(m)).unavailable(eng) is None and eng.speculates_losslessly(drafter)]
 
     def overhead(self) -> float:
         """Seconds of engine work outside the forward per emitted token, as the engine has measured it so far
@@ -314,7 +308,7 @@ class Planner:
     def rate(self, method: str, k: int, batch: int) -> float:
         """Expected tokens per unit of time (a 1-row forward = 1) for `batch` sequences decoding with it.
         A batched forward pads every sequence to the widest chunk, so B sequences of up to w rows cost f(B w);
-        each forward also costs the step's time outside it (`overhead`), per sequence."""
+        each emitted token also costs the engine's time outside the forward (`overhead`)."""
         unit, per_token = self.f(1), self.overhead()
 
         def per_time(tokens: float, forward_cost: float) -> float:  # `tokens` per sequence and iteration

@@ -128,10 +128,9 @@ def data_record(data: dict, path: Path) -> dict:
             "kinds": {k: sum(r["kind"] == k for r in rows) for k in ("chat", "completion")}}
 
 
-def shipped_rounds() -> list[dict]:
+def shipped_rounds(manifest: dict) -> list[dict]:
     """The rounds behind the shipped adapter, as its manifest records them (the first manifest had one
     round, recorded at the top level)."""
-    manifest = json.loads((SHIP_DIR / "manifest.json").read_text())
     if "rounds" in manifest:
         return manifest["rounds"]
     first = manifest["heldout_acceptance"]["sdsat_k3"]
@@ -157,11 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     base_dir = ensure_base_model()
     if args.stop_after == "base":
         return 0
-    records = shipped_rounds() if args.from_shipped else []
+    shipped = json.loads((SHIP_DIR / "manifest.json").read_text()) if args.from_shipped else {}
+    records = shipped_rounds(shipped) if shipped else []
     if len(records) >= len(ROUNDS):
         print(f"the shipped adapter already has {len(records)} rounds; add one to ROUNDS to continue it")
         return 0
-    shipped = json.loads((SHIP_DIR / "manifest.json").read_text()) if args.from_shipped else {}
     if records:  # the shipped adapter stands in for the last round it records (its files, checked by hash)
         from models.training.recipe import file_hashes
 
