@@ -32,6 +32,10 @@ class EngineConfig:
     load_policy: tuple[int, ...] = cfg_field(
         (), "speculation under load: pairs batch_size,k meaning 'at batch size >= B use at most k' "
             "(e.g. 4,3,8,0: k<=3 from 4 sequences, plain decoding from 8); empty = never reduce")
+    auto_trial_iterations: int = cfg_field(
+        24, "method auto, one sequence at a time: iterations it times each promising (method, k) for before it "
+            "trusts measured tokens per second over its cost model (models/engine/planner.py); 0 = the cost model "
+            "alone")
     prompt_lookup_ngram: int = cfg_field(3, "prompt lookup: longest n-gram matched against the context")
     dtype: Literal["auto", "float32", "bfloat16", "float16", "int4"] = cfg_field(
         "float32", "compute dtype; auto = bf16 on GPUs and on CPUs with native bf16 (avx512_bf16/amx_bf16), "
@@ -76,6 +80,8 @@ class EngineConfig:
             raise InvalidRequestError(f"method must be one of {METHODS}, got {self.method!r}")
         if not 0 <= self.k <= self.max_k:
             raise InvalidRequestError(f"k must be in [0, {self.max_k}], got {self.k}")
+        if self.auto_trial_iterations < 0:
+            raise InvalidRequestError(f"auto_trial_iterations must be >= 0, got {self.auto_trial_iterations}")
         if self.max_batch < 1 or self.prefill_chunk < 1:
             raise InvalidRequestError("max_batch and prefill_chunk must be >= 1")
         if not self.compile_widths or not self.compile_batches or min(self.compile_widths + self.compile_batches) < 1:

@@ -233,6 +233,7 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         t0, forward0, calibration0 = time.perf_counter(), self.forward_seconds, self.calibration_seconds
+        admitted = bool(self.waiting) and len(self.running) < self.cache.slots
         while self.waiting and len(self.running) < self.cache.slots:  # admission: a free KV slot
             seq = self.waiting.popleft()
             if seq.auto:  # its method, for the batch it joins (the first time: this host's costs, in its free row)
@@ -252,6 +253,9 @@ class Engine:
         if decoding:
             self._iterate(decoding)
         outputs = [out for s in list(self.running) if (out := s.take_output()) is not None]
+        if len(decoding) == 1 and not prefilling and not admitted:  # a lone sequence's step: what auto's trials time
+            self.planner.measure(decoding[0].method, decoding[0].k_plan, time.perf_counter() - t0,
+                                 len(decoding[0].output_ids) - emitted0)
         for seq in [s for s in self.running if s.finished]:
             self.planner.observe(seq)
             self._release(seq)
@@ -340,7 +344,7 @@ class Engine:
             k = min(seq.k, batch_k, self.k_cap, seq.remaining - 1, room - 1)  # k drafts + bonus fit
             if seq.auto:  # the best draft length for its method at this iteration's batch size
                 k = min(k, self.planner.k_for(seq.method, len(seqs)))
-            k = max(0, k)
+            seq.k_plan = k = max(0, k)
             seq.k_now = self._drafter(seq).k_for(self, seq, k)
             if seq.k_now == 0:
                 seq.drafts, seq.draft_probs = [], None

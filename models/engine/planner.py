@@ -23,6 +23,16 @@ Per candidate, tokens emitted per iteration and rows per sequence (A(k) = a[0] +
     sdsat-fused k    1 + A(k)       (k + 1) + (k + 1) k rows, (k + 1) k of them SAT rows
     mlp k            1 + A(k)       k speculator stages (timed at calibration), then k + 1 rows
 
+The model ranks; the clock decides. The cost model left out work it cannot see (a drafter's own Python, the
+interplay of the kernels' caches with wider rows) and was too optimistic on real hosts: it expected 1.44x over
+ar where the method it chose ran at 0.93x (docs/performance.md). So one sequence at a time (the latency case),
+`auto` times what it runs: each step of a lone decoding sequence adds its wall time and emitted tokens to its
+(method, k) (`measure`; k = 0 is ar whatever the method). Trials: every (method, k) the model expects at
+`TRIAL_PRUNE` of ar's rate or better is run for `auto_trial_iterations` iterations (methods in the model's
+order, a request's draft lengths taking turns within it; one far below the best measured after
+`TRIAL_EARLY` iterations stops early), then the fastest measured (method, k) serves. Batches of several
+sequences, and a frozen planner without trials, use the model.
+
 A request asking for `auto` gets, at admission, the method with the best rate at the batch size it joins;
 then each iteration its k is the best for that method at the batch size of that iteration (0 = plain
 decoding, where no draft length beats ar). Every method is exact, so `auto` is exact too. Each emitted
@@ -58,6 +68,11 @@ CONTEXT = 256  # committed tokens the timed forwards attend to
 REPEATS = 3  # timed passes over the widths (after one untimed); the median counts
 PRIOR_ITERATIONS = 64  # weight of the manifest's held-out acceptance against what requests show
 LOOKUP_MAX_K = 8
+TRIAL_PRUNE = 0.75  # (method, k) the model expects below this share of ar's rate are not tried
+TRIAL_EARLY = 8  # iterations after which a (method, k) measured below TRIAL_DROP of the best stops being tried
+TRIAL_DROP = 0.8
+TRIAL_CLIP = 4.0  # one step counts at most this many times its (method, k)'s mean so far (a spell of the shared
+#                   machine, a collector pause, must not sink a whole trial)
 
 
 @dataclass
@@ -94,12 +109,37 @@ class Acceptance:
         return sum(self.accepted) / self.iterations if self.iterations else 0.0
 
 
+@dataclass
+class Trial:
+    """Measured steps of one (method, k) with one sequence decoding: wall seconds and tokens emitted."""
+
+    iterations: int = 0
+    seconds: float = 0.0
+    tokens: int = 0
+
+    def add(self, seconds: float, tokens: int) -> None:
+        if self.iterations >= 4:
+            seconds = min(seconds, TRIAL_CLIP * self.seconds / self.iterations)
+        self.iterations += 1
+        self.seconds += seconds
+        self.tokens += tokens
+
+    @property
+    def rate(self) -> float:
+        """Tokens per second."""
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+AR = ("ar", 0)
+
+
 @dataclass(frozen=True)
 class Choice:
     method: str
     k: int
     rate: float  # expected tokens per unit of time, in units of a 1-row forward's time, for the whole batch
     speedup: float  # rate / ar's rate at the same batch size
+    source: str = "model"  # model: the cost model; trial: being timed; measured: the fastest (method, k) timed
 
 
 def lookup_replay(context: list[int], output: list[int], ngram: int, max_k: int = LOOKUP_MAX_K,
@@ -156,7 +196,12 @@ class Planner:
         self._calibrated_compiled = False  # whether the costs were timed on compiled graphs
         self._lock = threading.RLock()  # the engine's thread learns and plans; /ready reads from another
         self._table: dict[int, tuple[Choice, dict[str, Choice]]] = {}
+        self._arms: dict[str, list[tuple[str, int]]] = {}  # method -> the (method, k) it tries, ar included
         self.forget()
+
+    @property
+    def trial_iterations(self) -> int:
+        return self.engine.config.auto_trial_iterations
 
     def forget(self) -> None:
         """Drop what requests showed: acceptance is the manifests' prior again, and the time outside the
@@ -170,7 +215,9 @@ class Planner:
                     n = PRIOR_ITERATIONS
                     self.seen[method].add(n, n * len(by_position), [n * a for a in by_position],
                                           [n] * len(by_position))
+            self.trials: dict[tuple[str, int], Trial] = {}
             self._table.clear()
+            self._arms.clear()
 
     # ---- what the engine tells it -----------------------------------------------------------------
     def observe(self, seq: Sequence) -> None:
@@ -191,6 +238,14 @@ class Planner:
             for k, (iterations, drafted, accepted, offered) in (replay or {}).items():
                 self.lookup[k].add(iterations, drafted, accepted, offered)
             self._table.clear()
+            self._arms.clear()
+
+    def measure(self, method: str, k: int, seconds: float, tokens: int) -> None:
+        """One engine step with one sequence decoding, by `method` with draft length `k` (0: plain)."""
+        if not self.learning or not self.trial_iterations:
+            return
+        with self._lock:
+            self.trials.setdefault((method, k) if k else AR, Trial()).add(seconds, tokens)
 
     def calibrate(self, slot: int) -> None:
         """Time forwards of every width in ROWS over a CONTEXT-token context in the free cache row `slot`,
@@ -244,6 +299,7 @@ class Planner:
             self.draft_step = draft_step
             self._calibrated_compiled = eng.compiled is not None and eng.compiled.active
             self._table.clear()
+            self._arms.clear()
 
     def _time_draft_step(self, batch: int) -> float:
         """Seconds of one MLP speculator stage for `batch` sequences, as the `mlp` drafter runs it (the
@@ -359,16 +415,84 @@ class Planner:
             self._table[batch] = entry = (best, per_method)
             return entry
 
+    # ---- trials: what one sequence at a time measured ---------------------------------------------------
+    def arms(self, method: str) -> list[tuple[str, int]]:
+        """The (method, k) one sequence of `method` tries: ar, and each k the model expects at TRIAL_PRUNE of ar's
+        rate or better."""
+        with self._lock:
+            if method not in self._arms:
+                floor = TRIAL_PRUNE * self.rate("ar", 0, 1)
+                ks = self.k_range(method) if method != "ar" else ()
+                self._arms[method] = [AR] + [(method, k) for k in ks if self.rate(method, k, 1) >= floor]
+            return self._arms[method]
+
+    def _tried(self, arm: tuple[str, int]) -> bool:
+        trial = self.trials.get(arm)
+        return trial is not None and trial.iterations >= self.trial_iterations
+
+    def _open(self, arm: tuple[str, int], best: float) -> bool:
+        """Still to be tried: fewer than `trial_iterations` steps, unless TRIAL_EARLY steps showed it far below
+        `best`."""
+        trial = self.trials.get(arm) or Trial()
+        if trial.iterations >= self.trial_iterations:
+            return False
+        return not (trial.iterations >= TRIAL_EARLY and best and trial.rate < TRIAL_DROP * best)
+
+    def _best_rate(self) -> float:
+        """The best rate among (method, k) with at least TRIAL_EARLY steps: what an early stop compares with
+        (draft lengths take turns, so none has finished its trial when the others reach TRIAL_EARLY)."""
+        least = min(TRIAL_EARLY, self.trial_iterations)
+        return max((t.rate for t in self.trials.values() if t.iterations >= least), default=0.0)
+
+    def _measured(self) -> Choice | None:
+        """One sequence: a method still on trial (learning), else the fastest (method, k) tried, else None."""
+        with self._lock:
+            methods = ["ar", *self.candidates()]
+            best = self._best_rate()
+            if self.learning:
+                model = self.table(1)[1]  # try the methods the model rates highest first
+                for method in sorted(methods, key=lambda m: -model[m].rate if m in model else 0.0):
+                    if any(self._open(arm, best) for arm in self.arms(method)):
+                        top = max(k for _, k in self.arms(method))
+                        return Choice(method, top, 0.0, 0.0, "trial")
+            tried = [arm for arm in self.trials if self._tried(arm) and arm[0] in methods]
+            if AR not in tried:
+                return None
+            ar = self.trials[AR].rate
+            method, k = max(tried, key=lambda arm: (self.trials[arm].rate, arm == AR))
+            return Choice(method, k, self.trials[(method, k)].rate, self.trials[(method, k)].rate / ar, "measured")
+
+    def _measured_k(self, method: str) -> int | None:
+        """One sequence of `method`: the draft length on trial with the fewest steps so far (learning), else the
+        fastest tried, else None."""
+        with self._lock:
+            arms = self.arms(method)
+            if self.learning:
+                best = self._best_rate()
+                waiting = [arm for arm in arms if self._open(arm, best)]
+                if waiting:
+                    return min(waiting, key=lambda arm: self.trials[arm].iterations if arm in self.trials else 0)[1]
+            tried = [arm for arm in arms if self._tried(arm)]
+            if AR not in tried:
+                return None
+            return max(tried, key=lambda arm: (self.trials[arm].rate, arm == AR))[1]
+
     # ---- what the engine asks -----------------------------------------------------------------------
     def choose(self, batch: int, slot: int) -> Choice:
         """The method for a request joining a batch of `batch` sequences (calibrates first if needed, in the
-        free cache row `slot`, and again once a compiled forward has taken over from eager ops)."""
+        free cache row `slot`, and again once a compiled forward has taken over from eager ops). Alone, it is
+        what the trials say once they say anything."""
         compiled = self.engine.compiled
         if self.costs is None or (compiled is not None and compiled.active != self._calibrated_compiled):
             self.calibrate(slot)
+        if batch <= 1 and self.trial_iterations and (choice := self._measured()) is not None:
+            return choice
         return self.table(max(1, batch))[0]
 
     def k_for(self, method: str, batch: int) -> int:
+        if batch <= 1 and self.trial_iterations and self.costs is not None \
+                and (k := self._measured_k(method)) is not None:
+            return k
         return self.table(max(1, batch))[1].get(method, Choice(method, 0, 0.0, 1.0)).k
 
     def report(self, batches: tuple[int, ...] = (1, 2, 4, 8, 16)) -> dict:
@@ -390,6 +514,17 @@ class Planner:
                           for m, a in self.seen.items()},
                        "prompt-lookup": int(self.lookup[1].iterations)},
                    "priors": self.priors}
+            if self.trial_iterations:
+                ar = self.trials[AR].rate if AR in self.trials else 0.0
+                out["trials"] = {"iterations_each": self.trial_iterations,
+                                 "one_sequence": {f"{m}:{k}": {"iterations": t.iterations,
+                                                               "tokens_per_s": round(t.rate, 2),
+                                                               "vs_ar": round(t.rate / ar, 3) if ar else None}
+                                                  for (m, k), t in sorted(self.trials.items())}}
+                if (measured := self._measured()) is not None:
+                    out["trials"]["choice"] = {"method": measured.method, "k": measured.k, "source": measured.source,
+                                               **({"measured_speedup": round(measured.speedup, 3)}
+                                                  if measured.source == "measured" else {})}
             if self.draft_step:
                 out["mlp_stage_ms"] = {str(b): round(t * 1e3, 3) for b, t in self.draft_step.items()}
             if "sat" in self.costs:

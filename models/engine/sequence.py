@@ -54,6 +54,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     drafts: list[int] = field(default_factory=list)  # pending drafts (sdsat-fused, two-step)
     draft_probs: torch.Tensor | None = None  # [len(drafts), V] q, None for point-mass drafts
+    k_plan: int = 0  # this iteration's draft length before the drafter's own limit (lookup: a match)
     k_now: int = 0  # this iteration's draft length (after the load policy and the limits)
     hidden: torch.Tensor | None = None  # mlp: the base model's final state [H] where cur was predicted
     hidden_trace: list[torch.Tensor] | None = None  # record_hidden: the states of every processed position

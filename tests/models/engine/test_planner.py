@@ -21,7 +21,9 @@ def parts(counting_sdsat_dir):
 
 
 def _engine(parts, method="auto", priors=None, **kw):
+    """An engine whose `auto` follows the cost model alone, unless `auto_trial_iterations` is given."""
     model, tok, sat = parts
+    kw.setdefault("auto_trial_iterations", 0)
     return Engine(model, tok, sat, EngineConfig(method=method, k=4, max_context=256, **kw), acceptance_priors=priors)
 
 
@@ -98,11 +100,12 @@ def test_calibration_times_widths_in_a_free_row_and_leaves_the_others_alone(part
     assert tokens == expected
 
 
-def _planner(r: dict[int, float], sat_cost: float = 1.0) -> Planner:
-    """A planner with given forward costs r(n) (a 1-row forward = 1), SAT rows `sat_cost` times dearer."""
+def _planner(r: dict[int, float], sat_cost: float = 1.0, trials: int = 0) -> Planner:
+    """A planner with given forward costs r(n) (a 1-row forward = 1), SAT rows `sat_cost` times dearer, and
+    `trials` iterations of measured trials one sequence at a time (0: the cost model alone)."""
     class View:  # what the planner reads of an engine
         speculation_lossless, compiled, k_cap, sat, speculator = True, None, 8, SatSpec(ids=(9,), k_train=5), None
-        config = EngineConfig(max_batch=16)
+        config = EngineConfig(max_batch=16, auto_trial_iterations=trials)
         outside_seconds, decoded_tokens = 0.0, 0  # no steps yet: no overhead
         speculates_losslessly = Engine.speculates_losslessly  # the engine's own rule, on these fields
 
@@ -231,3 +234,102 @@ def test_a_failed_calibration_leaves_the_request_on_ar_not_lost(parts, monkeypat
     out = engine.generate(PROMPTS[0], params)
     assert out["stats"]["method"] == "ar" and out["finish_reason"] == "length"
     assert out["token_ids"] == _engine(parts, method="ar").generate(PROMPTS[0], params)["token_ids"]
+
+
+# ---- trials: one sequence at a time, the measured rate decides ------------------------------------------------
+def _run_trials(planner: Planner, method: str, seconds_per_token: dict[int, float], tokens: dict[int, int]) -> int:
+    """Play one request of `method` on `planner`: each iteration asks k_for and 'measures' a step of the given
+    cost. Returns the iterations played until the method's trials are over."""
+    for played in range(1000):
+        if not any(planner._open(arm, planner._best_rate()) for arm in planner.arms(method)):
+            return played
+        k = planner.k_for(method, 1)
+        planner.measure(method, k, seconds_per_token[k] * tokens[k], tokens[k])
+    raise AssertionError("the trials never ended")
+
+
+def test_trials_override_an_optimistic_model_with_what_was_measured():
+    gpu_like = {n: 1.0 + 0.01 * (n - 1) for n in (1, 2, 4, 8, 16, 36, 64, 128, 600)}
+    planner = _planner(gpu_like, trials=12)
+    _accept(planner, "sdsat-fused", [0.9, 0.8, 0.7, 0.6, 0.5])
+    for k in planner.lookup:  # lookup: a 2-token continuation every iteration, both accepted
+        planner.lookup[k].add(100, 100 * min(k, 2), [100.0] * min(k, 2), [100.0] * min(k, 2))
+    assert planner.table(1)[0].method == "sdsat-fused"  # what the model alone would pick
+    first = planner.choose(1, slot=0)
+    assert (first.method, first.source) == ("sdsat-fused", "trial")  # tried first: the model rates it highest
+    assert planner.arms("sdsat-fused")[0] == ("ar", 0) and len(planner.arms("sdsat-fused")) > 2
+    # measured on this host: the fused blocks are slow, lookup k=2 is the fastest, ar in between
+    fused = {k: 0.010 if k == 0 else 0.015 + 0.002 * k for k in range(6)}  # seconds per token
+    played = _run_trials(planner, "sdsat-fused", fused, {k: 1 + k for k in range(6)})
+    # the draft lengths took turns; after TRIAL_EARLY steps each, every fused k was far below ar and stopped,
+    # while ar ran its full trial
+    assert planner.trials[("ar", 0)].iterations == 12
+    assert all(planner.trials[arm].iterations == 8 for arm in planner.arms("sdsat-fused")[1:])
+    assert played == 8 * len(planner.arms("sdsat-fused")) + 4
+    nxt = planner.choose(1, slot=0)
+    assert nxt.source == "trial" and nxt.method != "sdsat-fused"
+    lookup = {0: 0.010, 1: 0.007, 2: 0.006, 3: 0.009, 4: 0.011, 5: 0.012, 6: 0.012, 7: 0.013, 8: 0.013}
+    _run_trials(planner, "prompt-lookup", lookup, {k: 1 + min(k, 2) for k in range(9)})
+    for method in ("sdsat", "ar"):  # the others: as slow as ar where they draft
+        _run_trials(planner, method, {k: 0.010 for k in range(9)}, {k: 1 for k in range(9)})
+    best = planner.choose(1, slot=0)
+    assert (best.method, best.k, best.source) == ("prompt-lookup", 2, "measured")
+    assert best.speedup == pytest.approx(0.010 / 0.006)
+    assert planner.k_for("prompt-lookup", 1) == 2 and planner.k_for("sdsat-fused", 1) == 0
+    # batches of several sequences still follow the model; a frozen planner keeps what it measured
+    assert planner.k_for("sdsat-fused", 4) > 0
+    planner.learning = False
+    planner.measure("prompt-lookup", 2, 1.0, 1)  # ignored: frozen
+    assert planner.choose(1, slot=0) == best
+    report = planner.report()["trials"]
+    assert report["choice"] == {"method": "prompt-lookup", "k": 2, "source": "measured",
+                                "measured_speedup": round(0.010 / 0.006, 3)}
+    assert report["one_sequence"]["prompt-lookup:2"]["vs_ar"] == round(0.010 / 0.006, 3)
+    planner.forget()
+    assert planner.trials == {}
+
+
+def test_a_slow_spell_does_not_sink_a_trial():
+    planner = _planner({1: 1.0, 2: 1.1}, trials=10)
+    for _ in range(5):
+        planner.measure("prompt-lookup", 1, 0.01, 1)
+    planner.measure("prompt-lookup", 1, 5.0, 1)  # the machine stalled for 5 s once
+    assert planner.trials[("prompt-lookup", 1)].rate == pytest.approx(6 / (0.05 + 0.01 * 4))
+
+
+def test_the_engine_times_lone_sequences_steps_for_the_trials(parts):
+    engine = _engine(parts, method="prompt-lookup", auto_trial_iterations=4)
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True, k=2)
+    out = engine.generate(PROMPTS[2], params)
+    trials = engine.planner.trials
+    # every decoding step of the lone request counted, with its draft length (the last ones clamped by the end)
+    assert sum(t.iterations for t in trials.values()) == out["stats"]["iterations"]
+    assert sum(t.tokens for t in trials.values()) == 29  # the first token came from the prefill
+    assert trials[("prompt-lookup", 2)].iterations > 0 and all(t.seconds > 0 for t in trials.values())
+    before = {arm: t.iterations for arm, t in trials.items()}
+    for prompt in PROMPTS[:2]:  # two decoding at once: their steps are not a lone sequence's
+        engine.add_request(prompt, params)
+    for _ in range(4):  # admission and prefill, then three steps of both
+        engine.step()
+        assert len(engine.running) == 2
+    assert {arm: t.iterations for arm, t in trials.items()} == before
+
+
+def test_auto_on_trial_decodes_like_ar_and_ends_on_the_fastest_measured(parts):
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    plain = [_engine(parts, method="ar").generate(p, params)["token_ids"] for p in PROMPTS]
+    engine = _engine(parts, priors={"sdsat-fused": [0.9, 0.8, 0.7, 0.6], "sdsat": [0.9, 0.8, 0.7, 0.6]},
+                     auto_trial_iterations=3)
+    _gpu_like(engine.planner)
+    methods = []
+    for _ in range(4):
+        for prompt, ref in zip(PROMPTS, plain, strict=True):
+            out = engine.generate(prompt, params)
+            assert out["token_ids"] == ref
+            methods.append(out["stats"]["method"])
+    planner = engine.planner
+    assert len(set(methods)) >= 3  # the trials ran several methods
+    choice = planner.choose(1, slot=0)
+    assert choice.source == "measured"
+    tried = {arm: t.rate for arm, t in planner.trials.items() if t.iterations >= 3}
+    assert planner.trials[(choice.method, choice.k)].rate == max(tried.values())
