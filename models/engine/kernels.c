@@ -651,30 +651,104 @@ static inline float half_to_f32(uint16_t h) {
     return f;
 }
 
-/* Row blocks of x [M, K] -> xq [M, K] int8, dx and sx [M, K / 32]. */
+/* One block's scale from its largest magnitude (NaNs ignored): d = amax / 127 and its inverse (0 for a zero or
+ * subnormal block, whose codes are then 0). */
+static inline float q8_inverse(float amax, float *d) {
+    *d = amax / 127.0f;
+    const float id = *d != 0.0f ? 1.0f / *d : 0.0f;
+    return isfinite(id) ? id : 0.0f;
+}
+
+/* One 32-value block in plain C: codes q = clamp(nearbyint(v * id)) (round half to even, the default rounding
+ * mode; NaN -> 0), returns their sum. */
+static int32_t quantize_block_portable(const float *v, int8_t *xq, float *d) {
+    float amax = 0.0f;
+    for (int i = 0; i < 32; i++) {
+        const float a = fabsf(v[i]);
+        amax = a > amax ? a : amax;
+    }
+    const float id = q8_inverse(amax, d);
+    int32_t sum = 0;
+    for (int i = 0; i < 32; i++) {
+        float q = nearbyintf(v[i] * id);
+        q = q >= -127.0f ? (q <= 127.0f ? q : 127.0f) : (q < -127.0f ? -127.0f : 0.0f);  /* NaN -> 0 */
+        xq[i] = (int8_t)q;
+        sum += (int32_t)q;
+    }
+    return sum;
+}
+
+#if defined(HAVE_X86)
+/* quantize_block_portable, sixteen lanes at a time. The same bits: a maximum is exact in any order (maxps returns its
+ * second operand where the first is NaN, so NaNs are skipped as `a > amax` skips them), v * id is one rounded
+ * product either way, roundscale to nearest is nearbyint's round half to even, and the integer sum is exact. */
+__attribute__((target("avx512f,avx512bw"))) static int32_t quantize_block_avx512(const float *v, int8_t *xq, float *d) {
+    const __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16), zero = _mm512_setzero_ps();
+    const __m512 top = _mm512_max_ps(_mm512_abs_ps(v1), _mm512_max_ps(_mm512_abs_ps(v0), zero));
+    const __m512 id = _mm512_set1_ps(q8_inverse(_mm512_reduce_max_ps(top), d));
+    const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+    __m512i sum = _mm512_setzero_si512();
+    for (int h = 0; h < 2; h++) {
+        const __m512 q = _mm512_roundscale_ps(_mm512_mul_ps(h ? v1 : v0, id), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __mmask16 number = _mm512_cmp_ps_mask(q, q, _CMP_ORD_Q);
+        const __m512i c = _mm512_cvtps_epi32(_mm512_maskz_mov_ps(number, _mm512_min_ps(_mm512_max_ps(q, lo), hi)));
+        _mm_storeu_si128((__m128i *)(xq + 16 * h), _mm512_cvtepi32_epi8(c));
+        sum = _mm512_add_epi32(sum, c);
+    }
+    return _mm512_reduce_add_epi32(sum);
+}
+
+/* The same with AVX2: four vectors of eight. */
+AVX2_TARGET static int32_t quantize_block_avx2(const float *v, int8_t *xq, float *d) {
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 w[4], top = _mm256_setzero_ps();
+    for (int j = 0; j < 4; j++) {
+        w[j] = _mm256_loadu_ps(v + 8 * j);
+        top = _mm256_max_ps(_mm256_and_ps(w[j], magnitude), top);
+    }
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+    const __m256 id = _mm256_set1_ps(q8_inverse(_mm_cvtss_f32(m), d));
+    const __m256 lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+    __m256i c[4], sum = _mm256_setzero_si256();
+    for (int j = 0; j < 4; j++) {
+        const __m256 q = _mm256_round_ps(_mm256_mul_ps(w[j], id), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __m256 number = _mm256_cmp_ps(q, q, _CMP_ORD_Q);
+        c[j] = _mm256_cvtps_epi32(_mm256_and_ps(number, _mm256_min_ps(_mm256_max_ps(q, lo), hi)));
+        sum = _mm256_add_epi32(sum, c[j]);
+    }
+    /* int32 -> int8 (every code is in [-127, 127]): the packs interleave 128-bit lanes, the permute undoes it */
+    const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
+    _mm256_storeu_si256((__m256i *)xq, _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+#endif
+
+/* Row blocks of x [M, K] -> xq [M, K] int8, dx and sx [M, K / 32]: every path the same bits. */
 static void q8_rows(const float *x, int64_t M, int64_t K, int8_t *xq, float *dx, float *sx, int32_t *isx) {
+    const int path = simd_level();
     for (int64_t r = 0; r < M; r++)
         for (int64_t b = 0; b < K / 32; b++) {
+            const int64_t at = r * (K / 32) + b;
             const float *v = x + r * K + 32 * b;
-            float amax = 0.0f;
-            for (int i = 0; i < 32; i++) {
-                const float a = fabsf(v[i]);
-                amax = a > amax ? a : amax;
-            }
-            const float d = amax / 127.0f;
-            float id = d != 0.0f ? 1.0f / d : 0.0f;
-            if (!isfinite(id)) id = 0.0f;  /* a subnormal block: its codes are 0 */
-            int32_t sum = 0;
-            for (int i = 0; i < 32; i++) {
-                float q = nearbyintf(v[i] * id);  /* round half to even: the default rounding mode */
-                q = q >= -127.0f ? (q <= 127.0f ? q : 127.0f) : (q < -127.0f ? -127.0f : 0.0f);  /* NaN -> 0 */
-                xq[r * K + 32 * b + i] = (int8_t)q;
-                sum += (int32_t)q;
-            }
-            dx[r * (K / 32) + b] = d;
-            sx[r * (K / 32) + b] = d * (float)sum;
-            isx[r * (K / 32) + b] = sum;
+            int8_t *q = xq + r * K + 32 * b;
+            float d;
+            int32_t sum;
+#if defined(HAVE_X86)
+            if (path == 2) sum = quantize_block_avx512(v, q, &d);
+            else if (path == 1) sum = quantize_block_avx2(v, q, &d);
+            else
+#endif
+                sum = quantize_block_portable(v, q, &d);
+            dx[at] = d;
+            sx[at] = d * (float)sum;
+            isx[at] = sum;
         }
+    (void)path;
 }
 
 /* Code i (0..31) of output j (0..15) in one (tile, block)'s 256 bytes. */

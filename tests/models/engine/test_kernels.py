@@ -130,6 +130,13 @@ r = att.rope_attend(qkv, 6, 2, rope, torch.randint(0, 512, (6,), generator=g), k
 codes = torch.randint(0, 256, (3, 4, 4, 16, 4), generator=g, dtype=torch.uint8)  # 3 tiles of 16, K = 128
 d, m = (torch.randn(2, 3, 4, 16, generator=g) * 0.05).half().view(torch.int16)
 q4 = [q4_linear(torch.randn(rows, 128, generator=g), codes, d, m, 40) for rows in (1, 2, 3, 4, 5, 12)]
+edge = torch.randn(3, 128, generator=g)  # the activations' int8 blocks at their edges
+edge[0, :32] = 0.0  # a zero block
+edge[0, 32:64] = torch.cat([torch.tensor([127.0]), torch.arange(-15, 16) + 0.5])  # d = 1: ties round half to even
+edge[1, 64] = float("nan")  # a NaN's code is 0, and it does not count in the block's largest magnitude
+edge[1, 96:128] = 1e-40  # a subnormal block: its codes are 0
+edge[2, :32] = torch.linspace(-127.4, 127.49, 32) * 1e3  # codes reach -127 and 127
+q4.append(q4_linear(edge, codes, d, m, 40))
 codes8 = torch.randint(0, 256, (2, 4, 8, 16, 4), generator=g, dtype=torch.uint8)  # Q8_0: 2 tiles, K = 128
 q8 = [q8_linear(torch.randn(rows, 128, generator=g), codes8, d[:2], 20) for rows in (1, 3, 6)]
 lora = []
