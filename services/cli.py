@@ -412,16 +412,15 @@ def add_bench_parser(sub) -> None:
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     from services.bench.common import humaneval_chat_prompts, humaneval_prompts
-    from services.bench.serve import run_bench_serve
+    from services.bench.serve import parse_methods, run_bench_serve
 
     prompts = humaneval_chat_prompts(args.limit) if args.chat else humaneval_prompts(args.limit)
     report = run_bench_serve(args.url, prompts, [int(c) for c in args.concurrency.split(",")],
-                             args.runs, args.per_client, args.max_tokens,
-                             {"sdsat": None, "ar": {"method": "ar"}})
+                             args.runs, args.per_client, args.max_tokens, parse_methods(args.methods))
     write_json(args.json, report)
     if args.json != "-":
         for row in report["results"]:
-            print(f"{row['method']:>6} c={row['concurrency']:<3} median {row['median_latency_s']:.2f}s "
+            print(f"{row['method']:>16} c={row['concurrency']:<3} median {row['median_latency_s']:.2f}s "
                   f"p99 {row['p99_latency_s']:.2f}s ttft {row['median_ttft_s']:.3f}s {row['tokens_per_s']:.1f} tok/s")
     return 0
 
@@ -435,6 +434,9 @@ def add_bench_serve_parser(sub) -> None:
     p.add_argument("--max-tokens", type=int, default=128, help="tokens per request (default: 128)")
     p.add_argument("--limit", type=int, default=48, help="HumanEval prompts used (default: 48)")
     p.add_argument("--chat", action="store_true", help="chat completions, prompts in the code-task chat form")
+    p.add_argument("--methods", default="default,ar",
+                   help="what the requests ask for, compared with ar: default (the service's own), ar, auto, or "
+                        "method:k, e.g. prompt-lookup:1 (default: %(default)s)")
     p.add_argument("--json", help="write the report to PATH (- = stdout)")
     p.set_defaults(func=cmd_bench_serve)
 

@@ -3,13 +3,14 @@
     sdsat serve &                      # or any deployment
     sdsat bench-serve --json serve.json
 
-For each run (3 by default, interleaved), each method (the decoder's SDSAT default, then plain `ar`
-through the per-request `speculation` extension) and each concurrency c, c clients issue streaming
+For each run (3 by default, interleaved), each method (`--methods`: by default the service's own default,
+then plain `ar`, each through the per-request `speculation` extension) and each concurrency c, c clients issue streaming
 completions back to back (HumanEval prompts, greedy, fixed `max_tokens` with EOS ignored so every
 request produces the same number of tokens): chat completions with the prompt in the code-task chat
 form (models/weights/chat.py) with `--chat`, as users send code tasks to an instruct model, else raw completions.
 Per run: median and p99 end-to-end latency, median
-time to first token, aggregate output tokens/s; the report gives the median over runs.
+time to first token, aggregate output tokens/s; the report gives the median over runs, and each method's
+ratios to `ar` (`vs_plain`).
 """
 
 from __future__ import annotations
@@ -89,14 +90,29 @@ def run_bench_serve(base_url: str, prompts: list, concurrencies: list[int], runs
             row[key] = statistics.median(values) if values else None
         rows.append(row)
     by = {(r["method"], r["concurrency"]): r for r in rows}
-    names = list(methods)
-    ratios = {}
-    if len(names) == 2:
-        spec, plain = names
+    plain = "ar" if "ar" in methods else list(methods)[-1]
+    ratios = {}  # every other method against plain decoding, per concurrency
+    for name in methods:
         for c in concurrencies:
-            s, p = by[(spec, c)], by[(plain, c)]
-            ratios[str(c)] = {"latency_ratio": s["median_latency_s"] / p["median_latency_s"],
-                              "throughput_ratio": s["tokens_per_s"] / p["tokens_per_s"]}
+            s, p = by[(name, c)], by[(plain, c)]
+            if name != plain and s["median_latency_s"] and p["median_latency_s"] and p["tokens_per_s"]:
+                ratios.setdefault(name, {})[str(c)] = {
+                    "latency_ratio": s["median_latency_s"] / p["median_latency_s"],
+                    "throughput_ratio": s["tokens_per_s"] / p["tokens_per_s"]}
     return {"url": base_url, "route": url.rsplit("/v1", 1)[1], "max_tokens": max_tokens, "per_client": per_client,
-            "results": rows,
-            "spec_vs_plain": ratios}
+            "plain": plain, "results": rows, "vs_plain": ratios}
+
+
+def parse_methods(text: str) -> dict[str, dict | None]:
+    """'default,ar,auto,prompt-lookup:1' -> the request's `speculation` field per name: `default` sends none
+    (the service's own default), `method[:k]` sends that method (and k)."""
+    methods: dict[str, dict | None] = {}
+    for name in (item.strip() for item in text.split(",") if item.strip()):
+        if name == "default":
+            methods[name] = None
+            continue
+        method, _, k = name.partition(":")
+        methods[name] = {"method": method, **({"k": int(k)} if k else {})}
+    if not methods:
+        raise ValueError("--methods names no method")
+    return methods

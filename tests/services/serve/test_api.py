@@ -97,6 +97,8 @@ def test_auto_answers_like_ar_and_reports_the_method_it_chose(service):
     plan = httpx.get(service + "/ready", timeout=30).json()["auto"]  # the costs it measured, what it would pick
     assert plan["calibrated"] and plan["plans"]["1"]["choice"]["method"] in {"ar", "sdsat", "sdsat-fused",
                                                                                "prompt-lookup"}
+    # one sequence at a time: the lone request's steps were timed for its (method, k)
+    assert plan["trials"]["iterations_each"] > 0 and plan["trials"]["one_sequence"]
 
 
 def test_logprobs(service):
