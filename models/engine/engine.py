@@ -343,7 +343,7 @@ class Engine:
             room = self.max_context - seq.context_len  # cache room left for the chunk
             k = min(seq.k, batch_k, self.k_cap, seq.remaining - 1, room - 1)  # k drafts + bonus fit
             if seq.auto:  # the best draft length for its method at this iteration's batch size
-                k = min(k, self.planner.k_for(seq.method, len(seqs)))
+                k = min(k, self.planner.k_for(seq.method, len(seqs), cap=min(seq.k, batch_k, self.k_cap)))
             seq.k_plan = k = max(0, k)
             seq.k_now = self._drafter(seq).k_for(self, seq, k)
             if seq.k_now == 0:

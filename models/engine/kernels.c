@@ -682,7 +682,7 @@ static int32_t quantize_block_portable(const float *v, int8_t *xq, float *d) {
 /* quantize_block_portable, sixteen lanes at a time. The same bits: a maximum is exact in any order (maxps returns its
  * second operand where the first is NaN, so NaNs are skipped as `a > amax` skips them), v * id is one rounded
  * product either way, roundscale to nearest is nearbyint's round half to even, and the integer sum is exact. */
-__attribute__((target("avx512f,avx512bw"))) static int32_t quantize_block_avx512(const float *v, int8_t *xq, float *d) {
+__attribute__((target("avx512f"))) static int32_t quantize_block_avx512(const float *v, int8_t *xq, float *d) {
     const __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16), zero = _mm512_setzero_ps();
     const __m512 top = _mm512_max_ps(_mm512_abs_ps(v1), _mm512_max_ps(_mm512_abs_ps(v0), zero));
     const __m512 id = _mm512_set1_ps(q8_inverse(_mm512_reduce_max_ps(top), d));

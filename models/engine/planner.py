@@ -416,27 +416,24 @@ class Planner:
             return entry
 
     # ---- trials: what one sequence at a time measured ---------------------------------------------------
-    def arms(self, method: str) -> list[tuple[str, int]]:
+    def arms(self, method: str, cap: int | None = None) -> list[tuple[str, int]]:
         """The (method, k) one sequence of `method` tries: ar, and each k the model expects at TRIAL_PRUNE of ar's
-        rate or better."""
+        rate or better, up to `cap` (the request's own k) and what the load policy allows one sequence."""
         with self._lock:
             if method not in self._arms:
                 floor = TRIAL_PRUNE * self.rate("ar", 0, 1)
-                ks = self.k_range(method) if method != "ar" else ()
+                top = self.engine.config.k_under_load(self.engine.config.max_k, 1)
+                ks = [k for k in self.k_range(method) if k <= top] if method != "ar" else []
                 self._arms[method] = [AR] + [(method, k) for k in ks if self.rate(method, k, 1) >= floor]
-            return self._arms[method]
-
-    def _tried(self, arm: tuple[str, int]) -> bool:
-        trial = self.trials.get(arm)
-        return trial is not None and trial.iterations >= self.trial_iterations
+            return [arm for arm in self._arms[method] if cap is None or arm[1] <= cap]
 
     def _open(self, arm: tuple[str, int], best: float) -> bool:
         """Still to be tried: fewer than `trial_iterations` steps, unless TRIAL_EARLY steps showed it far below
-        `best`."""
+        `best`. ar always runs its whole trial: every choice is measured against it."""
         trial = self.trials.get(arm) or Trial()
         if trial.iterations >= self.trial_iterations:
             return False
-        return not (trial.iterations >= TRIAL_EARLY and best and trial.rate < TRIAL_DROP * best)
+        return arm == AR or not (trial.iterations >= TRIAL_EARLY and best and trial.rate < TRIAL_DROP * best)
 
     def _best_rate(self) -> float:
         """The best rate among (method, k) with at least TRIAL_EARLY steps: what an early stop compares with
@@ -444,54 +441,69 @@ class Planner:
         least = min(TRIAL_EARLY, self.trial_iterations)
         return max((t.rate for t in self.trials.values() if t.iterations >= least), default=0.0)
 
-    def _measured(self) -> Choice | None:
-        """One sequence: a method still on trial (learning), else the fastest (method, k) tried, else None."""
+    def _fastest(self, arms: list[tuple[str, int]]) -> tuple[str, int] | None:
+        """The fastest of `arms` that finished its trial (ar on a tie), or None before ar has finished its own."""
+        tried = [arm for arm in arms
+                 if (trial := self.trials.get(arm)) is not None and trial.iterations >= self.trial_iterations]
+        if AR not in tried:
+            return None
+        return max(tried, key=lambda arm: (self.trials[arm].rate, arm == AR))
+
+    def _measured(self, cap: int | None = None, learning: bool | None = None) -> Choice | None:
+        """One sequence: a method still on trial (while learning), else the fastest (method, k) tried among
+        every method's arms, else None (then the model decides)."""
         with self._lock:
             methods = ["ar", *self.candidates()]
-            best = self._best_rate()
-            if self.learning:
+            if self.learning if learning is None else learning:
+                best = self._best_rate()
                 model = self.table(1)[1]  # try the methods the model rates highest first
                 for method in sorted(methods, key=lambda m: -model[m].rate if m in model else 0.0):
-                    if any(self._open(arm, best) for arm in self.arms(method)):
-                        top = max(k for _, k in self.arms(method))
-                        return Choice(method, top, 0.0, 0.0, "trial")
-            tried = [arm for arm in self.trials if self._tried(arm) and arm[0] in methods]
-            if AR not in tried:
+                    arms = self.arms(method, cap)
+                    if any(self._open(arm, best) for arm in arms):
+                        return Choice(method, max(k for _, k in arms), 0.0, 0.0, "trial")
+            fastest = self._fastest(list(dict.fromkeys(arm for m in methods for arm in self.arms(m, cap))))
+            if fastest is None:
                 return None
-            ar = self.trials[AR].rate
-            method, k = max(tried, key=lambda arm: (self.trials[arm].rate, arm == AR))
-            return Choice(method, k, self.trials[(method, k)].rate, self.trials[(method, k)].rate / ar, "measured")
+            rate = self.trials[fastest].rate
+            return Choice(*fastest, rate, rate / self.trials[AR].rate, "measured")
 
-    def _measured_k(self, method: str) -> int | None:
+    def _measured_k(self, method: str, cap: int | None) -> int | None:
         """One sequence of `method`: the draft length on trial with the fewest steps so far (learning), else the
         fastest tried, else None."""
         with self._lock:
-            arms = self.arms(method)
+            arms = self.arms(method, cap)
             if self.learning:
                 best = self._best_rate()
                 waiting = [arm for arm in arms if self._open(arm, best)]
                 if waiting:
                     return min(waiting, key=lambda arm: self.trials[arm].iterations if arm in self.trials else 0)[1]
-            tried = [arm for arm in arms if self._tried(arm)]
-            if AR not in tried:
-                return None
-            return max(tried, key=lambda arm: (self.trials[arm].rate, arm == AR))[1]
+            fastest = self._fastest(arms)
+            return None if fastest is None else fastest[1]
+
+    def settled(self) -> bool:
+        """Whether the trials are over: every arm tried or stopped, and a measured choice stands."""
+        choice = self._measured(learning=True)
+        return choice is not None and choice.source == "measured"
 
     # ---- what the engine asks -----------------------------------------------------------------------
-    def choose(self, batch: int, slot: int) -> Choice:
-        """The method for a request joining a batch of `batch` sequences (calibrates first if needed, in the
-        free cache row `slot`, and again once a compiled forward has taken over from eager ops). Alone, it is
-        what the trials say once they say anything."""
+    def choose(self, batch: int, slot: int, cap: int | None = None) -> Choice:
+        """The method for a request joining a batch of `batch` sequences, drafting at most `cap` (calibrates
+        first if needed, in the free cache row `slot`, and again once a compiled forward has taken over from
+        eager ops: the trials then start over). Alone, it is what the trials say once they say anything."""
         compiled = self.engine.compiled
         if self.costs is None or (compiled is not None and compiled.active != self._calibrated_compiled):
+            if self.costs is not None:
+                with self._lock:
+                    self.trials = {}
             self.calibrate(slot)
-        if batch <= 1 and self.trial_iterations and (choice := self._measured()) is not None:
+        if batch <= 1 and self.trial_iterations and (choice := self._measured(cap)) is not None:
             return choice
         return self.table(max(1, batch))[0]
 
-    def k_for(self, method: str, batch: int) -> int:
+    def k_for(self, method: str, batch: int, cap: int | None = None) -> int:
+        """This iteration's draft length for a sequence of `method` (its own k `cap`) in a batch of `batch`."""
         if batch <= 1 and self.trial_iterations and self.costs is not None \
-                and (k := self._measured_k(method)) is not None:
+                and (k := self._measured_k(method, cap)) is not None:
             return k
         return self.table(max(1, batch))[1].get(method, Choice(method, 0, 0.0, 1.0)).k
 
@@ -521,6 +533,7 @@ class Planner:
                                                                "tokens_per_s": round(t.rate, 2),
                                                                "vs_ar": round(t.rate / ar, 3) if ar else None}
                                                   for (m, k), t in sorted(self.trials.items())}}
+                out["trials"]["settled"] = self.settled()
                 if (measured := self._measured()) is not None:
                     out["trials"]["choice"] = {"method": measured.method, "k": measured.k, "source": measured.source,
                                                **({"measured_speedup": round(measured.speedup, 3)}
@@ -577,7 +590,7 @@ def resolve(engine, seq: Sequence, batch: int) -> None:
     """Give an `auto` request its method at admission (its cache row is not yet taken). If planning fails
     (the calibration's widest forward out of memory, say), the request decodes plainly rather than being lost."""
     try:
-        choice = engine.planner.choose(batch, len(engine.running))
+        choice = engine.planner.choose(batch, len(engine.running), cap=seq.k)
     except Exception:
         log.exception("auto: planning failed; the request decodes with ar")
         seq.method, seq.k, seq.auto = "ar", 0, False

@@ -247,6 +247,24 @@ def _run_hf(model, ids: list[int], method: str, k: int, n: int) -> tuple[list[in
     return out[0, len(ids):].tolist(), {}, time.perf_counter() - t0
 
 
+def warm_auto(engine, warm: list[list[int]], max_new_tokens: int) -> int:
+    """What `auto` learns before a benchmark freezes it (`learning = False`): the warm-up prompts one at a time,
+    lone requests, so its trials run as well as its acceptance counts. One pass, then on until the trials are
+    over (at most three passes). Returns the requests run."""
+    from models.engine import SamplingParams
+
+    engine.planner.forget()
+    params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True, method="auto")
+    done = 0
+    for ids in warm * 3:
+        if done >= len(warm) and engine.planner.settled():
+            break
+        engine.generate(ids, params)
+        done += 1
+    engine.planner.learning = False
+    return done
+
+
 def run_bench(model_dir: str, prompts: list, max_new_tokens: int, ks: list[int], reps: int,
               methods: list[str], progress: bool = True, prompt_sets: dict[str, int] | None = None,
               dtype: str = "float32", forward: str = "lean", compile: bool = False,
@@ -284,11 +302,9 @@ def run_bench(model_dir: str, prompts: list, max_new_tokens: int, ks: list[int],
 
     for method, k in runs:  # warm-up
         run(method, k, encoded[0][:32], 8)
+    warmed = 0
     if ("auto", 0) in runs:  # learn from the warm-up prompts only: not from the runs above (the first prompt)
-        engine.planner.forget()
-        for ids in [encode_prompt(tok, p) for p in warmup_prompts or []]:
-            run("auto", 0, ids, max_new_tokens)
-        engine.planner.learning = False
+        warmed = warm_auto(engine, [encode_prompt(tok, p) for p in warmup_prompts or []], max_new_tokens)
     chosen: dict[str, int] = {}  # auto: the method each timed request got
     times = {r: [[] for _ in prompts] for r in runs}
     draft_times = {r: [[] for _ in prompts] for r in runs}  # seconds spent drafting, per run
@@ -315,7 +331,7 @@ def run_bench(model_dir: str, prompts: list, max_new_tokens: int, ks: list[int],
         sets[name] = list(range(start, min(start + count, len(prompts))))
     report = summarize(runs, prompts, times, outputs, stats, max_new_tokens, engine, ks, model_dir, sets, draft_times)
     if ("auto", 0) in runs:  # what auto chose for the timed requests, and the plan (costs, acceptance) behind it
-        report["auto"] = {"warmup_prompts": len(warmup_prompts or []), "chosen": chosen,
+        report["auto"] = {"warmup_prompts": len(warmup_prompts or []), "warmup_requests": warmed, "chosen": chosen,
                           "plan": engine.planner.report()}
     return report
 
@@ -452,7 +468,7 @@ def batch_sweep(model_dir: str, prompts: list[str], batch_sizes: list[int], runs
                 warmup_prompts: list | None = None) -> dict:
     """Aggregate tokens/s of the engine with `b` sequences decoded together, per method and k: the
     measurement behind the speculation-under-load policy (EngineConfig.load_policy). `auto` (k is the
-    planner's) learns acceptance from `warmup_prompts` first, then is frozen, as in `run_bench`."""
+    planner's) learns from `warmup_prompts` first (`warm_auto`), then is frozen, as in `run_bench`."""
     from tqdm.auto import tqdm
 
     from models.engine import Engine, EngineConfig, SamplingParams
@@ -463,11 +479,7 @@ def batch_sweep(model_dir: str, prompts: list[str], batch_sizes: list[int], runs
     encoded = [encode_prompt(engine.tokenizer, p) for p in prompts]
     engine.generate_batch(encoded[:2], SamplingParams(max_new_tokens=8, ignore_eos=True))  # warm-up
     if any(m == "auto" for m, _ in runs):
-        engine.planner.forget()
-        warm = [encode_prompt(engine.tokenizer, p) for p in warmup_prompts or []]
-        if warm:
-            engine.generate_batch(warm, SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True, method="auto"))
-        engine.planner.learning = False
+        warm_auto(engine, [encode_prompt(engine.tokenizer, p) for p in warmup_prompts or []], max_new_tokens)
     times: dict[tuple, list[float]] = {}
     bar = tqdm(total=reps * len(batch_sizes) * len(runs), desc="batch sweep", disable=not progress)
     for _ in range(reps):  # interleaved repetitions, medians: the machine is shared and noisy

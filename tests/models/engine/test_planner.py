@@ -331,5 +331,50 @@ def test_auto_on_trial_decodes_like_ar_and_ends_on_the_fastest_measured(parts):
     assert len(set(methods)) >= 3  # the trials ran several methods
     choice = planner.choose(1, slot=0)
     assert choice.source == "measured"
+    assert planner.settled() and planner.report()["trials"]["settled"]
+    assert planner.k_for(choice.method, 1) == choice.k  # what it chose is what a lone request runs
     tried = {arm: t.rate for arm, t in planner.trials.items() if t.iterations >= 3}
     assert planner.trials[(choice.method, choice.k)].rate == max(tried.values())
+
+
+def test_a_method_far_faster_than_ar_still_measures_ar_to_the_end():
+    gpu_like = {n: 1.0 + 0.01 * (n - 1) for n in (1, 2, 4, 8, 16, 36, 64, 128, 600)}
+    planner = _planner(gpu_like, trials=12)
+    _accept(planner, "sdsat-fused", [0.9, 0.8, 0.7, 0.6, 0.5])
+    assert planner.choose(1, slot=0).method == "sdsat-fused"
+    fused = {k: 0.010 if k == 0 else 0.004 for k in range(6)}  # every fused k 2.5x ar: ar is the one far below
+    _run_trials(planner, "sdsat-fused", fused, {k: 1 + k for k in range(6)})
+    assert planner.trials[("ar", 0)].iterations == 12  # ar is never stopped early: it is what choices are against
+    for method in ("prompt-lookup", "sdsat"):
+        _run_trials(planner, method, {k: 0.010 for k in range(9)}, {k: 1 for k in range(9)})
+    assert planner.settled()
+    best = planner.choose(1, slot=0)
+    assert best.source == "measured" and best.method == "sdsat-fused" and best.speedup == pytest.approx(2.5)
+    assert planner.k_for("sdsat-fused", 1) == best.k
+
+
+def test_trials_stay_within_the_requests_own_k():
+    planner = _planner({n: 1.0 + 0.01 * (n - 1) for n in (1, 2, 4, 8, 16, 36, 64)}, trials=6)
+    _accept(planner, "sdsat-fused", [0.9, 0.8, 0.7, 0.6, 0.5])
+    assert max(k for _, k in planner.arms("sdsat-fused")) > 2
+    # a request that asks for auto with k=2: only k <= 2 is tried, so its trial ends
+    assert [k for _, k in planner.arms("sdsat-fused", cap=2)] == [0, 1, 2]
+    for _ in range(200):
+        k = planner.k_for("sdsat-fused", 1, cap=2)
+        assert k <= 2
+        planner.measure("sdsat-fused", k, {0: 0.010, 1: 0.010, 2: 0.024}[k], 1 + k)  # 100, 200, 125 tokens/s
+    assert {arm: t.iterations for arm, t in planner.trials.items()} == {("ar", 0): 6, ("sdsat-fused", 1): 200 - 12,
+                                                                       ("sdsat-fused", 2): 6}
+    assert planner.k_for("sdsat-fused", 1, cap=2) == 1  # the fastest of the three
+
+
+def test_what_auto_chooses_is_what_its_sequences_run():
+    planner = _planner({1: 1.0, 2: 1.1, 4: 1.4, 8: 2.4, 16: 4.0, 36: 9.0, 64: 16.0}, trials=4)
+    assert ("sdsat", 7) not in planner.arms("sdsat")  # past the adapter's k_train (5)
+    for _ in range(4):  # a client asking for sdsat k=7 itself ran fast: not one of auto's arms
+        planner.measure("sdsat", 7, 0.001, 5)
+    for method in ("prompt-lookup", "sdsat", "sdsat-fused", "ar"):
+        _run_trials(planner, method, {k: 0.010 for k in range(9)}, {k: 1 for k in range(9)})
+    best = planner.choose(1, slot=0)
+    assert best.source == "measured" and (best.method, best.k) != ("sdsat", 7)
+    assert planner.k_for(best.method, 1) == best.k
