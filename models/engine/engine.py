@@ -160,6 +160,10 @@ class Engine:
             self.kernels_unavailable = f"the width-invariant kernels read fp32 and bf16, not {self.dtype}"
             return False
         self.kernels_unavailable = kernel_unavailable()  # why not (the self-check's report carries it), or None
+        if self.kernels_unavailable is None:  # as many threads as torch's (Ray's OMP_NUM_THREADS would say 1)
+            from models.engine.kernels import set_threads
+
+            set_threads(torch.get_num_threads())
         return self.kernels_unavailable is None
 
     @property

@@ -27,6 +27,32 @@
 
 #define LANES 16
 
+#ifdef _OPENMP
+#include <omp.h>
+/* Threads of the kernels' parallel loops: set by the engine from its torch thread count (sdsat_set_threads), so
+ * they follow `--threads` / a replica's cpu_threads. OpenMP's own default comes from $OMP_NUM_THREADS, which Ray
+ * sets to 1 for a replica with a fractional CPU share, and omp_set_num_threads would reach only the calling
+ * thread, not the replica's engine thread. 0: OpenMP's default. Each element's arithmetic is the same on any
+ * number of threads (a thread takes whole rows, heads or tiles). */
+static int kernel_threads = 0;
+#define THREADS (kernel_threads > 0 ? kernel_threads : omp_get_max_threads())
+#endif
+
+void sdsat_set_threads(int n) {
+#ifdef _OPENMP
+    kernel_threads = n > 0 ? n : 0;
+#endif
+    (void)n;
+}
+
+int sdsat_threads(void) {
+#ifdef _OPENMP
+    return THREADS;
+#else
+    return 1;
+#endif
+}
+
 static inline float bf16_to_f32(uint16_t b) {
     union { uint32_t u; float f; } x;
     x.u = (uint32_t)b << 16;
@@ -381,7 +407,7 @@ void sdsat_linear(const float *x, int64_t M, int64_t K, const void *w, int w_bf1
     const int path = vector_path(K);
     const size_t width = w_bf16 ? sizeof(uint16_t) : sizeof(float);
 #ifdef _OPENMP
-    #pragma omp parallel for schedule(static) if (blocks > 1 && M * N * K >= 8192)
+    #pragma omp parallel for num_threads(THREADS) schedule(static) if (blocks > 1 && M * N * K >= 8192)
 #endif
     for (int64_t b = 0; b < blocks; b++) {
         const int64_t n0 = 16 * b, nn = N - n0 < 16 ? N - n0 : 16;
@@ -464,7 +490,7 @@ static int attend(const float *q, int64_t R, int64_t T, int64_t Hq, int64_t Hkv,
     /* one unit of work per (sequence, query head), each computed whole by one thread in the order below, so
      * the threads change no bits; OpenMP's pool is the one PyTorch already runs (same libgomp) */
 #ifdef _OPENMP
-    #pragma omp parallel for schedule(static) reduction(| : failed) if (R * Hq > 1)
+    #pragma omp parallel for num_threads(THREADS) schedule(static) reduction(| : failed) if (R * Hq > 1)
 #endif
     for (int64_t unit = 0; unit < R * Hq; unit++)
         failed |= attend_unit(q, unit / Hq, unit % Hq, T, Hq, Hkv, D, k_buf, v_buf, kv_bf16, C, slot, start,
@@ -1003,7 +1029,7 @@ static int quantized_linear(int q4, const float *x, int64_t M, int64_t K, const 
     const int64_t tiles = (N + 15) / 16;
     const int path = use_vnni() ? 2 : (simd_level() >= 1 ? 1 : 0);
 #ifdef _OPENMP
-    #pragma omp parallel for schedule(static) if (tiles > 1)
+    #pragma omp parallel for num_threads(THREADS) schedule(static) if (tiles > 1)
 #endif
     for (int64_t t = 0; t < tiles; t++) {
 #if defined(HAVE_X86)

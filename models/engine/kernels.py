@@ -108,6 +108,10 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     lib.sdsat_rope_attend.argtypes = [ptr, flag, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, flag, i64, ptr,
                                       ptr, ptr, f32, ptr, flag]
     lib.sdsat_rope_attend.restype = ctypes.c_int
+    lib.sdsat_set_threads.argtypes = [ctypes.c_int]
+    lib.sdsat_set_threads.restype = None
+    lib.sdsat_threads.argtypes = []
+    lib.sdsat_threads.restype = ctypes.c_int
     lib.sdsat_silu_mul_cast.argtypes = [ptr, flag, i64, i64, ptr, flag]
     lib.sdsat_silu_mul_cast.restype = None
     lib.sdsat_q4_linear.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr]
@@ -122,6 +126,16 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     lib.sdsat_vector_path.argtypes = []
     lib.sdsat_vector_path.restype = ctypes.c_int
     return lib, None
+
+
+def set_threads(n: int) -> int:
+    """The kernels' threads, for every thread that calls them (0: OpenMP's default, from $OMP_NUM_THREADS).
+    Returns the count in force; 1 where the kernels are unavailable or built without OpenMP."""
+    lib, _ = _load()
+    if lib is None:
+        return 1
+    lib.sdsat_set_threads(int(n))
+    return lib.sdsat_threads()
 
 
 def vector_path() -> str:

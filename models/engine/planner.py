@@ -237,8 +237,7 @@ class Planner:
                                           list(s.drafted_per_position))
             for k, (iterations, drafted, accepted, offered) in (replay or {}).items():
                 self.lookup[k].add(iterations, drafted, accepted, offered)
-            self._table.clear()
-            self._arms.clear()
+            self._table.clear()  # the arms stay: re-deriving them as acceptance moves reopened trials for ever
 
     def measure(self, method: str, k: int, seconds: float, tokens: int) -> None:
         """One engine step with one sequence decoding, by `method` with draft length `k` (0: plain)."""

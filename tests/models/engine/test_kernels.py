@@ -254,3 +254,31 @@ def test_bf16_outputs_round_to_nearest_even_as_aten_does():
     got, want = silu_mul_cast(gate_up, torch.bfloat16)[0], (128.0 * up).bfloat16()
     assert torch.equal(got.isnan(), want.isnan()) and got.isnan().sum() == 1
     assert torch.equal(got[~got.isnan()].view(torch.int16), want[~want.isnan()].view(torch.int16))
+
+
+def test_the_kernels_threads_follow_the_engine_not_omp_num_threads(counting_sdsat_dir):
+    """Ray sets OMP_NUM_THREADS to 1 in a replica with a fractional CPU share: the kernels take their thread
+    count from the engine (torch's), and their results do not depend on it."""
+    from models.engine.kernels import q4_linear, set_threads
+
+    g = torch.Generator().manual_seed(9)
+    codes = torch.randint(0, 256, (8, 4, 4, 16, 4), generator=g, dtype=torch.uint8)  # 8 tiles of 16, K = 128
+    d, m = (torch.randn(2, 8, 4, 16, generator=g) * 0.05).half().view(torch.int16)
+    x = torch.randn(5, 128, generator=g)
+    try:
+        assert set_threads(1) == 1
+        one = q4_linear(x, codes, d, m, 120)
+        if set_threads(2) != 2:
+            pytest.skip("the kernels were built without OpenMP (the compiler lacked -fopenmp): one thread always")
+        assert torch.equal(q4_linear(x, codes, d, m, 120), one)
+    finally:
+        set_threads(torch.get_num_threads())
+    code = ("import sys, torch; torch.set_num_threads(2)\n"
+            "from models.engine import Engine, EngineConfig\n"
+            "from models.engine.kernels import _library\n"
+            "Engine.from_pretrained(sys.argv[1], EngineConfig(method='ar', k=0, dtype='float32', max_context=64))\n"
+            "print(_library().sdsat_threads())")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code, str(counting_sdsat_dir)], env=env, capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "2"
