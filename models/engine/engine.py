@@ -29,6 +29,7 @@ from models.engine.drafters import DRAFTERS, drafter_for
 from models.engine.drafters.base import Drafter, sample_token
 from models.engine.invariance import WIDTHS, check_invariance
 from models.engine.kernels import Attention
+from models.engine.kernels import set_threads as set_kernel_threads
 from models.engine.kv_cache import SlotKVCache
 from models.engine.llama import LlamaForward, project
 from models.engine.memory import huge_page_bytes, place_in_huge_pages
@@ -68,6 +69,8 @@ class Engine:
             and self.device.type == "cpu" else 0
         self.kernels_unavailable: str | None = None
         self.invariant_kernels = self._use_invariant_kernels(config)  # models/engine/kernels.py, else libraries
+        if self.invariant_kernels:  # as many threads as torch's (Ray's OMP_NUM_THREADS would say 1)
+            set_kernel_threads(torch.get_num_threads())
         if self.lean is not None and adapter is not None:
             self.lean.rows = adapter.rows
         self.quantization = quantization  # the report of models.weights.quant.quantize_model (dtype int4), or None
@@ -160,10 +163,6 @@ class Engine:
             self.kernels_unavailable = f"the width-invariant kernels read fp32 and bf16, not {self.dtype}"
             return False
         self.kernels_unavailable = kernel_unavailable()  # why not (the self-check's report carries it), or None
-        if self.kernels_unavailable is None:  # as many threads as torch's (Ray's OMP_NUM_THREADS would say 1)
-            from models.engine.kernels import set_threads
-
-            set_threads(torch.get_num_threads())
         return self.kernels_unavailable is None
 
     @property
@@ -237,9 +236,9 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         t0, forward0, calibration0 = time.perf_counter(), self.forward_seconds, self.calibration_seconds
-        admitted = bool(self.waiting) and len(self.running) < self.cache.slots
+        admitted = False
         while self.waiting and len(self.running) < self.cache.slots:  # admission: a free KV slot
-            seq = self.waiting.popleft()
+            seq, admitted = self.waiting.popleft(), True
             if seq.auto:  # its method, for the batch it joins (the first time: this host's costs, in its free row)
                 resolve(self, seq, min(self.cache.slots, len(self.running) + 1 + len(self.waiting)))
             seq.slot = len(self.running)
@@ -253,19 +252,19 @@ class Engine:
         decoding = [s for s in self.running if s.prefilled == len(s.prompt_ids) and not s.finished]
         if prefilling:
             self._prefill(prefilling)
-        emitted0 = sum(len(s.output_ids) for s in decoding)
+        emitted = -sum(len(s.output_ids) for s in decoding)
         if decoding:
             self._iterate(decoding)
+        emitted += sum(len(s.output_ids) for s in decoding)  # tokens this step decoded
         outputs = [out for s in list(self.running) if (out := s.take_output()) is not None]
         if len(decoding) == 1 and not prefilling and not admitted:  # a lone sequence's step: what auto's trials time
-            self.planner.measure(decoding[0].method, decoding[0].k_plan, time.perf_counter() - t0,
-                                 len(decoding[0].output_ids) - emitted0)
+            self.planner.measure(decoding[0].method, decoding[0].k_plan, time.perf_counter() - t0, emitted)
         for seq in [s for s in self.running if s.finished]:
             self.planner.observe(seq)
             self._release(seq)
         self.outside_seconds += time.perf_counter() - t0 - (self.forward_seconds - forward0) \
             - (self.calibration_seconds - calibration0)
-        self.decoded_tokens += sum(len(s.output_ids) for s in decoding) - emitted0
+        self.decoded_tokens += emitted
         return outputs
 
     def _release(self, seq: Sequence) -> None:
@@ -345,9 +344,10 @@ class Engine:
         """Set each sequence's k for this iteration and its drafts."""
         for seq in seqs:
             room = self.max_context - seq.context_len  # cache room left for the chunk
-            k = min(seq.k, batch_k, self.k_cap, seq.remaining - 1, room - 1)  # k drafts + bonus fit
+            cap = min(seq.k, batch_k, self.k_cap)
+            k = min(cap, seq.remaining - 1, room - 1)  # k drafts + bonus fit
             if seq.auto:  # the best draft length for its method at this iteration's batch size
-                k = min(k, self.planner.k_for(seq.method, len(seqs), cap=min(seq.k, batch_k, self.k_cap)))
+                k = min(k, self.planner.k_for(seq.method, len(seqs), cap=cap))
             seq.k_plan = k = max(0, k)
             seq.k_now = self._drafter(seq).k_for(self, seq, k)
             if seq.k_now == 0:
