@@ -5,6 +5,12 @@ is written by the next forward. Emitted tokens go through `emit()`, which applie
 conditions in order (EOS, max new tokens, context limit, stop strings) and drops what follows.
 Text is streamed without ever splitting a UTF-8 character, and text that might be the start of a
 stop string is held back until it is known not to be one.
+
+Detokenization is incremental: each step decodes only the tokens after the last complete character,
+together with the chunk before them (so a decoder whose output depends on the neighbouring token, such as
+SentencePiece's leading space, gives the text of a full decode), instead of the whole output every step,
+the same scheme as vLLM's and TGI's detokenizers. `tokenizers.decoders.DecodeStream` does this too, but it
+hides the incomplete tail, which the stop-string check needs to stop on the token a full decode stops on.
 """
 
 from __future__ import annotations
@@ -68,6 +74,8 @@ class Sequence:
     timings: dict[str, int] = field(default_factory=lambda: {"queued": time.time_ns()})
     _sent_tokens: int = 0
     _sent_chars: int = 0
+    _prefix_at: int = 0  # output_ids[_prefix_at:_read_at] decoded to the end of `text` (its last chunk)
+    _read_at: int = 0  # output_ids before it are in `text`; after it, the tail that may end mid-character
 
     @property
     def cur(self) -> int:
@@ -120,37 +128,57 @@ class Sequence:
     def _finish(self, reason: str) -> None:
         self.finished, self.finish_reason = True, reason
 
-    def _decode(self) -> str:
+    def _tail(self) -> str:
+        """Text of the tokens not yet in `text`. When it ends on a complete character it joins `text` (and ""
+        is returned); otherwise it is returned, and `text` + it is what a full decode would give."""
         ids = self.output_ids
         if ids and ids[-1] == self.eos_id and not self.params.ignore_eos:
             ids = ids[:-1]
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
+        if len(ids) == self._read_at:
+            return ""
+        decode = self.tokenizer.decode
+        before = decode(ids[self._prefix_at : self._read_at], skip_special_tokens=False)
+        now = decode(ids[self._prefix_at :], skip_special_tokens=False)
+        if now.startswith(before):
+            tail = now[len(before) :]
+        else:  # a decoder that rewrites earlier text given later tokens: fall back to a full decode
+            full = decode(ids, skip_special_tokens=False)
+            self.text, tail = full[: len(self.text)], full[len(self.text) :]
+        if tail.endswith(REPLACEMENT):  # an incomplete UTF-8 character: wait for its other bytes
+            return tail
+        self.text += tail
+        self._prefix_at, self._read_at = self._read_at, len(ids)
+        return ""
 
     def _hit_stop_string(self) -> bool:
-        text = self._decode()
-        # only the tail can hold a stop string completed by this token
+        # only text after what the previous check saw (less a stop string's length) can hold a new hit
         tail_from = max(0, len(self.text) - max(map(len, self.params.stop)))
+        tail = self._tail()  # first: it may move complete text into self.text
+        text = self.text + tail
         hits = [i for s in self.params.stop if (i := text.find(s, tail_from)) >= 0]
-        self.text = text[: min(hits)] if hits else text
+        if hits:
+            self.text = text[: min(hits)]
         return bool(hits)
 
     def take_output(self) -> RequestOutput | None:
         """What is new since the previous call (None if nothing is), for streaming."""
+        text = self.text
         if not self.stopped_by_string:  # else the text already ends right before the stop string
-            self.text = self._decode()
-        safe = len(self.text)
-        if not self.finished:
-            while safe and self.text[safe - 1] == REPLACEMENT:  # an incomplete UTF-8 character
-                safe -= 1
-            if self.params.stop:  # hold back what could still become a stop string
-                safe = max(self._sent_chars, safe - (max(map(len, self.params.stop)) - 1))
+            tail = self._tail()
+            if self.finished:  # nothing more will complete it
+                self.text = text = self.text + tail
+            else:  # the tail's complete characters may go out; its incomplete last one may not
+                text = self.text + tail.rstrip(REPLACEMENT)
+        safe = len(text)
+        if not self.finished and self.params.stop:  # hold back what could still become a stop string
+            safe = max(self._sent_chars, safe - (max(map(len, self.params.stop)) - 1))
         new_tokens = self.output_ids[self._sent_tokens :]
         if safe <= self._sent_chars and not new_tokens and not self.finished:
             return None
         if self.finished:
             self.timings.setdefault("finished", time.time_ns())
         out = RequestOutput(
-            self.request_id, self.text[self._sent_chars : safe], new_tokens, self.finished, self.finish_reason,
+            self.request_id, text[self._sent_chars : safe], new_tokens, self.finished, self.finish_reason,
             len(self.prompt_ids), len(self.output_ids), {"method": self.method, **self.stats.to_dict()},
             self.cached_tokens,
             self.logprobs[self._sent_tokens :] if self.params.logprobs is not None else None,

@@ -93,6 +93,57 @@ def test_streaming_never_splits_utf8_characters():
     assert "".join(pieces) == text
 
 
+class _CountingDecoder:
+    """Wraps a tokenizer and counts the ids it is asked to decode."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.decoded = tokenizer, 0
+
+    def decode(self, ids, skip_special_tokens=False):
+        self.decoded += len(ids)
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+@pytest.mark.parametrize("with_stop", [False, True], ids=["no-stop", "stop-strings"])
+def test_incremental_text_equals_a_full_decode_at_linear_cost(with_stop):
+    """Random ids of the served model's tokenizer (multi-byte characters split across tokens, special tokens,
+    invalid byte runs), emitted in runs of 1-4 as speculation does: the streamed text is a full decode of
+    what was kept (up to the first stop string), each run's stop check ends on the token a full decode
+    ends on, and the ids decoded per token stay bounded instead of growing with the output."""
+    from models.weights.base_model import base_model_dir, ensure_base_model
+    from models.weights.tokenizer import load_tokenizer
+
+    ensure_base_model()
+    tok = load_tokenizer(base_model_dir())
+    text = "def grüße(x):\n    return 'naïve ☃ 日本語 🐍'\n\n<|im_end|>\nclass A:\n    pass\n" * 3
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    gen = torch.Generator().manual_seed(0)
+    ids += torch.randint(0, len(tok), (200,), generator=gen).tolist()
+    # a stop string that first turns up among the random ids, and one that never does
+    stop = (tok.decode(ids[250:252], skip_special_tokens=False), "never in the text") if with_stop else ()
+    counting = _CountingDecoder(tok)
+    seq = Sequence("r", [1], SamplingParams(max_new_tokens=len(ids), stop=stop, ignore_eos=True), "ar", 0,
+                   tok.eos_token_id, 4096, counting)
+    pieces, at = [], 0
+    while not seq.finished:
+        run = ids[at : at + 1 + at % 4]
+        at += len(run)
+        seq.emit(run)
+        if (out := seq.take_output()) is not None:
+            pieces.append(out.text)
+    full = tok.decode(seq.output_ids, skip_special_tokens=False)
+    if stop:  # kept: the shortest prefix of ids whose full decode holds a stop string
+        first = next(n for n in range(1, len(ids) + 1)
+                     if any(s in tok.decode(ids[:n], skip_special_tokens=False) for s in stop))
+        assert seq.stopped_by_string and len(seq.output_ids) == first
+        full = full[: min(i for s in stop if (i := full.find(s)) >= 0)]
+    else:
+        assert seq.output_ids == ids
+    assert "".join(pieces) == full == seq.text
+    assert len(seq.output_ids) > 200
+    assert counting.decoded < 8 * len(seq.output_ids)  # a full decode per run: about 60 per token here
+
+
 def test_process_logits_top_k_and_top_p():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
     torch.testing.assert_close(process_logits(logits, 1.0, 1.0, 2), torch.tensor([0.625, 0.375, 0.0, 0.0]))
