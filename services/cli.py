@@ -416,12 +416,14 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
 
     prompts = humaneval_chat_prompts(args.limit) if args.chat else humaneval_prompts(args.limit)
     report = run_bench_serve(args.url, prompts, [int(c) for c in args.concurrency.split(",")],
-                             args.runs, args.per_client, args.max_tokens, parse_methods(args.methods))
+                             args.runs, args.per_client, args.max_tokens, parse_methods(args.methods),
+                             stream=not args.no_stream)
     write_json(args.json, report)
     if args.json != "-":
         for row in report["results"]:
+            ttft = f"{row['median_ttft_s']:.3f}s" if row["median_ttft_s"] is not None else "-"
             print(f"{row['method']:>16} c={row['concurrency']:<3} median {row['median_latency_s']:.2f}s "
-                  f"p99 {row['p99_latency_s']:.2f}s ttft {row['median_ttft_s']:.3f}s {row['tokens_per_s']:.1f} tok/s")
+                  f"p99 {row['p99_latency_s']:.2f}s ttft {ttft} {row['tokens_per_s']:.1f} tok/s")
     return 0
 
 
@@ -437,6 +439,7 @@ def add_bench_serve_parser(sub) -> None:
     p.add_argument("--methods", default="default,ar",
                    help="what the requests ask for, compared with ar: default (the service's own), ar, auto, or "
                         "method:k, e.g. prompt-lookup:1 (default: %(default)s)")
+    p.add_argument("--no-stream", action="store_true", help="answers in one piece instead of streamed ones")
     p.add_argument("--json", help="write the report to PATH (- = stdout)")
     p.set_defaults(func=cmd_bench_serve)
 

@@ -5,7 +5,7 @@
 
 For each run (3 by default, interleaved), each method (`--methods`: by default the service's own default,
 then plain `ar`, each through the per-request `speculation` extension) and each concurrency c, c clients issue streaming
-completions back to back (HumanEval prompts, greedy, fixed `max_tokens` with EOS ignored so every
+completions (or, with `--no-stream`, answers in one piece) back to back (HumanEval prompts, greedy, fixed `max_tokens` with EOS ignored so every
 request produces the same number of tokens): chat completions with the prompt in the code-task chat
 form (models/weights/chat.py) with `--chat`, as users send code tasks to an instruct model, else raw completions.
 Per run: median and p99 end-to-end latency, median
@@ -23,6 +23,11 @@ import time
 
 async def _one(http, url: str, body: dict) -> dict:
     t0 = time.perf_counter()
+    if not body["stream"]:
+        r = await http.post(url, json=body)
+        if r.status_code != 200:
+            return {"error": r.status_code}
+        return {"latency": time.perf_counter() - t0, "ttft": None, "tokens": r.json()["usage"]["completion_tokens"]}
     ttft, tokens = None, 0
     async with http.stream("POST", url, json=body) as r:
         if r.status_code != 200:
@@ -40,7 +45,7 @@ async def _one(http, url: str, body: dict) -> dict:
 
 
 async def _load(url: str, prompts: list, concurrency: int, per_client: int, max_tokens: int,
-                speculation: dict | None) -> dict:
+                speculation: dict | None, stream: bool = True) -> dict:
     import httpx
 
     async def client(i: int) -> list[dict]:
@@ -49,8 +54,9 @@ async def _load(url: str, prompts: list, concurrency: int, per_client: int, max_
             for j in range(per_client):
                 prompt = prompts[(i * per_client + j) % len(prompts)]
                 body = {"prompt": prompt} if isinstance(prompt, str) else {"messages": prompt}
-                body.update(max_tokens=max_tokens, temperature=0, stream=True,
-                            stream_options={"include_usage": True}, ignore_eos=True)
+                body.update(max_tokens=max_tokens, temperature=0, stream=stream, ignore_eos=True)
+                if stream:
+                    body["stream_options"] = {"include_usage": True}
                 if speculation:
                     body["speculation"] = speculation
                 out.append(await _one(http, url, body))
@@ -65,14 +71,16 @@ async def _load(url: str, prompts: list, concurrency: int, per_client: int, max_
         "requests": len(results), "errors": len(results) - len(ok),
         "median_latency_s": statistics.median(lat) if lat else None,
         "p99_latency_s": lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else None,
-        "median_ttft_s": statistics.median(r["ttft"] for r in ok if r["ttft"] is not None) if ok else None,
+        "median_ttft_s": statistics.median(ttfts) if (ttfts := [r["ttft"] for r in ok if r["ttft"] is not None])
+        else None,
         "tokens_per_s": sum(r["tokens"] for r in ok) / wall,
     }
 
 
 def run_bench_serve(base_url: str, prompts: list, concurrencies: list[int], runs: int, per_client: int,
-                    max_tokens: int, methods: dict[str, dict | None]) -> dict:
-    """prompts: texts (POST /v1/completions) or message lists (POST /v1/chat/completions)."""
+                    max_tokens: int, methods: dict[str, dict | None], stream: bool = True) -> dict:
+    """prompts: texts (POST /v1/completions) or message lists (POST /v1/chat/completions); stream False:
+    answers in one piece (no time to first token)."""
     chat = not isinstance(prompts[0], str)
     url = base_url.rstrip("/") + ("/v1/chat/completions" if chat else "/v1/completions")
     asyncio.run(_load(url, prompts, 1, 1, 8, None))  # warm-up
@@ -81,7 +89,7 @@ def run_bench_serve(base_url: str, prompts: list, concurrencies: list[int], runs
         for name, speculation in methods.items():
             for c in concurrencies:
                 samples.setdefault((name, c), []).append(asyncio.run(
-                    _load(url, prompts, c, per_client, max_tokens, speculation)))
+                    _load(url, prompts, c, per_client, max_tokens, speculation, stream)))
     rows = []
     for (name, c), runs_ in samples.items():
         row = {"method": name, "concurrency": c, "runs": len(runs_), "errors": sum(r["errors"] for r in runs_)}
@@ -99,7 +107,8 @@ def run_bench_serve(base_url: str, prompts: list, concurrencies: list[int], runs
                 ratios.setdefault(name, {})[str(c)] = {
                     "latency_ratio": s["median_latency_s"] / p["median_latency_s"],
                     "throughput_ratio": s["tokens_per_s"] / p["tokens_per_s"]}
-    return {"url": base_url, "route": url.rsplit("/v1", 1)[1], "max_tokens": max_tokens, "per_client": per_client,
+    return {"url": base_url, "route": url.rsplit("/v1", 1)[1], "stream": stream, "max_tokens": max_tokens,
+            "per_client": per_client,
             "plain": plain, "results": rows, "vs_plain": ratios}
 
 

@@ -44,6 +44,10 @@ class DecoderConfig(BaseModel):
                                                             "429 with Retry-After (-1 = unbounded)")
     graceful_shutdown_timeout_s: float = Field(60.0, description="downscale/redeploy: in-flight requests get this "
                                                                  "long to finish")
+    stream_interval_ms: float = Field(0.0, ge=0, description="streamed responses: the least time between two "
+                                                            "messages of one request (0 = one per engine step); "
+                                                            "answers in one piece always get the first token and "
+                                                            "then the rest in one message")
     prefix_cache: bool = Field(True, description="reuse prompt-prefix KV (in-replica LRU, plus Redis when reachable)")
     prefix_block_size: int = Field(16, ge=1, description="tokens per cached prefix block")
     prefix_local_mb: int = Field(256, ge=1, description="in-replica prefix cache size (MiB)")

@@ -132,7 +132,10 @@ class Decoder:
         try:
             params = SamplingParams(**request["params"])
             tenant = request.get("tenant", "default")
-            async for out in self.runner.generate(request["request_id"], request["prompt_ids"], params, tenant):
+            # a streamed answer: a message per engine step (or per stream_interval_ms); else the first and the rest
+            interval = self.config.stream_interval_ms / 1000 if request.get("stream", True) else None
+            async for out in self.runner.generate(request["request_id"], request["prompt_ids"], params, tenant,
+                                                  interval):
                 if out.finished:
                     self._finished(out, span)
                 yield {**output_item(out), "replica": self.replica_id}

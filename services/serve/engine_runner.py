@@ -49,24 +49,42 @@ class EngineRunner:
 
     # ---- async side ------------------------------------------------------------------------------
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       tenant: str = "default") -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs; leaving the iteration early (or being cancelled) cancels it."""
+                       tenant: str = "default", interval_s: float | None = 0.0) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; leaving the iteration early (or being cancelled) cancels it.
+
+        The first output goes out at once. After it, what the engine emits is merged into one message per
+        `interval_s` (0: one per engine step, fewer only when the consumer falls behind), or, with None,
+        into one last message: a caller that answers in one piece needs no message per token, and on a
+        small CPU host each message costs the engine CPU time."""
         sink: asyncio.Queue = asyncio.Queue()
-        self._commands.put(_Submit(request_id, prompt_ids, params, tenant, sink, asyncio.get_running_loop()))
-        finished, pending = False, None
+        loop = asyncio.get_running_loop()
+        self._commands.put(_Submit(request_id, prompt_ids, params, tenant, sink, loop))
+        finished, pending, sent_at = False, None, None
         try:
             while True:
                 item = pending if pending is not None else await sink.get()
                 pending = None
                 if isinstance(item, BaseException):
                     raise item
-                while not item.finished and not sink.empty():  # the consumer fell behind: send one message
-                    nxt = sink.get_nowait()
+                # hold until: now (the first output), the next interval, or the end (None)
+                hold = 0.0 if sent_at is None else None if interval_s is None else sent_at + interval_s - loop.time()
+                while not item.finished:
+                    if not sink.empty():  # the consumer fell behind: send one message
+                        nxt = sink.get_nowait()
+                    elif hold is None or hold > 0:
+                        try:
+                            nxt = await asyncio.wait_for(sink.get(), hold)
+                        except TimeoutError:
+                            break
+                        hold = None if hold is None else sent_at + interval_s - loop.time()
+                    else:
+                        break
                     if isinstance(nxt, BaseException):
                         pending = nxt
                         break
                     item = merge_outputs(item, nxt)
                 yield item
+                sent_at = loop.time()
                 if item.finished:
                     finished = True
                     return

@@ -231,6 +231,7 @@ class Router:
                   "method": spec.method if spec else None, "k": spec.k if spec else None,
                   "ignore_eos": body.ignore_eos}
         return {"request_id": new_id("req"), "prompt_ids": prompt_ids, "params": params, "tenant": tenant,
+                "stream": bool(body.stream),
                 "affinity_key": affinity_key(prompt_ids)}
 
     async def _handle(self, request: Request, route: str, operation: str, body, tokenize, formatter):

@@ -25,3 +25,13 @@ def test_bench_serve_compares_every_method_with_ar(service):
     for name, by_c in report["vs_plain"].items():
         assert by_c["1"]["throughput_ratio"] == pytest.approx(
             rows[(name, 1)]["tokens_per_s"] / rows[("ar", 1)]["tokens_per_s"])
+
+
+def test_bench_serve_without_streaming_counts_whole_answers(service):
+    report = run_bench_serve(service, ["1 2 3"], [1], runs=1, per_client=2, max_tokens=12,
+                             methods=parse_methods("default,ar"), stream=False)
+    assert report["stream"] is False
+    for row in report["results"]:
+        assert row["errors"] == 0 and row["median_ttft_s"] is None and row["median_latency_s"] > 0
+        # 24 tokens over a wall time of at least the two requests' latencies (the median of two is their mean)
+        assert 0 < row["tokens_per_s"] * 2 * row["median_latency_s"] <= 24 * 1.001

@@ -30,3 +30,37 @@ def test_slow_consumer_gets_merged_outputs_equal_to_the_whole(counting_sdsat_dir
     assert sum(len(it.logprobs) for it in items) == len(whole["token_ids"])
     assert items[-1].finished and items[-1].completion_tokens == 40
     assert len(items) < 40  # some messages carried several steps' tokens
+
+
+def _collect(runner: EngineRunner, prompt: list[int], params: SamplingParams, interval_s) -> tuple[list, list]:
+    async def consume():
+        items, arrived = [], []
+        async for out in runner.generate("r", prompt, params, interval_s=interval_s):
+            items.append(out)
+            arrived.append(asyncio.get_running_loop().time())
+        return items, arrived
+
+    return asyncio.run(consume())
+
+
+def test_coalesced_streams_carry_the_same_outputs_in_fewer_messages(counting_sdsat_dir):
+    """interval None (an answer in one piece): the first output, then one message at the end; a positive
+    interval: messages at least that far apart but for the last. Either way nothing is lost or reordered."""
+    engine = Engine.from_pretrained(counting_sdsat_dir, EngineConfig(method="ar", k=0, max_context=256))
+    prompt = engine.tokenizer("3 4 5", add_special_tokens=False)["input_ids"]
+    params = SamplingParams(max_new_tokens=60, ignore_eos=True, logprobs=1)
+    whole = engine.generate(prompt, params)
+    runner = EngineRunner(engine)
+    try:
+        at_end, _ = _collect(runner, prompt, params, None)
+        timed, arrived = _collect(runner, prompt, params, 0.02)
+    finally:
+        runner.stop()
+    for items in (at_end, timed):
+        assert [t for it in items for t in it.token_ids] == whole["token_ids"]
+        assert "".join(it.text for it in items) == whole["text"]
+        assert sum(len(it.logprobs) for it in items) == len(whole["token_ids"])
+        assert items[-1].finished and not any(it.finished for it in items[:-1])
+    assert len(at_end) == 2 and len(at_end[0].token_ids) == 1  # the first token, then the rest at once
+    gaps = [b - a for a, b in zip(arrived[:-2], arrived[1:-1], strict=True)]  # the last goes out when it is done
+    assert all(gap >= 0.02 - 1e-3 for gap in gaps), gaps  # (less the event loop's clock slack)
