@@ -381,6 +381,9 @@ class PrefixCache:
                         "far)", self.write_queue_bytes / 2**20, self.counters.dropped_writes)
 
     def _write_loop(self) -> None:
+        from models.engine.kernels import serial_openmp_here
+
+        serial_openmp_here()  # its tensor copies must not add an OpenMP team beside the engine's (see there)
         while True:
             with self._cond:
                 while not self._pending:

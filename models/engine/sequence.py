@@ -128,12 +128,15 @@ class Sequence:
     def _finish(self, reason: str) -> None:
         self.finished, self.finish_reason = True, reason
 
+    def _text_ids(self) -> list[int]:
+        """The output ids that make up the text: all but a final EOS."""
+        ids = self.output_ids
+        return ids[:-1] if ids and ids[-1] == self.eos_id and not self.params.ignore_eos else ids
+
     def _tail(self) -> str:
         """Text of the tokens not yet in `text`. When it ends on a complete character it joins `text` (and ""
         is returned); otherwise it is returned, and `text` + it is what a full decode would give."""
-        ids = self.output_ids
-        if ids and ids[-1] == self.eos_id and not self.params.ignore_eos:
-            ids = ids[:-1]
+        ids = self._text_ids()
         if len(ids) == self._read_at:
             return ""
         decode = self.tokenizer.decode
@@ -167,6 +170,7 @@ class Sequence:
             tail = self._tail()
             if self.finished:  # nothing more will complete it
                 self.text = text = self.text + tail
+                self._prefix_at, self._read_at = self._read_at, len(self._text_ids())  # all of it is in text now
             else:  # the tail's complete characters may go out; its incomplete last one may not
                 text = self.text + tail.rstrip(REPLACEMENT)
         safe = len(text)

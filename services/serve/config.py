@@ -44,10 +44,11 @@ class DecoderConfig(BaseModel):
                                                             "429 with Retry-After (-1 = unbounded)")
     graceful_shutdown_timeout_s: float = Field(60.0, description="downscale/redeploy: in-flight requests get this "
                                                                  "long to finish")
-    stream_interval_ms: float = Field(0.0, ge=0, description="streamed responses: the least time between two "
-                                                            "messages of one request (0 = one per engine step); "
-                                                            "answers in one piece always get the first token and "
-                                                            "then the rest in one message")
+    stream_interval_ms: float = Field(50.0, ge=0, description="streamed responses: after the first token at once, "
+                                                             "at most one message per this many ms (0 = one per "
+                                                             "engine step; per-step messages took a 2-core host "
+                                                             "from 0.69 to 1.19 s for 128 tokens); answers in one "
+                                                             "piece get the first token, then the rest at once")
     prefix_cache: bool = Field(True, description="reuse prompt-prefix KV (in-replica LRU, plus Redis when reachable)")
     prefix_block_size: int = Field(16, ge=1, description="tokens per cached prefix block")
     prefix_local_mb: int = Field(256, ge=1, description="in-replica prefix cache size (MiB)")

@@ -111,16 +111,22 @@ class Decoder:
         from services.serve.telemetry import DecoderMetrics, Tracing
 
         self.config = DecoderConfig(**config)
-        self.engine = engine_from_config(self.config)
-        self.prefix_cache = prefix_cache_from_config(self.config, self.engine) if self.config.prefix_cache else None
-        self.engine.prefix_store = self.prefix_cache
-        self.engine.generate([1, 2, 3], SamplingParams(max_new_tokens=4))  # warm-up before taking traffic
-        self.engine.batch_sizes.clear()
-        self.engine.planner.forget()  # `auto` learns acceptance from real requests, not from the warm-up's
-        self.tracing = Tracing("sdsat-decoder", TelemetryConfig(**(telemetry or {})).otlp_endpoint)
+        self.prefix_cache = None
         self.metrics = DecoderMetrics(self.config.model_name)
+
+        def build():  # on the runner's thread, which then runs the engine (EngineRunner's doc says why)
+            engine = engine_from_config(self.config)
+            self.prefix_cache = prefix_cache_from_config(self.config, engine) if self.config.prefix_cache else None
+            engine.prefix_store = self.prefix_cache
+            engine.generate([1, 2, 3], SamplingParams(max_new_tokens=4))  # warm-up before taking traffic
+            engine.batch_sizes.clear()
+            engine.planner.forget()  # `auto` learns acceptance from real requests, not from the warm-up's
+            return engine
+
+        self.runner = EngineRunner(build, lambda e: self.metrics.engine_step(len(e.running), len(e.waiting)))
+        self.engine = self.runner.engine
+        self.tracing = Tracing("sdsat-decoder", TelemetryConfig(**(telemetry or {})).otlp_endpoint)
         self.metrics.self_check(self.engine.speculation_lossless, self.engine.weights_dtype)
-        self.runner = EngineRunner(self.engine, lambda e: self.metrics.engine_step(len(e.running), len(e.waiting)))
         self.replica_id = serve.get_replica_context().replica_id.unique_id
 
     async def generate(self, request: dict) -> AsyncIterator[dict]:

@@ -282,3 +282,31 @@ def test_the_kernels_threads_follow_the_engine_not_omp_num_threads(counting_sdsa
     out = subprocess.run([sys.executable, "-c", code, str(counting_sdsat_dir)], env=env, capture_output=True,
                          text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "2"
+
+
+def test_a_helper_thread_runs_its_parallel_regions_alone():
+    """serial_openmp_here: the calling thread's tensor ops run without OpenMP workers (one team beside the
+    engine's made decoding ~2x slower), even after a large op (torch's lazy per-thread set-up would reset
+    it), and the engine's thread keeps its count."""
+    import threading
+
+    from models.engine.kernels import serial_openmp_here
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # what an engine sets (a count torch's per-thread set-up hands new threads)
+    seen = {}
+
+    def helper():
+        seen["serial"] = serial_openmp_here()
+        x = torch.randn(2048, 2048)
+        torch.stack([x, x]).sum()  # a parallel copy and reduction, were OpenMP allowed here
+        seen["threads"] = torch.get_num_threads()
+
+    t = threading.Thread(target=helper)
+    try:
+        t.start()
+        t.join()
+        assert seen == {"serial": True, "threads": 1}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

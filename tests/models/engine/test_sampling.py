@@ -177,3 +177,22 @@ def test_speculative_sampling_preserves_the_target_distribution(point_mass):
             second[emitted[1]] += 1
     assert _tv(first, p[0]) < 0.02
     assert _tv(second, p[1]) < 0.02
+
+
+def test_eos_after_half_a_character_ends_the_text_as_a_full_decode_does():
+    from models.weights.base_model import base_model_dir, ensure_base_model
+    from models.weights.tokenizer import load_tokenizer
+
+    ensure_base_model()
+    tok = load_tokenizer(base_model_dir())
+    ids = tok("x = '𝔘𝔘'", add_special_tokens=False)["input_ids"]
+    cut = next(n for n in range(1, len(ids)) if tok.decode(ids[:n]).endswith("\ufffd"))  # mid-character
+    seq = Sequence("r", [1], SamplingParams(max_new_tokens=50), "ar", 0, tok.eos_token_id, 4096, tok)
+    pieces = []
+    for token in [*ids[:cut], tok.eos_token_id]:
+        seq.emit([token])
+        if (out := seq.take_output()) is not None:
+            pieces.append(out.text)
+    assert seq.finish_reason == "stop" and "".join(pieces) == tok.decode(ids[:cut]) == seq.text
+    again = seq.take_output()
+    assert again is None or again.text == ""  # the flush is not sent twice

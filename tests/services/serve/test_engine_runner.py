@@ -64,3 +64,34 @@ def test_coalesced_streams_carry_the_same_outputs_in_fewer_messages(counting_sds
     assert len(at_end) == 2 and len(at_end[0].token_ids) == 1  # the first token, then the rest at once
     gaps = [b - a for a, b in zip(arrived[:-2], arrived[1:-1], strict=True)]  # the last goes out when it is done
     assert all(gap >= 0.02 - 1e-3 for gap in gaps), gaps  # (less the event loop's clock slack)
+
+
+def test_a_factory_builds_the_engine_on_the_thread_that_runs_it(counting_sdsat_dir):
+    """OpenMP keeps one team of workers per thread that starts parallel regions: the engine is built,
+    warmed and run by one thread (services/serve/engine_runner.py says why). A factory's error is raised."""
+    import threading
+
+    import pytest
+
+    built_on = []
+
+    def build():
+        built_on.append(threading.get_ident())
+        engine = Engine.from_pretrained(counting_sdsat_dir, EngineConfig(method="ar", k=0, max_context=256))
+        engine.generate([1, 2, 3], SamplingParams(max_new_tokens=2))
+        return engine
+
+    runner = EngineRunner(build)
+    try:
+        prompt = runner.engine.tokenizer("3 4 5", add_special_tokens=False)["input_ids"]
+        items, _ = _collect(runner, prompt, SamplingParams(max_new_tokens=8, ignore_eos=True), 0.0)
+    finally:
+        runner.stop()
+    assert built_on == [runner._thread.ident] != [threading.get_ident()]
+    assert sum(len(it.token_ids) for it in items) == 8
+
+    def broken():
+        raise ValueError("no such model")
+
+    with pytest.raises(ValueError, match="no such model"):
+        EngineRunner(broken)
