@@ -76,8 +76,10 @@ class RequestTimer:
         if self.first is None:
             self.first = now
             self.metrics.ttft.observe(now - self.t0, self.tags)
-        else:
-            self.metrics.itl.observe((now - self.last) / n, self.tags)
+        else:  # a message may carry several steps' tokens (merged streams): one sample per token, as before
+            gap = (now - self.last) / n
+            for _ in range(n):
+                self.metrics.itl.observe(gap, self.tags)
         self.last = now
 
     def done(self, last: dict, span, k: int | None) -> None:
