@@ -18,9 +18,10 @@ from models.weights.chat import code_task_messages, encode_chat
 
 # Set from the measured value on this fixed set (see the README's performance section): a regression in
 # training, the layout or the engine shows up as a drop below it.
-ACCEPTED_FLOOR = {"sdsat-fused": 0.85,  # k=3 on 3 chat-form HumanEval prompts, 64 tokens, fp32, ignore_eos: measured
-                  # 1.03 with the round-2 adapter (Intel Xeon host; 0.87 with round 1's) and 1.03 again with
-                  # round 3's (AMD EPYC Zen 4 host): these 3 prompts did not move, so the floor stays
+# k=3 on 3 chat-form HumanEval prompts, 64 tokens, fp32, ignore_eos. Fused: measured 0.87 with round 1's adapter,
+# 1.03 with round 2's (Intel Xeon host) and round 3's, 1.08 with round 4's (AMD EPYC Zen 4 host); two-step: 1.25
+# with round 4's (the same host). The margin is for hosts whose library ops round differently.
+ACCEPTED_FLOOR = {"sdsat-fused": 0.95, "sdsat": 1.15,
                   "mlp": 0.7}  # int4 k=3 on 4 chat-form HumanEval prompts, 64 tokens: measured 0.91 (AMD EPYC host)
 
 
@@ -96,10 +97,11 @@ def test_greedy_speculation_equals_greedy_ar_on_the_real_model(fp32_runs, method
         assert s["token_ids"] == a["token_ids"], method
 
 
-def test_the_adapter_still_drafts_well(fp32_runs):
-    out = fp32_runs["sdsat-fused"]
+@pytest.mark.parametrize("method", ["sdsat", "sdsat-fused"])
+def test_the_adapter_still_drafts_well(fp32_runs, method):
+    out = fp32_runs[method]
     accepted = sum(o["stats"]["accepted"] for o in out) / sum(o["stats"]["iterations"] for o in out)
-    assert accepted >= ACCEPTED_FLOOR["sdsat-fused"], accepted
+    assert accepted >= ACCEPTED_FLOOR[method], accepted
 
 
 @pytest.fixture(scope="module")
