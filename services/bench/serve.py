@@ -4,12 +4,12 @@
     sdsat bench-serve --json serve.json
 
 For each run (3 by default, interleaved), each method (`--methods`: by default the service's own default,
-then plain `ar`, each through the per-request `speculation` extension) and each concurrency c, c clients issue streaming
-completions (or, with `--no-stream`, answers in one piece) back to back (HumanEval prompts, greedy, fixed `max_tokens` with EOS ignored so every
-request produces the same number of tokens): chat completions with the prompt in the code-task chat
-form (models/weights/chat.py) with `--chat`, as users send code tasks to an instruct model, else raw completions.
-Per run: median and p99 end-to-end latency, median
-time to first token, aggregate output tokens/s; the report gives the median over runs, and each method's
+then plain `ar`, each through the per-request `speculation` extension) and each concurrency c, c clients
+issue streaming completions (or, with `--no-stream`, answers in one piece) back to back (HumanEval prompts,
+greedy, fixed `max_tokens` with EOS ignored so every request produces the same number of tokens): chat
+completions with the prompt in the code-task chat form (models/weights/chat.py) with `--chat`, as users
+send code tasks to an instruct model, else raw completions. Per run: median and p99 end-to-end latency,
+median time to first token, aggregate output tokens/s; the report gives the median over runs, and each method's
 ratios to `ar` (`vs_plain`).
 """
 

@@ -116,8 +116,8 @@ class RouterMetrics:
                                  LATENCY_BUCKETS, tag_keys=("model", "route"))
         self.ttft = Histogram("sdsat_time_to_first_token_seconds", "time to the first output token",
                               LATENCY_BUCKETS, tag_keys=("model", "route"))
-        self.itl = Histogram("sdsat_inter_token_latency_seconds", "time between output tokens (a message's gap divided by "
-                             "its tokens, one sample per token)", ITL_BUCKETS, tag_keys=("model", "route"))
+        self.itl = Histogram("sdsat_inter_token_latency_seconds", "time between output tokens (a message's gap "
+                             "divided by its tokens, one sample per token)", ITL_BUCKETS, tag_keys=("model", "route"))
         self.input_tokens = Counter("sdsat_input_tokens", "prompt tokens", tag_keys=("model",))
         self.output_tokens = Counter("sdsat_output_tokens", "generated tokens", tag_keys=("model",))
 
