@@ -139,14 +139,13 @@ def set_threads(n: int) -> int:
 
 
 def serial_openmp_here() -> bool:
-    """Make the parallel regions the calling thread starts (torch's ops and the kernels') run on that thread
-    alone. For helper threads that touch tensors beside a running engine, such as a cache writer: libgomp
-    keeps a team of workers for every thread that starts a parallel region, and once a process has more
-    OpenMP threads than CPUs its workers stop spinning between regions, which made a 2-thread int4 engine
-    about 2x slower per token (services/serve/engine_runner.py). Sets the calling thread's OpenMP thread
-    count only (omp_set_num_threads is per thread); False where no libgomp is loaded."""
-    import torch
-
+    """Make the parallel regions of torch ops the calling thread runs execute on that thread alone (the
+    kernels' own loops name their thread count, set_threads, so they are not for helper threads). For
+    helper threads that touch tensors beside a running engine, such as a cache writer: libgomp keeps a
+    team of workers for every thread that starts a parallel region, and once a process has more OpenMP
+    threads than CPUs its workers stop spinning between regions, which made a 2-thread int4 engine about
+    2x slower per token (services/serve/engine_runner.py). Sets the calling thread's OpenMP thread count
+    only (omp_set_num_threads is per thread); False where no libgomp is loaded."""
     try:  # by its SONAME: the libgomp already in the process (torch's), which the kernels share
         gomp = ctypes.CDLL("libgomp.so.1", mode=getattr(os, "RTLD_NOLOAD", 0) | ctypes.RTLD_GLOBAL)
     except OSError:
