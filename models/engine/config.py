@@ -65,6 +65,11 @@ class EngineConfig:
               "depend on what the cache held (with false, SmolLM2 int4 gave another answer when 32 of 48 prompt "
               "tokens came from the cache). Costs 1.3-1.5x prefill time on a 1,000-1,900-token prompt on 2 vCPUs "
               "(docs/engine.md). Decode and verify always use them")
+    sat_lora: Literal["int8", "weights"] = cfg_field(
+        "int8", "int4 forward (kernels.c): the SAT adapter's LoRA on SAT rows as int8 codes with a scale per output "
+                "(half the bytes of bf16; a SAT row's LoRA is a stream of 9.8 MB of bf16 weights on SmolLM2, which "
+                "costs what reading them costs) or in the adapter's own dtype (weights). Standard rows, and so "
+                "every verified token, are the same either way; only the drafts can differ")
     self_check: bool = cfg_field(
         True, "at load, compare verify rows with the 1-token forward on this host (models/engine/invariance.py); "
               "if they differ, speculative methods serve ar. false skips the check and trusts the kernels")

@@ -73,6 +73,7 @@ class Engine:
             set_kernel_threads(torch.get_num_threads())
         if self.lean is not None and adapter is not None:
             self.lean.rows = adapter.rows
+            self.lean.sat_lora_int8 = config.sat_lora == "int8"
         self.quantization = quantization  # the report of models.weights.quant.quantize_model (dtype int4), or None
         positions = model.config.max_position_embeddings  # never beyond what the model was trained for
         self.max_context = min(config.max_context, positions) if config.max_context else positions

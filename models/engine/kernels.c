@@ -1013,11 +1013,20 @@ AVX2_TARGET static void tile_avx2(int q4, const int8_t *xq, const float *dx, con
 }
 #endif
 
+/* A SAT adapter's LoRA fused into one projection's parallel region (sdsat_forward_q4): defined with the
+ * LoRA code below. */
+struct lora_job;
+static int64_t lora_job_units(const struct lora_job *job);
+static void lora_job_a(const struct lora_job *job, int64_t unit);
+static void lora_job_tile(const struct lora_job *job, int64_t t, float *out, int64_t N);
+
 /* The Q4_1 (q4: codes and m) or Q8_0 (codes + 128, m NULL) projection of x [M, K]: the rows' activations
  * quantized once, then tiles of 16 outputs spread over the threads, up to 4 rows at a time on VNNI.
+ * job (NULL: none): a SAT adapter's LoRA on some rows, in the same parallel region: first its A x, then each
+ * tile's B stage right after the tile's own outputs (the same operations as lora_rows after the projection).
  * Returns 0, or -1 when scratch memory could not be had. */
 static int quantized_linear(int q4, const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *d,
-                            const uint16_t *m, int64_t N, float *out) {
+                            const uint16_t *m, int64_t N, float *out, const struct lora_job *job) {
     int8_t *xq = malloc((size_t)(M * K));
     float *dx = malloc(sizeof(float) * (size_t)(M * (K / 32))), *sx = malloc(sizeof(float) * (size_t)(M * (K / 32)));
     int32_t *isx = malloc(sizeof(int32_t) * (size_t)(M * (K / 32)));
@@ -1026,24 +1035,35 @@ static int quantized_linear(int q4, const float *x, int64_t M, int64_t K, const 
         return -1;
     }
     q8_rows(x, M, K, xq, dx, sx, isx);
-    const int64_t tiles = (N + 15) / 16;
+    const int64_t tiles = (N + 15) / 16, units = job ? lora_job_units(job) : 0;
     const int path = use_vnni() ? 2 : (simd_level() >= 1 ? 1 : 0);
 #ifdef _OPENMP
-    #pragma omp parallel for num_threads(THREADS) schedule(static) if (tiles > 1)
+    #pragma omp parallel num_threads(THREADS) if (tiles > 1)
 #endif
-    for (int64_t t = 0; t < tiles; t++) {
+    {
+        if (units) {
+#ifdef _OPENMP
+            #pragma omp for schedule(static)
+#endif
+            for (int64_t u = 0; u < units; u++) lora_job_a(job, u);
+        }  /* (the loop's end is a barrier: every A x is ready before any tile's B stage) */
+#ifdef _OPENMP
+        #pragma omp for schedule(static)
+#endif
+        for (int64_t t = 0; t < tiles; t++) {
 #if defined(HAVE_X86)
-        if (path) {
-            for (int64_t r0 = 0; r0 < M; r0 += 4) {
-                const int rows = M - r0 < 4 ? (int)(M - r0) : 4;
-                if (path == 2 && q4) q4_tile_vnni(xq, dx, sx, r0, rows, K, codes, d, m, t, out, N);
-                else if (path == 2) q8_tile_vnni(xq, dx, isx, r0, rows, K, codes, d, t, out, N);
-                else tile_avx2(q4, xq, dx, sx, isx, r0, rows, K, codes, d, m, t, out, N);
-            }
-            continue;
-        }
+            if (path) {
+                for (int64_t r0 = 0; r0 < M; r0 += 4) {
+                    const int rows = M - r0 < 4 ? (int)(M - r0) : 4;
+                    if (path == 2 && q4) q4_tile_vnni(xq, dx, sx, r0, rows, K, codes, d, m, t, out, N);
+                    else if (path == 2) q8_tile_vnni(xq, dx, isx, r0, rows, K, codes, d, t, out, N);
+                    else tile_avx2(q4, xq, dx, sx, isx, r0, rows, K, codes, d, m, t, out, N);
+                }
+            } else
 #endif
-        tile_portable(q4, xq, dx, sx, isx, M, K, codes, d, m, t, out, N);
+                tile_portable(q4, xq, dx, sx, isx, M, K, codes, d, m, t, out, N);
+            if (units) lora_job_tile(job, t, out, N);
+        }
     }
     (void)path;
     free(xq); free(dx); free(sx); free(isx);
@@ -1054,26 +1074,26 @@ static int quantized_linear(int q4, const float *x, int64_t M, int64_t K, const 
  * 16] fp16 bits -> out [M, N] fp32. Returns 0, or -1 when scratch memory could not be had. */
 int sdsat_q4_linear(const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *d,
                     const uint16_t *m, int64_t N, float *out) {
-    return quantized_linear(1, x, M, K, codes, d, m, N, out);
+    return quantized_linear(1, x, M, K, codes, d, m, N, out, NULL);
 }
 
 /* x: [M, K] fp32 (K a multiple of 32); codes: [ceil(N / 16), K / 32, 512] bytes (q + 128); d: [ceil(N / 16),
  * K / 32, 16] fp16 bits -> out [M, N] fp32. Returns 0, or -1 when scratch memory could not be had. */
 int sdsat_q8_linear(const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *d, int64_t N,
                     float *out) {
-    return quantized_linear(0, x, M, K, codes, d, NULL, N, out);
+    return quantized_linear(0, x, M, K, codes, d, NULL, N, out, NULL);
 }
 
 /* ---- A SAT adapter's LoRA on SAT rows (models/weights/adapter.py), packed for streaming ------------------
  * y[row, col + o] += (B A x)[o] * s for each SAT row, with A [r, K] packed as A^T [K][r] and B [out, r] as
  * tiles [ceil(out / 16)][r][16] (Q4Plan packs them, zero-padded): each weight stream is read once, front to
- * back, and the vector lanes run over A's r outputs and over B's 16 outputs of a tile. t[j] is four fmaf
- * chains over k (k % 4 = 0..3, k ascending; four so the FMAs overlap) summed (c0 + c1) + (c2 + c3); d[o]
- * one chain over j ascending; then y + d * s. The vector paths (r = 16) and the
- * portable one compute the same operations in the same order: the same bits on every host. */
-static void lora_rows_portable(const float *x, int64_t K, float *y, int64_t width, const int64_t *rows, int64_t n,
-                               const void *AT, const void *Bt, int bf16, int64_t r, int64_t col, int64_t out,
-                               float s, float *t) {
+ * back, and the vector lanes run over A's r outputs and over B's 16 outputs of a tile. Stage A: t[j] is four
+ * fmaf chains over k (k % 4 = 0..3, k ascending; four so the FMAs overlap) summed (c0 + c1) + (c2 + c3).
+ * Stage B, tile by tile: d[o] one chain over j ascending; then y + d * s. The vector paths (r = 16) and the
+ * portable one compute the same operations in the same order: the same bits on every host, and a row's
+ * result does not depend on which other rows or tiles a call computes. */
+static void lora_a_portable(const float *x, int64_t K, const int64_t *rows, int64_t n, const void *AT, int bf16,
+                            int64_t r, float *t) {
     for (int64_t i = 0; i < n; i++) {
         float *ti = t + i * r;
         const float *xi = x + rows[i] * K;
@@ -1082,7 +1102,16 @@ static void lora_rows_portable(const float *x, int64_t K, float *y, int64_t widt
             for (int64_t k = 0; k < K; k++) c[k % 4] = fmaf(xi[k], weight_at(AT, bf16, k * r + j), c[k % 4]);
             ti[j] = (c[0] + c[1]) + (c[2] + c[3]);
         }
-        for (int64_t o = 0; o < out; o++) {
+    }
+}
+
+/* stage B for B's tiles [tile0, tile1) */
+static void lora_b_portable(float *y, int64_t width, const int64_t *rows, int64_t n, const void *Bt, int bf16,
+                            int64_t r, int64_t col, int64_t out, float s, const float *t, int64_t tile0,
+                            int64_t tile1) {
+    for (int64_t i = 0; i < n; i++) {
+        const float *ti = t + i * r;
+        for (int64_t o = tile0 * 16; o < out && o < tile1 * 16; o++) {
             const int64_t tile = o / 16, lane = o % 16;
             float d = 0.0f;
             for (int64_t j = 0; j < r; j++) d = fmaf(ti[j], weight_at(Bt, bf16, (tile * r + j) * 16 + lane), d);
@@ -1092,11 +1121,9 @@ static void lora_rows_portable(const float *x, int64_t K, float *y, int64_t widt
 }
 
 #ifdef HAVE_X86
-__attribute__((target("avx512f"))) static void lora_rows_avx512(const float *x, int64_t K, float *y, int64_t width,
-                                                                const int64_t *rows, int64_t n, const void *AT,
-                                                                const void *Bt, int bf16, int64_t col, int64_t out,
-                                                                float s, float *t) {
-    for (int64_t i0 = 0; i0 < n; i0 += 4) {  /* A: up to 4 rows share each 16-wide row of A^T */
+__attribute__((target("avx512f"))) static void lora_a_avx512(const float *x, int64_t K, const int64_t *rows,
+                                                             int64_t n, const void *AT, int bf16, float *t) {
+    for (int64_t i0 = 0; i0 < n; i0 += 4) {  /* up to 4 rows share each 16-wide row of A^T */
         const int64_t ni = n - i0 < 4 ? n - i0 : 4;
         __m512 acc[4][4];  /* [row][k % 4]: four independent chains per row, so the FMAs overlap */
         for (int m = 0; m < 4; m++)
@@ -1110,8 +1137,14 @@ __attribute__((target("avx512f"))) static void lora_rows_avx512(const float *x, 
             _mm512_storeu_ps(t + (i0 + m) * 16, _mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]),
                                                               _mm512_add_ps(acc[m][2], acc[m][3])));
     }
+}
+
+__attribute__((target("avx512f"))) static void lora_b_avx512(float *y, int64_t width, const int64_t *rows,
+                                                             int64_t n, const void *Bt, int bf16, int64_t col,
+                                                             int64_t out, float s, const float *t, int64_t tile0,
+                                                             int64_t tile1) {
     const __m512 sv = _mm512_set1_ps(s);
-    for (int64_t tile = 0; tile * 16 < out; tile++) {  /* B: one 16 x 16 tile (512 bytes in bf16) at a time */
+    for (int64_t tile = tile0; tile < tile1 && tile * 16 < out; tile++) {  /* one 16 x 16 tile (512 bytes in bf16) */
         const int64_t nn = out - tile * 16 < 16 ? out - tile * 16 : 16;
         const __mmask16 keep = (__mmask16)((1u << nn) - 1u);
         for (int64_t i = 0; i < n; i++) {
@@ -1124,10 +1157,9 @@ __attribute__((target("avx512f"))) static void lora_rows_avx512(const float *x, 
     }
 }
 
-AVX2_TARGET static void lora_rows_avx2(const float *x, int64_t K, float *y, int64_t width, const int64_t *rows,
-                                       int64_t n, const void *AT, const void *Bt, int bf16, int64_t col, int64_t out,
-                                       float s, float *t) {
-    for (int64_t i0 = 0; i0 < n; i0 += 2) {  /* lanes 0-7 and 8-15 of lora_rows_avx512, 2 rows at a time */
+AVX2_TARGET static void lora_a_avx2(const float *x, int64_t K, const int64_t *rows, int64_t n, const void *AT,
+                                    int bf16, float *t) {
+    for (int64_t i0 = 0; i0 < n; i0 += 2) {  /* lanes 0-7 and 8-15 of lora_a_avx512, 2 rows at a time */
         const int64_t ni = n - i0 < 2 ? n - i0 : 2;
         __m256 lo[2][4], hi[2][4];
         for (int m = 0; m < 2; m++)
@@ -1147,7 +1179,12 @@ AVX2_TARGET static void lora_rows_avx2(const float *x, int64_t K, float *y, int6
                                                                   _mm256_add_ps(hi[m][2], hi[m][3])));
         }
     }
-    for (int64_t tile = 0; tile * 16 < out; tile++) {
+}
+
+AVX2_TARGET static void lora_b_avx2(float *y, int64_t width, const int64_t *rows, int64_t n, const void *Bt,
+                                    int bf16, int64_t col, int64_t out, float s, const float *t, int64_t tile0,
+                                    int64_t tile1) {
+    for (int64_t tile = tile0; tile < tile1 && tile * 16 < out; tile++) {
         const int64_t nn = out - tile * 16 < 16 ? out - tile * 16 : 16;
         for (int64_t i = 0; i < n; i++) {
             __m256 dl = _mm256_setzero_ps(), dh = _mm256_setzero_ps();
@@ -1166,40 +1203,286 @@ AVX2_TARGET static void lora_rows_avx2(const float *x, int64_t K, float *y, int6
 }
 #endif
 
-static void lora_rows(const float *x, int64_t K, float *y, int64_t width, const int64_t *rows, int64_t n,
-                      const void *AT, const void *Bt, int bf16, int64_t r, int64_t col, int64_t out, float s,
-                      float *scratch) {
+/* The same LoRA with int8 weights (format 2; Q4Plan packs them): A^T as [r fp32 scales][K][r] codes, B as tiles
+ * of [16 fp32 scales][r][16] codes, a scale per output of A and per output of B (its largest magnitude / 127).
+ * Stage A: the four chains over the codes, then t[j] = ((c0 + c1) + (c2 + c3)) * sa[j]. Stage B: d[o] over the
+ * codes, then y + (d * sb[o]) * s. Half the bytes of bf16: a SAT row's LoRA is a stream of weights, and the
+ * forward around it already reads memory as fast as the host gives it. */
+static inline int64_t q8_tile_bytes(int64_t r) { return 16 * (int64_t)sizeof(float) + r * 16; }
+
+static void lora_a_q8_portable(const float *x, int64_t K, const int64_t *rows, int64_t n, const void *AT, int64_t r,
+                               float *t) {
+    const float *sa = AT;
+    const int8_t *a = (const int8_t *)(sa + r);
+    for (int64_t i = 0; i < n; i++) {
+        const float *xi = x + rows[i] * K;
+        for (int64_t j = 0; j < r; j++) {
+            float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            for (int64_t k = 0; k < K; k++) c[k % 4] = fmaf(xi[k], (float)a[k * r + j], c[k % 4]);
+            t[i * r + j] = ((c[0] + c[1]) + (c[2] + c[3])) * sa[j];
+        }
+    }
+}
+
+static void lora_b_q8_portable(float *y, int64_t width, const int64_t *rows, int64_t n, const void *Bt, int64_t r,
+                               int64_t col, int64_t out, float s, const float *t, int64_t tile0, int64_t tile1) {
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t o = tile0 * 16; o < out && o < tile1 * 16; o++) {
+            const char *tb = (const char *)Bt + (o / 16) * q8_tile_bytes(r);
+            const float *sb = (const float *)tb;
+            const int8_t *b = (const int8_t *)(tb + 16 * sizeof(float));
+            float d = 0.0f;
+            for (int64_t j = 0; j < r; j++) d = fmaf(t[i * r + j], (float)b[j * 16 + o % 16], d);
+            y[rows[i] * width + col + o] += (d * sb[o % 16]) * s;
+        }
+}
+
+#ifdef HAVE_X86
+__attribute__((target("avx512f"))) static inline __m512 codes16(const int8_t *p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+
+__attribute__((target("avx512f"))) static void lora_a_q8_avx512(const float *x, int64_t K, const int64_t *rows,
+                                                                int64_t n, const void *AT, float *t) {
+    const float *sa = AT;
+    const int8_t *a = (const int8_t *)(sa + 16);
+    for (int64_t i0 = 0; i0 < n; i0 += 4) {
+        const int64_t ni = n - i0 < 4 ? n - i0 : 4;
+        __m512 acc[4][4];
+        for (int m = 0; m < 4; m++)
+            for (int c = 0; c < 4; c++) acc[m][c] = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k++) {
+            const __m512 w = codes16(a + k * 16);
+            for (int m = 0; m < ni; m++)
+                acc[m][k % 4] = _mm512_fmadd_ps(_mm512_set1_ps(x[rows[i0 + m] * K + k]), w, acc[m][k % 4]);
+        }
+        for (int m = 0; m < ni; m++)
+            _mm512_storeu_ps(t + (i0 + m) * 16, _mm512_mul_ps(_mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]),
+                                                                            _mm512_add_ps(acc[m][2], acc[m][3])),
+                                                              _mm512_loadu_ps(sa)));
+    }
+}
+
+__attribute__((target("avx512f"))) static void lora_b_q8_avx512(float *y, int64_t width, const int64_t *rows,
+                                                                int64_t n, const void *Bt, int64_t col, int64_t out,
+                                                                float s, const float *t, int64_t tile0, int64_t tile1) {
+    const __m512 sv = _mm512_set1_ps(s);
+    for (int64_t tile = tile0; tile < tile1 && tile * 16 < out; tile++) {
+        const char *tb = (const char *)Bt + tile * q8_tile_bytes(16);
+        const __m512 sb = _mm512_loadu_ps((const float *)tb);
+        const int8_t *b = (const int8_t *)(tb + 16 * sizeof(float));
+        const int64_t nn = out - tile * 16 < 16 ? out - tile * 16 : 16;
+        const __mmask16 keep = (__mmask16)((1u << nn) - 1u);
+        for (int64_t i = 0; i < n; i++) {
+            __m512 d = _mm512_setzero_ps();
+            for (int j = 0; j < 16; j++) d = _mm512_fmadd_ps(_mm512_set1_ps(t[i * 16 + j]), codes16(b + j * 16), d);
+            float *yo = y + rows[i] * width + col + tile * 16;
+            _mm512_mask_storeu_ps(yo, keep, _mm512_add_ps(_mm512_maskz_loadu_ps(keep, yo),
+                                                          _mm512_mul_ps(_mm512_mul_ps(d, sb), sv)));
+        }
+    }
+}
+
+AVX2_TARGET static inline __m256 codes8(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
+AVX2_TARGET static void lora_a_q8_avx2(const float *x, int64_t K, const int64_t *rows, int64_t n, const void *AT,
+                                       float *t) {
+    const float *sa = AT;
+    const int8_t *a = (const int8_t *)(sa + 16);
+    for (int64_t i0 = 0; i0 < n; i0 += 2) {  /* lanes 0-7 and 8-15 of lora_a_q8_avx512, 2 rows at a time */
+        const int64_t ni = n - i0 < 2 ? n - i0 : 2;
+        __m256 lo[2][4], hi[2][4];
+        for (int m = 0; m < 2; m++)
+            for (int c = 0; c < 4; c++) lo[m][c] = hi[m][c] = _mm256_setzero_ps();
+        for (int64_t k = 0; k < K; k++) {
+            const __m256 wl = codes8(a + k * 16), wh = codes8(a + k * 16 + 8);
+            for (int m = 0; m < ni; m++) {
+                const __m256 xv = _mm256_set1_ps(x[rows[i0 + m] * K + k]);
+                lo[m][k % 4] = _mm256_fmadd_ps(xv, wl, lo[m][k % 4]);
+                hi[m][k % 4] = _mm256_fmadd_ps(xv, wh, hi[m][k % 4]);
+            }
+        }
+        for (int m = 0; m < ni; m++) {
+            _mm256_storeu_ps(t + (i0 + m) * 16, _mm256_mul_ps(_mm256_add_ps(_mm256_add_ps(lo[m][0], lo[m][1]),
+                                                                            _mm256_add_ps(lo[m][2], lo[m][3])),
+                                                              _mm256_loadu_ps(sa)));
+            _mm256_storeu_ps(t + (i0 + m) * 16 + 8,
+                             _mm256_mul_ps(_mm256_add_ps(_mm256_add_ps(hi[m][0], hi[m][1]),
+                                                         _mm256_add_ps(hi[m][2], hi[m][3])), _mm256_loadu_ps(sa + 8)));
+        }
+    }
+}
+
+AVX2_TARGET static void lora_b_q8_avx2(float *y, int64_t width, const int64_t *rows, int64_t n, const void *Bt,
+                                       int64_t col, int64_t out, float s, const float *t, int64_t tile0,
+                                       int64_t tile1) {
+    for (int64_t tile = tile0; tile < tile1 && tile * 16 < out; tile++) {
+        const char *tb = (const char *)Bt + tile * q8_tile_bytes(16);
+        const float *sb = (const float *)tb;
+        const int8_t *b = (const int8_t *)(tb + 16 * sizeof(float));
+        const int64_t nn = out - tile * 16 < 16 ? out - tile * 16 : 16;
+        for (int64_t i = 0; i < n; i++) {
+            __m256 dl = _mm256_setzero_ps(), dh = _mm256_setzero_ps();
+            for (int j = 0; j < 16; j++) {
+                const __m256 tv = _mm256_set1_ps(t[i * 16 + j]);
+                dl = _mm256_fmadd_ps(tv, codes8(b + j * 16), dl);
+                dh = _mm256_fmadd_ps(tv, codes8(b + j * 16 + 8), dh);
+            }
+            float d[16];
+            _mm256_storeu_ps(d, dl);
+            _mm256_storeu_ps(d + 8, dh);
+            float *yo = y + rows[i] * width + col + tile * 16;
+            for (int64_t o = 0; o < nn; o++) yo[o] += (d[o] * sb[o]) * s;
+        }
+    }
+}
+#endif
+
+static void lora_a(const float *x, int64_t K, const int64_t *rows, int64_t n, const void *AT, int fmt, int64_t r,
+                   float *t) {  /* fmt: the weights' format, 0 fp32, 1 bf16, 2 int8 */
+    if (fmt == 2) {
+#ifdef HAVE_X86
+        if (r == 16 && simd_level() == 2) {
+            lora_a_q8_avx512(x, K, rows, n, AT, t);
+            return;
+        }
+        if (r == 16 && simd_level() == 1) {
+            lora_a_q8_avx2(x, K, rows, n, AT, t);
+            return;
+        }
+#endif
+        lora_a_q8_portable(x, K, rows, n, AT, r, t);
+        return;
+    }
 #ifdef HAVE_X86
     if (r == 16 && simd_level() == 2) {
-        lora_rows_avx512(x, K, y, width, rows, n, AT, Bt, bf16, col, out, s, scratch);
+        lora_a_avx512(x, K, rows, n, AT, fmt, t);
         return;
     }
     if (r == 16 && simd_level() == 1) {
-        lora_rows_avx2(x, K, y, width, rows, n, AT, Bt, bf16, col, out, s, scratch);
+        lora_a_avx2(x, K, rows, n, AT, fmt, t);
         return;
     }
 #endif
-    lora_rows_portable(x, K, y, width, rows, n, AT, Bt, bf16, r, col, out, s, scratch);
+    lora_a_portable(x, K, rows, n, AT, fmt, r, t);
+}
+
+static void lora_b(float *y, int64_t width, const int64_t *rows, int64_t n, const void *Bt, int fmt, int64_t r,
+                   int64_t col, int64_t out, float s, const float *t, int64_t tile0, int64_t tile1) {
+    if (fmt == 2) {
+#ifdef HAVE_X86
+        if (r == 16 && simd_level() == 2) {
+            lora_b_q8_avx512(y, width, rows, n, Bt, col, out, s, t, tile0, tile1);
+            return;
+        }
+        if (r == 16 && simd_level() == 1) {
+            lora_b_q8_avx2(y, width, rows, n, Bt, col, out, s, t, tile0, tile1);
+            return;
+        }
+#endif
+        lora_b_q8_portable(y, width, rows, n, Bt, r, col, out, s, t, tile0, tile1);
+        return;
+    }
+#ifdef HAVE_X86
+    if (r == 16 && simd_level() == 2) {
+        lora_b_avx512(y, width, rows, n, Bt, fmt, col, out, s, t, tile0, tile1);
+        return;
+    }
+    if (r == 16 && simd_level() == 1) {
+        lora_b_avx2(y, width, rows, n, Bt, fmt, col, out, s, t, tile0, tile1);
+        return;
+    }
+#endif
+    lora_b_portable(y, width, rows, n, Bt, fmt, r, col, out, s, t, tile0, tile1);
+}
+
+static void lora_rows(const float *x, int64_t K, float *y, int64_t width, const int64_t *rows, int64_t n,
+                      const void *AT, const void *Bt, int fmt, int64_t r, int64_t col, int64_t out, float s,
+                      float *scratch) {
+    lora_a(x, K, rows, n, AT, fmt, r, scratch);
+    lora_b(y, width, rows, n, Bt, fmt, r, col, out, s, scratch, 0, (out + 15) / 16);
 }
 
 /* lora_rows on its own (tests): y [*, width] fp32 gets the LoRA of rows[n] of x [*, K], A^T and B tiles packed
- * as above, r outputs of A, out of B written from column col. */
+ * as above (fmt: 0 fp32, 1 bf16, 2 int8 codes), r outputs of A, out of B written from column col. */
 void sdsat_lora_rows(const float *x, int64_t K, float *y, int64_t width, const int64_t *rows, int64_t n,
-                     const void *AT, const void *Bt, int bf16, int64_t r, int64_t col, int64_t out, float s) {
+                     const void *AT, const void *Bt, int fmt, int64_t r, int64_t col, int64_t out, float s) {
     float *t = malloc(sizeof(float) * (size_t)(n * r));
     if (t == NULL) return;
-    lora_rows(x, K, y, width, rows, n, AT, Bt, bf16, r, col, out, s, t);
+    lora_rows(x, K, y, width, rows, n, AT, Bt, fmt, r, col, out, s, t);
     free(t);
 }
 
 /* The adapted parts of one projection: lora[2j], lora[2j + 1] = A and B of part j (NULL: not adapted);
  * part j's output columns start at cols[j] and it has outs[j] of them. */
 static void lora_parts(const float *x, int64_t K, float *y, int64_t width, const int64_t *rows, int64_t n,
-                       void *const *lora, int bf16, int parts, const int64_t *cols, const int64_t *outs, int64_t r,
+                       void *const *lora, int fmt, int parts, const int64_t *cols, const int64_t *outs, int64_t r,
                        float s, float *scratch) {
     for (int j = 0; j < parts; j++)
         if (lora[2 * j] != NULL)
-            lora_rows(x, K, y, width, rows, n, lora[2 * j], lora[2 * j + 1], bf16, r, cols[j], outs[j], s, scratch);
+            lora_rows(x, K, y, width, rows, n, lora[2 * j], lora[2 * j + 1], fmt, r, cols[j], outs[j], s, scratch);
+}
+
+/* The same LoRA inside the projection's parallel region (quantized_linear): each part's A x is a unit of
+ * work, then each output tile's B stage follows the tile. Needs every part to start and end on a tile
+ * boundary (cols[j], outs[j] multiples of 16), so a tile belongs to one part. t: [parts][n][r] scratch. */
+struct lora_job {
+    const float *x;
+    int64_t K;
+    const int64_t *rows;
+    int64_t n;
+    void *const *lora;
+    int fmt, parts;
+    const int64_t *cols, *outs;
+    int64_t r;
+    float s;
+    float *t;
+};
+
+static int lora_job_fits(int parts, const int64_t *cols, const int64_t *outs) {
+    for (int j = 0; j < parts; j++)
+        if (cols[j] % 16 != 0 || outs[j] % 16 != 0) return 0;
+    return 1;
+}
+
+static int64_t lora_job_units(const struct lora_job *job) { return job->parts; }
+
+static void lora_job_a(const struct lora_job *job, int64_t j) {  /* part j's A x for every SAT row */
+    if (job->lora[2 * j] != NULL)
+        lora_a(job->x, job->K, job->rows, job->n, job->lora[2 * j], job->fmt, job->r, job->t + j * job->n * job->r);
+}
+
+static void lora_job_tile(const struct lora_job *job, int64_t t, float *out, int64_t N) {
+    for (int j = 0; j < job->parts; j++) {
+        const int64_t first = job->cols[j] / 16;
+        if (t < first || t >= first + job->outs[j] / 16) continue;
+        if (job->lora[2 * j + 1] != NULL)
+            lora_b(out, N, job->rows, job->n, job->lora[2 * j + 1], job->fmt, job->r, job->cols[j], job->outs[j],
+                   job->s, job->t + j * job->n * job->r, t - first, t - first + 1);
+        return;
+    }
+}
+
+/* 1: sdsat_forward_q4 runs a SAT adapter's LoRA inside the projections' parallel regions where the parts fit
+ * (the default); 0: after each projection, one thread (tests compare the two: the same bits). */
+static int lora_fused = 1;
+
+void sdsat_set_lora_fused(int on) { lora_fused = on != 0; }
+
+/* One projection of sdsat_forward_q4 with its adapted parts: fused, or the projection then lora_parts. */
+static int q4_projection(const float *x, int64_t M, int64_t K, void *const *p, int64_t N, float *out,
+                         const int64_t *rows, int64_t n, void *const *lora, int fmt, int parts, const int64_t *cols,
+                         const int64_t *outs, int64_t r, float s, float *scratch) {
+    if (lora == NULL) return quantized_linear(1, x, M, K, p[0], p[1], p[2], N, out, NULL);
+    if (lora_fused && lora_job_fits(parts, cols, outs)) {
+        const struct lora_job job = {x, K, rows, n, lora, fmt, parts, cols, outs, r, s, scratch};
+        return quantized_linear(1, x, M, K, p[0], p[1], p[2], N, out, &job);
+    }
+    const int status = quantized_linear(1, x, M, K, p[0], p[1], p[2], N, out, NULL);
+    if (status == 0) lora_parts(x, K, out, N, rows, n, lora, fmt, parts, cols, outs, r, s, scratch);
+    return status;
 }
 
 /* ---- A whole int4 forward in one call ------------------------------------------------------------------
@@ -1212,13 +1495,13 @@ static void lora_parts(const float *x, int64_t K, float *y, int64_t width, const
  * epsilons (one value for every layer). x: [R*T, H] fp32 embeddings in, the residual stream after the
  * last layer out; hidden: [R*T, H] fp32, the final norm's output. A SAT adapter (models/weights/adapter.py):
  * sat_rows [n_sat] (flat row indices), lora: per layer 14 pointers, A and B of q, k, v, o, gate, up, down, packed
- * as lora_rows reads them (NULL where not adapted; bf16 if lora_bf16, else fp32), its rank and scale; lora NULL or n_sat 0: none. Every standard row's
+ * as lora_rows reads them (NULL where not adapted; lora_format: 0 fp32, 1 bf16, 2 int8 codes), its rank and scale; lora NULL or n_sat 0: none. Every standard row's
  * arithmetic is the same with or without it. Returns 0, or -1 (out of memory). */
 int sdsat_forward_q4(float *x, int64_t R, int64_t T, int64_t layers, void *const *layer, const int64_t *dims,
                      float eps, float eps_post, float eps_final, const float *cos, const float *sin,
                      const int64_t *positions, int kv_bf16, int64_t C, const int64_t *slot, const int64_t *start,
                      const uint8_t *local, float scale, const float *final_w, float *hidden,
-                     const int64_t *sat_rows, int64_t n_sat, void *const *lora, int lora_bf16, int64_t rank,
+                     const int64_t *sat_rows, int64_t n_sat, void *const *lora, int lora_format, int64_t rank,
                      float lora_scale) {
     const int64_t H = dims[0], Hq = dims[1], Hkv = dims[2], D = dims[3], I = dims[4], N = R * T;
     const int64_t qkv_w = (Hq + 2 * Hkv) * D;
@@ -1228,7 +1511,7 @@ int sdsat_forward_q4(float *x, int64_t R, int64_t T, int64_t layers, void *const
     float *act = malloc(sizeof(float) * (size_t)(N * I));
     float *delta = malloc(sizeof(float) * (size_t)(N * H));
     const int adapted = lora != NULL && n_sat > 0;
-    float *scratch = adapted ? malloc(sizeof(float) * (size_t)(n_sat * rank)) : NULL;  /* A x of each SAT row */
+    float *scratch = adapted ? malloc(sizeof(float) * (size_t)(3 * n_sat * rank)) : NULL;  /* A x: [part][SAT row] */
     int status = (h && wide && attn && act && delta && (scratch || !adapted)) ? 0 : -1;
     /* the parts of each projection, in the order of the lora table: q, k, v | o | gate, up | down */
     const int64_t qkv_cols[3] = {0, Hq * D, (Hq + Hkv) * D}, qkv_outs[3] = {Hq * D, Hkv * D, Hkv * D};
@@ -1236,18 +1519,18 @@ int sdsat_forward_q4(float *x, int64_t R, int64_t T, int64_t layers, void *const
     for (int64_t l = 0; l < layers && status == 0; l++) {  /* a failed step stops the forward at once */
         void *const *p = layer + 16 * l, *const *ad = adapted ? lora + 14 * l : NULL;
         sdsat_add_norm(x, N, H, l ? delta : NULL, 0, p[0], eps, h, 0);
-        if ((status = sdsat_q4_linear(h, N, H, p[1], p[2], p[3], qkv_w, wide)) != 0) break;
-        if (ad) lora_parts(h, H, wide, qkv_w, sat_rows, n_sat, ad, lora_bf16, 3, qkv_cols, qkv_outs, rank, lora_scale, scratch);
+        if ((status = q4_projection(h, N, H, p + 1, qkv_w, wide, sat_rows, n_sat, ad, lora_format, 3, qkv_cols,
+                                    qkv_outs, rank, lora_scale, scratch)) != 0) break;
         if ((status = sdsat_rope_attend(wide, 0, R, T, Hq, Hkv, D, cos, sin, positions, p[14], p[15], kv_bf16, C,
                                         slot, start, local, scale, attn, 0)) != 0) break;
-        if ((status = sdsat_q4_linear(attn, N, Hq * D, p[4], p[5], p[6], H, delta)) != 0) break;
-        if (ad) lora_parts(attn, Hq * D, delta, H, sat_rows, n_sat, ad + 6, lora_bf16, 1, zero, h_out, rank, lora_scale, scratch);
+        if ((status = q4_projection(attn, N, Hq * D, p + 4, H, delta, sat_rows, n_sat, ad ? ad + 6 : NULL,
+                                    lora_format, 1, zero, h_out, rank, lora_scale, scratch)) != 0) break;
         sdsat_add_norm(x, N, H, delta, 0, p[7], eps_post, h, 0);
-        if ((status = sdsat_q4_linear(h, N, H, p[8], p[9], p[10], 2 * I, wide)) != 0) break;
-        if (ad) lora_parts(h, H, wide, 2 * I, sat_rows, n_sat, ad + 8, lora_bf16, 2, gu_cols, gu_outs, rank, lora_scale, scratch);
+        if ((status = q4_projection(h, N, H, p + 8, 2 * I, wide, sat_rows, n_sat, ad ? ad + 8 : NULL, lora_format, 2,
+                                    gu_cols, gu_outs, rank, lora_scale, scratch)) != 0) break;
         sdsat_silu_mul_cast(wide, 0, N, I, act, 0);
-        if ((status = sdsat_q4_linear(act, N, I, p[11], p[12], p[13], H, delta)) != 0) break;
-        if (ad) lora_parts(act, I, delta, H, sat_rows, n_sat, ad + 12, lora_bf16, 1, zero, h_out, rank, lora_scale, scratch);
+        if ((status = q4_projection(act, N, I, p + 11, H, delta, sat_rows, n_sat, ad ? ad + 12 : NULL, lora_format, 1,
+                                    zero, h_out, rank, lora_scale, scratch)) != 0) break;
     }
     if (status == 0) sdsat_add_norm(x, N, H, layers ? delta : NULL, 0, final_w, eps_final, hidden, 0);
     free(h); free(wide); free(attn); free(act); free(delta); free(scratch);

@@ -123,6 +123,8 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     lib.sdsat_forward_q4.restype = ctypes.c_int
     lib.sdsat_lora_rows.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, ptr, flag, i64, i64, i64, f32]
     lib.sdsat_lora_rows.restype = None
+    lib.sdsat_set_lora_fused.argtypes = [flag]
+    lib.sdsat_set_lora_fused.restype = None
     lib.sdsat_vector_path.argtypes = []
     lib.sdsat_vector_path.restype = ctypes.c_int
     return lib, None
@@ -136,6 +138,15 @@ def set_threads(n: int) -> int:
         return 1
     lib.sdsat_set_threads(int(n))
     return lib.sdsat_threads()
+
+
+def set_lora_fused(on: bool) -> None:
+    """Where sdsat_forward_q4 runs a SAT adapter's LoRA: inside each projection's parallel region, on both
+    threads (True, the default), or after the projection on one thread (False). The two give the same bits;
+    tests compare them."""
+    lib, _ = _load()
+    if lib is not None:
+        lib.sdsat_set_lora_fused(int(on))
 
 
 def serial_openmp_here() -> bool:
@@ -245,7 +256,7 @@ class Attention:
             positions.data_ptr(), plan.kv_bf16, plan.columns, self.slots.data_ptr(), self.start.data_ptr(),
             self.local.data_ptr(), self.scale, plan.final.data_ptr(), hidden.data_ptr(),
             None if sat_rows is None else sat_rows.data_ptr(), 0 if sat_rows is None else sat_rows.numel(),
-            None if sat_rows is None else plan.lora, plan.lora_bf16, plan.rank, plan.lora_scale)
+            None if sat_rows is None else plan.lora, plan.lora_format, plan.rank, plan.lora_scale)
         if status != 0:
             raise MemoryError("kernels.c could not allocate its scratch memory")
         return hidden
@@ -257,10 +268,10 @@ class Q4Plan:
 
     def __init__(self, layers: list[list[torch.Tensor]], dims: tuple[int, ...], eps: tuple[float, float, float],
                  final: torch.Tensor, lora: list[list[torch.Tensor | None]] | None = None, rank: int = 0,
-                 lora_scale: float = 0.0):
+                 lora_scale: float = 0.0, lora_int8: bool = False):
         """eps: the input, post-attention and final norms' epsilons. lora: per layer the fp32 A and B of q, k,
         v, o, gate, up and down (None where not adapted; all bf16 or all fp32), a SAT adapter's
-        (models/weights/adapter.py)."""
+        (models/weights/adapter.py); lora_int8: kernels.c reads them as int8 codes (pack_lora), else as they are."""
         self.tensors = [t for row in layers for t in row] + [final]
         for t in self.tensors:
             if not t.is_contiguous() or t.device.type != "cpu":
@@ -273,29 +284,63 @@ class Q4Plan:
         _check_buffers(*[row[i] for row in layers for i in (14, 15)])
         self.kv_bf16 = int(k_buf.dtype == torch.bfloat16)
         self.slots, self.columns = k_buf.shape[0], k_buf.shape[2]
-        self.lora, self.rank, self.lora_scale, self.lora_bf16 = None, rank, lora_scale, 0
+        self.lora, self.rank, self.lora_scale, self.lora_format = None, rank, lora_scale, 0
         if lora is not None:
             held = [t for row in lora for t in row if t is not None]
             _check_buffers(*held)  # contiguous CPU tensors of one dtype, fp32 or bf16
-            self.lora_bf16 = int(held[0].dtype == torch.bfloat16)
+            self.lora_format = LORA_INT8 if lora_int8 else int(held[0].dtype == torch.bfloat16)
             if any(t.shape[0] != rank for t in held[::2]) or any(t.shape[1] != rank for t in held[1::2]):
                 raise ValueError("every LoRA part must have the plan's rank")  # kernels.c sizes its scratch by it
-            packed = pack_lora(lora)
+            packed = pack_lora(lora, int8=lora_int8)
             self.tensors += [t for row in packed for t in row if t is not None]
             self.lora = (ctypes.c_void_p * (14 * len(lora)))(*[None if t is None else t.data_ptr()
                                                                for row in packed for t in row])
 
 
-def pack_lora(lora: list[list[torch.Tensor | None]]) -> list[list[torch.Tensor | None]]:
+LORA_INT8 = 2  # kernels.c's format of LoRA weights: 0 fp32, 1 bf16, 2 int8 codes with scales
+
+
+def quantize_lora_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [n, m] -> (codes [n, m] int8, scales [n] fp32): a scale per row, its largest magnitude / 127 (1 for a
+    row of zeros), codes round(w / scale)."""
+    w = w.float()
+    scales = w.abs().amax(dim=1) / 127.0
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    return torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8), scales
+
+
+def _pack_int8(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One part as bytes (kernels.c's format 2): A as [r fp32 scales][K][r] codes; B as tiles of [16 fp32 scales
+    (one per output)][r][16] codes, zero rows padding the last tile."""
+    rank, out = a.shape[0], b.shape[0]
+    codes, scales = quantize_lora_int8(a)  # a scale per output of A
+    at = torch.cat([scales.view(torch.uint8), codes.t().contiguous().view(torch.uint8).reshape(-1)])
+    tiles = -(-out // 16)
+    bc, bs = quantize_lora_int8(b)  # a scale per output of B
+    padded_c = torch.zeros(tiles * 16, rank, dtype=torch.int8)
+    padded_c[:out] = bc
+    padded_s = torch.ones(tiles * 16, dtype=torch.float32)
+    padded_s[:out] = bs
+    blocks = [torch.cat([padded_s[16 * t : 16 * t + 16].view(torch.uint8),
+                         padded_c[16 * t : 16 * t + 16].t().contiguous().view(torch.uint8).reshape(-1)])
+              for t in range(tiles)]
+    return at, torch.cat(blocks)
+
+
+def pack_lora(lora: list[list[torch.Tensor | None]], int8: bool = False) -> list[list[torch.Tensor | None]]:
     """A SAT adapter's LoRA as kernels.c's lora_rows reads it: per layer and part, A [r, K] as A^T [K, r] and
     B [out, r] as tiles [ceil(out / 16), r, 16] (zero rows pad the last), all in one buffer in the order the
     forward reads them, so the adapter streams front to back. A copy of the adapter's weights (9.8 MB for
-    SmolLM2's in bf16), made once per plan."""
+    SmolLM2's in bf16), made once per plan. int8: as int8 codes with a scale per output (_pack_int8; 4.9 MB),
+    the parts then uint8 byte views."""
     parts = []
     for row in lora:
         for a, b in zip(row[::2], row[1::2], strict=True):
             if a is None:
                 parts += [None, None]
+                continue
+            if int8:
+                parts += list(_pack_int8(a, b))
                 continue
             rank, out = a.shape[0], b.shape[0]
             tiles = torch.zeros(-(-out // 16) * 16, rank, dtype=b.dtype)
@@ -360,18 +405,19 @@ def q8_linear(x: torch.Tensor, codes: torch.Tensor, d: torch.Tensor, n: int) -> 
 
 
 def lora_rows(x: torch.Tensor, rows: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, y: torch.Tensor,
-              col: int = 0) -> None:
+              col: int = 0, int8: bool = False) -> None:
     """y[rows, col:col + out] += scale · B A x[rows], in place, as sdsat_forward_q4 adds a SAT adapter's LoRA
-    (tests): x [M, K] and y [M, width] fp32 contiguous, a [r, K] and b [out, r] of one dtype, fp32 or bf16."""
+    (tests): x [M, K] and y [M, width] fp32 contiguous, a [r, K] and b [out, r] of one dtype, fp32 or bf16;
+    int8: as int8 codes (pack_lora)."""
     if not (x.dtype == y.dtype == torch.float32 and x.is_contiguous() and y.is_contiguous()):
         raise ValueError("lora_rows reads x and writes y as contiguous fp32")
     if a.shape[0] != b.shape[1] or a.shape[1] != x.shape[1] or col + b.shape[0] > y.shape[1]:
         raise ValueError("lora_rows: A [r, K], B [out, r] must match x [M, K] and fit y's columns from col")
-    (at, bt), = [[t for t in row if t is not None] for row in pack_lora([[a, b] + [None] * 12])]
+    (at, bt), = [[t for t in row if t is not None] for row in pack_lora([[a, b] + [None] * 12], int8=int8)]
     rows = rows.to(torch.int64).contiguous()
+    fmt = LORA_INT8 if int8 else int(a.dtype == torch.bfloat16)
     _library().sdsat_lora_rows(x.data_ptr(), x.shape[1], y.data_ptr(), y.shape[1], rows.data_ptr(), rows.numel(),
-                               at.data_ptr(), bt.data_ptr(), int(a.dtype == torch.bfloat16), a.shape[0], col,
-                               b.shape[0], scale)
+                               at.data_ptr(), bt.data_ptr(), fmt, a.shape[0], col, b.shape[0], scale)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -88,6 +88,7 @@ class LlamaForward:
         self.layers = [_Layer(layer) for layer in decoder.layers]
         self.norm, self.rotary = decoder.norm, decoder.rotary_emb
         self.rows = None  # a SAT adapter's SatRows (which rows of this forward are SATs), set by the engine
+        self.sat_lora_int8 = True  # the int4 plan's LoRA as int8 codes (EngineConfig.sat_lora), set by the engine
         self._rope_f32: tuple[torch.Tensor, torch.Tensor] | None = None  # the fused forward's fp32 tables
         self._final: tuple[torch.Tensor, float] | None = None  # the final norm's fp32 weight and eps
         self._plan: tuple[tuple, Q4Plan | None] | None = None  # (the KV cache it was made for, the plan)
@@ -193,7 +194,7 @@ class LlamaForward:
                 intermediate = mods[0][2].out_features // 2
                 plan = Q4Plan(rows, (first.in_features, self.heads, self.kv_heads, self.head_dim, intermediate),
                               (*(e.pop() for e in eps), self._final_norm()[1]), self._final_norm()[0],
-                              *self._lora_table(loras, intermediate))
+                              *self._lora_table(loras, intermediate), lora_int8=self.sat_lora_int8)
             self._plan = (key, plan)
         return self._plan[1]
 

@@ -45,6 +45,10 @@ ROUNDS = [
     (dict(DATA, skip_chat=3072, skip_completion=1536),
      replace(ADAPTER, max_steps=360, lr=1e-3, embedding_lr=2.5e-3, warmup_steps=10, eval_every=40,
              snapshot_every=80)),
+    # round 5: the next 1,024 chat and 512 completion prompts, round 4's schedule
+    (dict(DATA, skip_chat=4096, skip_completion=2048),
+     replace(ADAPTER, max_steps=360, lr=1e-3, embedding_lr=2.5e-3, warmup_steps=10, eval_every=40,
+             snapshot_every=80)),
 ]
 # what a manifest says beyond its figures (a later round keeps the shipped manifest's notes instead)
 NOTES = ["the teacher of the KL loss ran in bf16; the service and the held-out check run in fp32"]

@@ -110,6 +110,36 @@ def test_the_sat_rows_lora_adds_s_b_a_x_to_those_rows_only(rank, dtype):
         assert torch.equal(alone[rows[i]], got[rows[i]])
 
 
+@pytest.mark.parametrize("rank", [16, 4])
+def test_the_int8_lora_is_the_lora_of_its_codes_times_their_scales(rank):
+    """The LoRA's int8 format (EngineConfig.sat_lora): a scale per output of A and of B, the largest magnitude
+    over 127. It computes s · B' A' x with A', B' the codes times their scales, and those are within half a
+    step of A and B."""
+    from models.engine.kernels import quantize_lora_int8
+
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.randn(9, 80, generator=g), torch.randn(9, 100, generator=g)
+    a, b = torch.randn(rank, 80, generator=g).bfloat16(), torch.randn(37, rank, generator=g).bfloat16()
+    a[1] = 0.0  # a row of zeros keeps its codes at 0
+    rows = torch.tensor([7, 2, 5])
+    got = y.clone()
+    lora_rows(x, rows, a, b, 0.5, got, 40, int8=True)
+    (ca, sa), (cb, sb) = quantize_lora_int8(a), quantize_lora_int8(b)
+    assert torch.equal(ca[1], torch.zeros(80, dtype=torch.int8))
+    a8, b8 = ca.float() * sa[:, None], cb.float() * sb[:, None]
+    assert ((a8 - a.float()).abs() <= 0.5001 * sa[:, None]).all()
+    assert ((b8 - b.float()).abs() <= 0.5001 * sb[:, None]).all()
+    expected = y.clone()
+    expected[rows, 40:77] += 0.5 * (x[rows] @ a8.t()) @ b8.t()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    untouched = torch.ones(9, 100, dtype=torch.bool)
+    untouched[rows, 40:77] = False
+    assert torch.equal(got[untouched], y[untouched])
+    bf16 = y.clone()  # and near the bf16 weights' own LoRA: int8 moves a SAT row's projection a little
+    lora_rows(x, rows, a, b, 0.5, bf16, 40)
+    assert (got - bf16).abs().max() < 0.05 * (bf16 - y).abs().max()
+
+
 SNIPPET = """
 import sys, torch
 from models.engine.kernels import Attention, add_norm, linear, lora_rows, q4_linear, q8_linear, silu_mul_cast
@@ -140,10 +170,11 @@ q4.append(q4_linear(edge, codes, d, m, 40))
 codes8 = torch.randint(0, 256, (2, 4, 8, 16, 4), generator=g, dtype=torch.uint8)  # Q8_0: 2 tiles, K = 128
 q8 = [q8_linear(torch.randn(rows, 128, generator=g), codes8, d[:2], 20) for rows in (1, 3, 6)]
 lora = []
-for rank, dtype in ((16, torch.bfloat16), (16, torch.float32), (4, torch.bfloat16)):  # rank 16: the vector code
+for rank, dtype, int8 in ((16, torch.bfloat16, False), (16, torch.float32, False), (4, torch.bfloat16, False),
+                         (16, torch.bfloat16, True), (4, torch.float32, True)):  # rank 16: the vector code
     h, out = torch.randn(7, 96, generator=g), torch.randn(7, 120, generator=g)
     lora_rows(h, torch.tensor([6, 1, 3, 4, 0]), torch.randn(rank, 96, generator=g).to(dtype),
-              torch.randn(50, rank, generator=g).to(dtype), 0.7, out, 30)
+              torch.randn(50, rank, generator=g).to(dtype), 0.7, out, 30, int8=int8)
     lora.append(out)
 torch.save({"attention": a, "linear": y, "add_norm": torch.cat([x, n]), "silu": s, "rope_attend": r, "k": k,
             **{f"q4_{i}": t for i, t in enumerate(q4)}, **{f"q8_{i}": t for i, t in enumerate(q8)},

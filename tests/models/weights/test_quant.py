@@ -205,11 +205,13 @@ def test_the_one_call_int4_forward_equals_the_per_layer_loop(count_tokenizer, mo
         assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
+@pytest.mark.parametrize("sat_lora", ["weights", "int8"])
 @pytest.mark.parametrize("rank", [4, 16])  # kernels.c's portable LoRA loops, and its vector code (rank 16)
-def test_sat_rows_ride_the_one_call_int4_forward(count_tokenizer, monkeypatch, rank):
+def test_sat_rows_ride_the_one_call_int4_forward(count_tokenizer, monkeypatch, rank, sat_lora):
     """A SAT adapter's LoRA inside sdsat_forward_q4 (its rows only): the standard rows of a forward with SAT
-    rows are bit for bit those of the per-layer loop, and the SAT rows agree with the loop's LoRA (torch
-    matmuls there, kernels.c's fixed order here) to rounding."""
+    rows are bit for bit those of the per-layer loop, and with the adapter's own weights the SAT rows agree
+    with the loop's LoRA (torch matmuls there, kernels.c's fixed order here) to rounding. (The int8 codes'
+    own arithmetic is test_kernels' test_the_int8_lora_is_the_lora_of_its_codes_times_their_scales.)"""
     from models.weights.adapter import AdapterConfig, SatAdapter
 
     model = int4_ready_llama()
@@ -225,7 +227,8 @@ def test_sat_rows_ride_the_one_call_int4_forward(count_tokenizer, monkeypatch, r
     for path in ("one call", "per layer"):
         if path == "per layer":
             monkeypatch.setattr(LlamaForward, "_lora_table", lambda self, loras, intermediate: (None, 0, 0.0))
-        engine = Engine(model, count_tokenizer, None, EngineConfig(method="ar", k=0, max_context=128),
+        engine = Engine(model, count_tokenizer, None, EngineConfig(method="ar", k=0, max_context=128,
+                                                                   sat_lora=sat_lora),
                         adapter=adapter, quantization=report)
         plan = engine.lean._q4_plan(engine.cache)
         assert plan is not None and (plan.lora is not None) == (path == "one call")
@@ -234,8 +237,53 @@ def test_sat_rows_ride_the_one_call_int4_forward(count_tokenizer, monkeypatch, r
         seq = engine.running[0]
         out[path] = engine._forward([seq], [[seq.cur, 5, 32, 33, 34]])[0][0].float()  # 2 standard, 3 SAT rows
     assert torch.equal(out["one call"][:2], out["per layer"][:2])
-    # (the LoRA here moves a SAT row's projections by several units: a path that skipped it could not agree)
-    torch.testing.assert_close(out["one call"][2:], out["per layer"][2:], rtol=2e-2, atol=2e-2)
+    if sat_lora == "weights":
+        # (the LoRA here moves a SAT row's projections by several units: a path that skipped it could not agree)
+        torch.testing.assert_close(out["one call"][2:], out["per layer"][2:], rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("sat_lora", ["int8", "weights"])
+@pytest.mark.parametrize("rank", [4, 16])
+def test_the_lora_inside_the_projections_threads_gives_the_bits_of_the_lora_after_them(count_tokenizer, rank,
+                                                                                        sat_lora):
+    """sdsat_forward_q4 runs the LoRA of SAT rows inside each projection's parallel region (A x first, then
+    each output tile's B stage after the tile). The same forward with the LoRA run after each projection on one
+    thread (the earlier code): every row's logits and every KV bit the same, and a SAT row's logits do not
+    depend on how many other SAT rows the forward carries."""
+    from models.engine import kernels
+    from models.weights.adapter import AdapterConfig, SatAdapter
+
+    model = int4_ready_llama()
+    cfg = AdapterConfig(base_name="tiny", base_sha256="0" * 64, vocab_size=32, num_sat=3, rank=rank, alpha=2.0 * rank)
+    adapter = SatAdapter.create(model, cfg)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for t in adapter.trainable_parameters():
+            t.copy_(torch.randn(t.shape, generator=g) * 0.3)
+    report = quantize_model(model)
+    adapter.to(torch.bfloat16)
+    out = {}
+    try:
+        for fused in (True, False):
+            kernels.set_lora_fused(fused)
+            engine = Engine(model, count_tokenizer, None, EngineConfig(method="ar", k=0, max_context=128,
+                                                                       sat_lora=sat_lora),
+                            adapter=adapter, quantization=report)
+            plan = engine.lean._q4_plan(engine.cache)
+            assert plan.lora is not None and plan.lora_format == (2 if sat_lora == "int8" else 1)
+            engine.add_request(list(range(1, 12)), SamplingParams(max_new_tokens=50, ignore_eos=True))
+            engine.step()
+            seq = engine.running[0]
+            many = engine._forward([seq], [[seq.cur, 5, 32, 33, 34]])[0][0]  # 2 standard rows, 3 SAT rows
+            one = engine._forward([seq], [[seq.cur, 5, 32]])[0][0]
+            out[fused] = (many, one, [k.clone() for k in engine.cache.keys], [v.clone() for v in engine.cache.values])
+    finally:
+        kernels.set_lora_fused(True)
+    assert torch.equal(out[True][0], out[False][0]) and torch.equal(out[True][1], out[False][1])
+    kv_fused, kv_after = out[True][2] + out[True][3], out[False][2] + out[False][3]
+    assert all(torch.equal(a, b) for a, b in zip(kv_fused, kv_after, strict=True))
+    assert torch.equal(out[True][1][2], out[True][0][2])  # the first SAT row alone or beside two more
+    assert not torch.equal(out[True][0][2], out[True][0][3])  # (the SAT rows differ: the check has teeth)
 
 
 PROMPTS = [[1, 2, 3, 4], [8, 10, 12], [20, 21, 22, 23, 24, 1, 2, 3]]
