@@ -1013,20 +1013,11 @@ AVX2_TARGET static void tile_avx2(int q4, const int8_t *xq, const float *dx, con
 }
 #endif
 
-/* A SAT adapter's LoRA fused into one projection's parallel region (sdsat_forward_q4): defined with the
- * LoRA code below. */
-struct lora_job;
-static int64_t lora_job_units(const struct lora_job *job);
-static void lora_job_a(const struct lora_job *job, int64_t unit);
-static void lora_job_tile(const struct lora_job *job, int64_t t, float *out, int64_t N);
-
 /* The Q4_1 (q4: codes and m) or Q8_0 (codes + 128, m NULL) projection of x [M, K]: the rows' activations
  * quantized once, then tiles of 16 outputs spread over the threads, up to 4 rows at a time on VNNI.
- * job (NULL: none): a SAT adapter's LoRA on some rows, in the same parallel region: first its A x, then each
- * tile's B stage right after the tile's own outputs (the same operations as lora_rows after the projection).
  * Returns 0, or -1 when scratch memory could not be had. */
 static int quantized_linear(int q4, const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *d,
-                            const uint16_t *m, int64_t N, float *out, const struct lora_job *job) {
+                            const uint16_t *m, int64_t N, float *out) {
     int8_t *xq = malloc((size_t)(M * K));
     float *dx = malloc(sizeof(float) * (size_t)(M * (K / 32))), *sx = malloc(sizeof(float) * (size_t)(M * (K / 32)));
     int32_t *isx = malloc(sizeof(int32_t) * (size_t)(M * (K / 32)));
@@ -1035,35 +1026,24 @@ static int quantized_linear(int q4, const float *x, int64_t M, int64_t K, const 
         return -1;
     }
     q8_rows(x, M, K, xq, dx, sx, isx);
-    const int64_t tiles = (N + 15) / 16, units = job ? lora_job_units(job) : 0;
+    const int64_t tiles = (N + 15) / 16;
     const int path = use_vnni() ? 2 : (simd_level() >= 1 ? 1 : 0);
 #ifdef _OPENMP
-    #pragma omp parallel num_threads(THREADS) if (tiles > 1)
+    #pragma omp parallel for num_threads(THREADS) schedule(static) if (tiles > 1)
 #endif
-    {
-        if (units) {
-#ifdef _OPENMP
-            #pragma omp for schedule(static)
-#endif
-            for (int64_t u = 0; u < units; u++) lora_job_a(job, u);
-        }  /* (the loop's end is a barrier: every A x is ready before any tile's B stage) */
-#ifdef _OPENMP
-        #pragma omp for schedule(static)
-#endif
-        for (int64_t t = 0; t < tiles; t++) {
+    for (int64_t t = 0; t < tiles; t++) {
 #if defined(HAVE_X86)
-            if (path) {
-                for (int64_t r0 = 0; r0 < M; r0 += 4) {
-                    const int rows = M - r0 < 4 ? (int)(M - r0) : 4;
-                    if (path == 2 && q4) q4_tile_vnni(xq, dx, sx, r0, rows, K, codes, d, m, t, out, N);
-                    else if (path == 2) q8_tile_vnni(xq, dx, isx, r0, rows, K, codes, d, t, out, N);
-                    else tile_avx2(q4, xq, dx, sx, isx, r0, rows, K, codes, d, m, t, out, N);
-                }
-            } else
-#endif
-                tile_portable(q4, xq, dx, sx, isx, M, K, codes, d, m, t, out, N);
-            if (units) lora_job_tile(job, t, out, N);
+        if (path) {
+            for (int64_t r0 = 0; r0 < M; r0 += 4) {
+                const int rows = M - r0 < 4 ? (int)(M - r0) : 4;
+                if (path == 2 && q4) q4_tile_vnni(xq, dx, sx, r0, rows, K, codes, d, m, t, out, N);
+                else if (path == 2) q8_tile_vnni(xq, dx, isx, r0, rows, K, codes, d, t, out, N);
+                else tile_avx2(q4, xq, dx, sx, isx, r0, rows, K, codes, d, m, t, out, N);
+            }
+            continue;
         }
+#endif
+        tile_portable(q4, xq, dx, sx, isx, M, K, codes, d, m, t, out, N);
     }
     (void)path;
     free(xq); free(dx); free(sx); free(isx);
@@ -1074,14 +1054,14 @@ static int quantized_linear(int q4, const float *x, int64_t M, int64_t K, const 
  * 16] fp16 bits -> out [M, N] fp32. Returns 0, or -1 when scratch memory could not be had. */
 int sdsat_q4_linear(const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *d,
                     const uint16_t *m, int64_t N, float *out) {
-    return quantized_linear(1, x, M, K, codes, d, m, N, out, NULL);
+    return quantized_linear(1, x, M, K, codes, d, m, N, out);
 }
 
 /* x: [M, K] fp32 (K a multiple of 32); codes: [ceil(N / 16), K / 32, 512] bytes (q + 128); d: [ceil(N / 16),
  * K / 32, 16] fp16 bits -> out [M, N] fp32. Returns 0, or -1 when scratch memory could not be had. */
 int sdsat_q8_linear(const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *d, int64_t N,
                     float *out) {
-    return quantized_linear(0, x, M, K, codes, d, NULL, N, out, NULL);
+    return quantized_linear(0, x, M, K, codes, d, NULL, N, out);
 }
 
 /* ---- A SAT adapter's LoRA on SAT rows (models/weights/adapter.py), packed for streaming ------------------
@@ -1425,66 +1405,6 @@ static void lora_parts(const float *x, int64_t K, float *y, int64_t width, const
             lora_rows(x, K, y, width, rows, n, lora[2 * j], lora[2 * j + 1], fmt, r, cols[j], outs[j], s, scratch);
 }
 
-/* The same LoRA inside the projection's parallel region (quantized_linear): each part's A x is a unit of
- * work, then each output tile's B stage follows the tile. Needs every part to start and end on a tile
- * boundary (cols[j], outs[j] multiples of 16), so a tile belongs to one part. t: [parts][n][r] scratch. */
-struct lora_job {
-    const float *x;
-    int64_t K;
-    const int64_t *rows;
-    int64_t n;
-    void *const *lora;
-    int fmt, parts;
-    const int64_t *cols, *outs;
-    int64_t r;
-    float s;
-    float *t;
-};
-
-static int lora_job_fits(int parts, const int64_t *cols, const int64_t *outs) {
-    for (int j = 0; j < parts; j++)
-        if (cols[j] % 16 != 0 || outs[j] % 16 != 0) return 0;
-    return 1;
-}
-
-static int64_t lora_job_units(const struct lora_job *job) { return job->parts; }
-
-static void lora_job_a(const struct lora_job *job, int64_t j) {  /* part j's A x for every SAT row */
-    if (job->lora[2 * j] != NULL)
-        lora_a(job->x, job->K, job->rows, job->n, job->lora[2 * j], job->fmt, job->r, job->t + j * job->n * job->r);
-}
-
-static void lora_job_tile(const struct lora_job *job, int64_t t, float *out, int64_t N) {
-    for (int j = 0; j < job->parts; j++) {
-        const int64_t first = job->cols[j] / 16;
-        if (t < first || t >= first + job->outs[j] / 16) continue;
-        if (job->lora[2 * j + 1] != NULL)
-            lora_b(out, N, job->rows, job->n, job->lora[2 * j + 1], job->fmt, job->r, job->cols[j], job->outs[j],
-                   job->s, job->t + j * job->n * job->r, t - first, t - first + 1);
-        return;
-    }
-}
-
-/* 1: sdsat_forward_q4 runs a SAT adapter's LoRA inside the projections' parallel regions where the parts fit
- * (the default); 0: after each projection, one thread (tests compare the two: the same bits). */
-static int lora_fused = 1;
-
-void sdsat_set_lora_fused(int on) { lora_fused = on != 0; }
-
-/* One projection of sdsat_forward_q4 with its adapted parts: fused, or the projection then lora_parts. */
-static int q4_projection(const float *x, int64_t M, int64_t K, void *const *p, int64_t N, float *out,
-                         const int64_t *rows, int64_t n, void *const *lora, int fmt, int parts, const int64_t *cols,
-                         const int64_t *outs, int64_t r, float s, float *scratch) {
-    if (lora == NULL) return quantized_linear(1, x, M, K, p[0], p[1], p[2], N, out, NULL);
-    if (lora_fused && lora_job_fits(parts, cols, outs)) {
-        const struct lora_job job = {x, K, rows, n, lora, fmt, parts, cols, outs, r, s, scratch};
-        return quantized_linear(1, x, M, K, p[0], p[1], p[2], N, out, &job);
-    }
-    const int status = quantized_linear(1, x, M, K, p[0], p[1], p[2], N, out, NULL);
-    if (status == 0) lora_parts(x, K, out, N, rows, n, lora, fmt, parts, cols, outs, r, s, scratch);
-    return status;
-}
-
 /* ---- A whole int4 forward in one call ------------------------------------------------------------------
  * The lean forward's per-layer steps (models/engine/llama.py, LlamaForward._fused) composed here for a
  * forward without SAT rows whose projections are all Int4Linear: the same functions on the same fp32
@@ -1511,7 +1431,7 @@ int sdsat_forward_q4(float *x, int64_t R, int64_t T, int64_t layers, void *const
     float *act = malloc(sizeof(float) * (size_t)(N * I));
     float *delta = malloc(sizeof(float) * (size_t)(N * H));
     const int adapted = lora != NULL && n_sat > 0;
-    float *scratch = adapted ? malloc(sizeof(float) * (size_t)(3 * n_sat * rank)) : NULL;  /* A x: [part][SAT row] */
+    float *scratch = adapted ? malloc(sizeof(float) * (size_t)(n_sat * rank)) : NULL;  /* A x of each SAT row */
     int status = (h && wide && attn && act && delta && (scratch || !adapted)) ? 0 : -1;
     /* the parts of each projection, in the order of the lora table: q, k, v | o | gate, up | down */
     const int64_t qkv_cols[3] = {0, Hq * D, (Hq + Hkv) * D}, qkv_outs[3] = {Hq * D, Hkv * D, Hkv * D};
@@ -1519,18 +1439,22 @@ int sdsat_forward_q4(float *x, int64_t R, int64_t T, int64_t layers, void *const
     for (int64_t l = 0; l < layers && status == 0; l++) {  /* a failed step stops the forward at once */
         void *const *p = layer + 16 * l, *const *ad = adapted ? lora + 14 * l : NULL;
         sdsat_add_norm(x, N, H, l ? delta : NULL, 0, p[0], eps, h, 0);
-        if ((status = q4_projection(h, N, H, p + 1, qkv_w, wide, sat_rows, n_sat, ad, lora_format, 3, qkv_cols,
-                                    qkv_outs, rank, lora_scale, scratch)) != 0) break;
+        if ((status = sdsat_q4_linear(h, N, H, p[1], p[2], p[3], qkv_w, wide)) != 0) break;
+        if (ad) lora_parts(h, H, wide, qkv_w, sat_rows, n_sat, ad, lora_format, 3, qkv_cols, qkv_outs, rank, lora_scale,
+                           scratch);
         if ((status = sdsat_rope_attend(wide, 0, R, T, Hq, Hkv, D, cos, sin, positions, p[14], p[15], kv_bf16, C,
                                         slot, start, local, scale, attn, 0)) != 0) break;
-        if ((status = q4_projection(attn, N, Hq * D, p + 4, H, delta, sat_rows, n_sat, ad ? ad + 6 : NULL,
-                                    lora_format, 1, zero, h_out, rank, lora_scale, scratch)) != 0) break;
+        if ((status = sdsat_q4_linear(attn, N, Hq * D, p[4], p[5], p[6], H, delta)) != 0) break;
+        if (ad) lora_parts(attn, Hq * D, delta, H, sat_rows, n_sat, ad + 6, lora_format, 1, zero, h_out, rank,
+                           lora_scale, scratch);
         sdsat_add_norm(x, N, H, delta, 0, p[7], eps_post, h, 0);
-        if ((status = q4_projection(h, N, H, p + 8, 2 * I, wide, sat_rows, n_sat, ad ? ad + 8 : NULL, lora_format, 2,
-                                    gu_cols, gu_outs, rank, lora_scale, scratch)) != 0) break;
+        if ((status = sdsat_q4_linear(h, N, H, p[8], p[9], p[10], 2 * I, wide)) != 0) break;
+        if (ad) lora_parts(h, H, wide, 2 * I, sat_rows, n_sat, ad + 8, lora_format, 2, gu_cols, gu_outs, rank,
+                           lora_scale, scratch);
         sdsat_silu_mul_cast(wide, 0, N, I, act, 0);
-        if ((status = q4_projection(act, N, I, p + 11, H, delta, sat_rows, n_sat, ad ? ad + 12 : NULL, lora_format, 1,
-                                    zero, h_out, rank, lora_scale, scratch)) != 0) break;
+        if ((status = sdsat_q4_linear(act, N, I, p[11], p[12], p[13], H, delta)) != 0) break;
+        if (ad) lora_parts(act, I, delta, H, sat_rows, n_sat, ad + 12, lora_format, 1, zero, h_out, rank, lora_scale,
+                           scratch);
     }
     if (status == 0) sdsat_add_norm(x, N, H, layers ? delta : NULL, 0, final_w, eps_final, hidden, 0);
     free(h); free(wide); free(attn); free(act); free(delta); free(scratch);

@@ -123,8 +123,6 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     lib.sdsat_forward_q4.restype = ctypes.c_int
     lib.sdsat_lora_rows.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, ptr, flag, i64, i64, i64, f32]
     lib.sdsat_lora_rows.restype = None
-    lib.sdsat_set_lora_fused.argtypes = [flag]
-    lib.sdsat_set_lora_fused.restype = None
     lib.sdsat_vector_path.argtypes = []
     lib.sdsat_vector_path.restype = ctypes.c_int
     return lib, None
@@ -138,15 +136,6 @@ def set_threads(n: int) -> int:
         return 1
     lib.sdsat_set_threads(int(n))
     return lib.sdsat_threads()
-
-
-def set_lora_fused(on: bool) -> None:
-    """Where sdsat_forward_q4 runs a SAT adapter's LoRA: inside each projection's parallel region, on both
-    threads (True, the default), or after the projection on one thread (False). The two give the same bits;
-    tests compare them."""
-    lib, _ = _load()
-    if lib is not None:
-        lib.sdsat_set_lora_fused(int(on))
 
 
 def serial_openmp_here() -> bool:

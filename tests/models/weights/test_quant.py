@@ -244,13 +244,10 @@ def test_sat_rows_ride_the_one_call_int4_forward(count_tokenizer, monkeypatch, r
 
 @pytest.mark.parametrize("sat_lora", ["int8", "weights"])
 @pytest.mark.parametrize("rank", [4, 16])
-def test_the_lora_inside_the_projections_threads_gives_the_bits_of_the_lora_after_them(count_tokenizer, rank,
-                                                                                        sat_lora):
-    """sdsat_forward_q4 runs the LoRA of SAT rows inside each projection's parallel region (A x first, then
-    each output tile's B stage after the tile). The same forward with the LoRA run after each projection on one
-    thread (the earlier code): every row's logits and every KV bit the same, and a SAT row's logits do not
-    depend on how many other SAT rows the forward carries."""
-    from models.engine import kernels
+def test_a_sat_rows_logits_do_not_depend_on_the_other_sat_rows(count_tokenizer, rank, sat_lora):
+    """In sdsat_forward_q4, with the LoRA as int8 codes (the default) or in the adapter's own dtype: a SAT
+    row's logits are the same bits alone or beside more SAT rows, the standard rows the same with or without
+    the SAT rows, and the two formats part only on the SAT rows."""
     from models.weights.adapter import AdapterConfig, SatAdapter
 
     model = int4_ready_llama()
@@ -263,27 +260,22 @@ def test_the_lora_inside_the_projections_threads_gives_the_bits_of_the_lora_afte
     report = quantize_model(model)
     adapter.to(torch.bfloat16)
     out = {}
-    try:
-        for fused in (True, False):
-            kernels.set_lora_fused(fused)
-            engine = Engine(model, count_tokenizer, None, EngineConfig(method="ar", k=0, max_context=128,
-                                                                       sat_lora=sat_lora),
-                            adapter=adapter, quantization=report)
-            plan = engine.lean._q4_plan(engine.cache)
-            assert plan.lora is not None and plan.lora_format == (2 if sat_lora == "int8" else 1)
-            engine.add_request(list(range(1, 12)), SamplingParams(max_new_tokens=50, ignore_eos=True))
-            engine.step()
-            seq = engine.running[0]
-            many = engine._forward([seq], [[seq.cur, 5, 32, 33, 34]])[0][0]  # 2 standard rows, 3 SAT rows
-            one = engine._forward([seq], [[seq.cur, 5, 32]])[0][0]
-            out[fused] = (many, one, [k.clone() for k in engine.cache.keys], [v.clone() for v in engine.cache.values])
-    finally:
-        kernels.set_lora_fused(True)
-    assert torch.equal(out[True][0], out[False][0]) and torch.equal(out[True][1], out[False][1])
-    kv_fused, kv_after = out[True][2] + out[True][3], out[False][2] + out[False][3]
-    assert all(torch.equal(a, b) for a, b in zip(kv_fused, kv_after, strict=True))
-    assert torch.equal(out[True][1][2], out[True][0][2])  # the first SAT row alone or beside two more
-    assert not torch.equal(out[True][0][2], out[True][0][3])  # (the SAT rows differ: the check has teeth)
+    for fmt in ("int8", "weights"):
+        engine = Engine(model, count_tokenizer, None, EngineConfig(method="ar", k=0, max_context=128, sat_lora=fmt),
+                        adapter=adapter, quantization=report)
+        plan = engine.lean._q4_plan(engine.cache)
+        assert plan.lora is not None and plan.lora_format == (2 if fmt == "int8" else 1)
+        engine.add_request(list(range(1, 12)), SamplingParams(max_new_tokens=50, ignore_eos=True))
+        engine.step()
+        seq = engine.running[0]
+        out[fmt] = [engine._forward([seq], [chunk])[0][0] for chunk in
+                    ([seq.cur, 5, 32, 33, 34], [seq.cur, 5, 32], [seq.cur, 5])]  # 3, 1 and no SAT rows
+    many, one, plain = out[sat_lora]
+    assert torch.equal(many[:2], plain) and torch.equal(one[:2], plain)
+    assert torch.equal(one[2], many[2])  # the first SAT row alone or beside two more
+    assert not torch.equal(many[2], many[3])  # (the SAT rows differ: the check has teeth)
+    other = out["weights" if sat_lora == "int8" else "int8"][0]
+    assert torch.equal(other[:2], many[:2]) and not torch.equal(other[2:], many[2:])
 
 
 PROMPTS = [[1, 2, 3, 4], [8, 10, 12], [20, 21, 22, 23, 24, 1, 2, 3]]
