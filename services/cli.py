@@ -338,7 +338,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     report = bench.run_bench(model, prompts, args.max_new_tokens, ks, args.reps, args.methods.split(","),
                              progress=not args.no_progress, prompt_sets=sets, dtype=args.dtype,
-                             forward=args.forward, compile=args.compile, warmup_prompts=warmup)
+                             forward=args.forward, compile=args.compile, warmup_prompts=warmup,
+                             sat_lora=args.sat_lora)
     write_json(args.json, report)
     if args.plot:
         bench.plot(report, args.plot)
@@ -381,6 +382,9 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--compile", action="store_true",
                    help="the compiled forward (torch.compile; CUDA graphs on GPUs; models/engine/compiled.py), "
                         "timed once its shape classes are compiled")
+    p.add_argument("--sat-lora", default="int8", choices=["int8", "weights"],
+                   help="int4: the SAT adapter's LoRA as int8 codes or in the adapter's own dtype "
+                        "(EngineConfig.sat_lora; default: %(default)s)")
     p.add_argument("--engine-compare", metavar="VARIANTS",
                    help="instead: single-stream ar speed, floor fraction, r(w) and agreement per dtype:forward "
                         "variant, e.g. float32:transformers,float32:lean,int4:lean (the first is the reference); "

@@ -268,7 +268,7 @@ def warm_auto(engine, warm: list[list[int]], max_new_tokens: int) -> int:
 def run_bench(model_dir: str, prompts: list, max_new_tokens: int, ks: list[int], reps: int,
               methods: list[str], progress: bool = True, prompt_sets: dict[str, int] | None = None,
               dtype: str = "float32", forward: str = "lean", compile: bool = False,
-              warmup_prompts: list | None = None) -> dict:
+              warmup_prompts: list | None = None, sat_lora: str = "int8") -> dict:
     """prompts: texts, or message lists (chat form). prompt_sets: names for consecutive runs of
     `prompts` (e.g. {"humaneval-chat": 24, "heldout": 8}): the report then also gives every row per
     set, as the targets are stated for HumanEval prompts. warmup_prompts: what `auto`'s planner learns
@@ -281,7 +281,7 @@ def run_bench(model_dir: str, prompts: list, max_new_tokens: int, ks: list[int],
     engine = Engine.from_pretrained(model_dir, EngineConfig(method="ar", k=0, max_batch=2, max_k=max(ks),
                                                             max_context=4096, dtype=dtype, forward=forward,
                                                             compile=compile, compile_widths=(1, max(4, max(ks) + 1)),
-                                                            compile_batches=(1, 2)))
+                                                            compile_batches=(1, 2), sat_lora=sat_lora))
     if engine.compiled is not None:  # time the compiled forward only (its classes compile in the background)
         engine.compiled.wait()
     tok = engine.tokenizer
@@ -363,7 +363,7 @@ def summarize(runs, prompts, times, outputs, stats, n, engine, ks, model_dir, se
     results = rows(list(range(len(prompts))))
     report = {
         "model": model_dir, "machine": machine(),
-        "dtype": engine.weights_dtype,
+        "dtype": engine.weights_dtype, "sat_lora": engine.config.sat_lora if engine.adapter is not None else None,
         "forward": engine.config.forward if engine.lean is not None else "transformers",
         "device": str(engine.device), "compile": engine.compiled.report() if engine.compiled is not None else None,
         "prompts": len(prompts), "max_new_tokens": n, "results": results,
