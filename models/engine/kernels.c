@@ -1085,13 +1085,11 @@ static void lora_a_portable(const float *x, int64_t K, const int64_t *rows, int6
     }
 }
 
-/* stage B for B's tiles [tile0, tile1) */
 static void lora_b_portable(float *y, int64_t width, const int64_t *rows, int64_t n, const void *Bt, int bf16,
-                            int64_t r, int64_t col, int64_t out, float s, const float *t, int64_t tile0,
-                            int64_t tile1) {
+                            int64_t r, int64_t col, int64_t out, float s, const float *t) {
     for (int64_t i = 0; i < n; i++) {
         const float *ti = t + i * r;
-        for (int64_t o = tile0 * 16; o < out && o < tile1 * 16; o++) {
+        for (int64_t o = 0; o < out; o++) {
             const int64_t tile = o / 16, lane = o % 16;
             float d = 0.0f;
             for (int64_t j = 0; j < r; j++) d = fmaf(ti[j], weight_at(Bt, bf16, (tile * r + j) * 16 + lane), d);
@@ -1121,10 +1119,9 @@ __attribute__((target("avx512f"))) static void lora_a_avx512(const float *x, int
 
 __attribute__((target("avx512f"))) static void lora_b_avx512(float *y, int64_t width, const int64_t *rows,
                                                              int64_t n, const void *Bt, int bf16, int64_t col,
-                                                             int64_t out, float s, const float *t, int64_t tile0,
-                                                             int64_t tile1) {
+                                                             int64_t out, float s, const float *t) {
     const __m512 sv = _mm512_set1_ps(s);
-    for (int64_t tile = tile0; tile < tile1 && tile * 16 < out; tile++) {  /* one 16 x 16 tile (512 bytes in bf16) */
+    for (int64_t tile = 0; tile * 16 < out; tile++) {  /* one 16 x 16 tile (512 bytes in bf16) */
         const int64_t nn = out - tile * 16 < 16 ? out - tile * 16 : 16;
         const __mmask16 keep = (__mmask16)((1u << nn) - 1u);
         for (int64_t i = 0; i < n; i++) {
@@ -1162,9 +1159,8 @@ AVX2_TARGET static void lora_a_avx2(const float *x, int64_t K, const int64_t *ro
 }
 
 AVX2_TARGET static void lora_b_avx2(float *y, int64_t width, const int64_t *rows, int64_t n, const void *Bt,
-                                    int bf16, int64_t col, int64_t out, float s, const float *t, int64_t tile0,
-                                    int64_t tile1) {
-    for (int64_t tile = tile0; tile < tile1 && tile * 16 < out; tile++) {
+                                    int bf16, int64_t col, int64_t out, float s, const float *t) {
+    for (int64_t tile = 0; tile * 16 < out; tile++) {
         const int64_t nn = out - tile * 16 < 16 ? out - tile * 16 : 16;
         for (int64_t i = 0; i < n; i++) {
             __m256 dl = _mm256_setzero_ps(), dh = _mm256_setzero_ps();
@@ -1205,9 +1201,9 @@ static void lora_a_q8_portable(const float *x, int64_t K, const int64_t *rows, i
 }
 
 static void lora_b_q8_portable(float *y, int64_t width, const int64_t *rows, int64_t n, const void *Bt, int64_t r,
-                               int64_t col, int64_t out, float s, const float *t, int64_t tile0, int64_t tile1) {
+                               int64_t col, int64_t out, float s, const float *t) {
     for (int64_t i = 0; i < n; i++)
-        for (int64_t o = tile0 * 16; o < out && o < tile1 * 16; o++) {
+        for (int64_t o = 0; o < out; o++) {
             const char *tb = (const char *)Bt + (o / 16) * q8_tile_bytes(r);
             const float *sb = (const float *)tb;
             const int8_t *b = (const int8_t *)(tb + 16 * sizeof(float));
@@ -1245,9 +1241,9 @@ __attribute__((target("avx512f"))) static void lora_a_q8_avx512(const float *x, 
 
 __attribute__((target("avx512f"))) static void lora_b_q8_avx512(float *y, int64_t width, const int64_t *rows,
                                                                 int64_t n, const void *Bt, int64_t col, int64_t out,
-                                                                float s, const float *t, int64_t tile0, int64_t tile1) {
+                                                                float s, const float *t) {
     const __m512 sv = _mm512_set1_ps(s);
-    for (int64_t tile = tile0; tile < tile1 && tile * 16 < out; tile++) {
+    for (int64_t tile = 0; tile * 16 < out; tile++) {
         const char *tb = (const char *)Bt + tile * q8_tile_bytes(16);
         const __m512 sb = _mm512_loadu_ps((const float *)tb);
         const int8_t *b = (const int8_t *)(tb + 16 * sizeof(float));
@@ -1296,9 +1292,8 @@ AVX2_TARGET static void lora_a_q8_avx2(const float *x, int64_t K, const int64_t 
 }
 
 AVX2_TARGET static void lora_b_q8_avx2(float *y, int64_t width, const int64_t *rows, int64_t n, const void *Bt,
-                                       int64_t col, int64_t out, float s, const float *t, int64_t tile0,
-                                       int64_t tile1) {
-    for (int64_t tile = tile0; tile < tile1 && tile * 16 < out; tile++) {
+                                       int64_t col, int64_t out, float s, const float *t) {
+    for (int64_t tile = 0; tile * 16 < out; tile++) {
         const char *tb = (const char *)Bt + tile * q8_tile_bytes(16);
         const float *sb = (const float *)tb;
         const int8_t *b = (const int8_t *)(tb + 16 * sizeof(float));
@@ -1350,39 +1345,39 @@ static void lora_a(const float *x, int64_t K, const int64_t *rows, int64_t n, co
 }
 
 static void lora_b(float *y, int64_t width, const int64_t *rows, int64_t n, const void *Bt, int fmt, int64_t r,
-                   int64_t col, int64_t out, float s, const float *t, int64_t tile0, int64_t tile1) {
+                   int64_t col, int64_t out, float s, const float *t) {
     if (fmt == 2) {
 #ifdef HAVE_X86
         if (r == 16 && simd_level() == 2) {
-            lora_b_q8_avx512(y, width, rows, n, Bt, col, out, s, t, tile0, tile1);
+            lora_b_q8_avx512(y, width, rows, n, Bt, col, out, s, t);
             return;
         }
         if (r == 16 && simd_level() == 1) {
-            lora_b_q8_avx2(y, width, rows, n, Bt, col, out, s, t, tile0, tile1);
+            lora_b_q8_avx2(y, width, rows, n, Bt, col, out, s, t);
             return;
         }
 #endif
-        lora_b_q8_portable(y, width, rows, n, Bt, r, col, out, s, t, tile0, tile1);
+        lora_b_q8_portable(y, width, rows, n, Bt, r, col, out, s, t);
         return;
     }
 #ifdef HAVE_X86
     if (r == 16 && simd_level() == 2) {
-        lora_b_avx512(y, width, rows, n, Bt, fmt, col, out, s, t, tile0, tile1);
+        lora_b_avx512(y, width, rows, n, Bt, fmt, col, out, s, t);
         return;
     }
     if (r == 16 && simd_level() == 1) {
-        lora_b_avx2(y, width, rows, n, Bt, fmt, col, out, s, t, tile0, tile1);
+        lora_b_avx2(y, width, rows, n, Bt, fmt, col, out, s, t);
         return;
     }
 #endif
-    lora_b_portable(y, width, rows, n, Bt, fmt, r, col, out, s, t, tile0, tile1);
+    lora_b_portable(y, width, rows, n, Bt, fmt, r, col, out, s, t);
 }
 
 static void lora_rows(const float *x, int64_t K, float *y, int64_t width, const int64_t *rows, int64_t n,
                       const void *AT, const void *Bt, int fmt, int64_t r, int64_t col, int64_t out, float s,
                       float *scratch) {
     lora_a(x, K, rows, n, AT, fmt, r, scratch);
-    lora_b(y, width, rows, n, Bt, fmt, r, col, out, s, scratch, 0, (out + 15) / 16);
+    lora_b(y, width, rows, n, Bt, fmt, r, col, out, s, scratch);
 }
 
 /* lora_rows on its own (tests): y [*, width] fp32 gets the LoRA of rows[n] of x [*, K], A^T and B tiles packed

@@ -293,6 +293,8 @@ def quantize_lora_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w [n, m] -> (codes [n, m] int8, scales [n] fp32): a scale per row, its largest magnitude / 127 (1 for a
     row of zeros), codes round(w / scale)."""
     w = w.float()
+    if not torch.isfinite(w).all():
+        raise ValueError("the LoRA has non-finite weights")
     scales = w.abs().amax(dim=1) / 127.0
     scales = torch.where(scales > 0, scales, torch.ones_like(scales))
     return torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8), scales

@@ -363,7 +363,8 @@ def summarize(runs, prompts, times, outputs, stats, n, engine, ks, model_dir, se
     results = rows(list(range(len(prompts))))
     report = {
         "model": model_dir, "machine": machine(),
-        "dtype": engine.weights_dtype, "sat_lora": engine.config.sat_lora if engine.adapter is not None else None,
+        "dtype": engine.weights_dtype,
+        "sat_lora": engine.config.sat_lora if engine.adapter is not None and engine.config.dtype == "int4" else None,
         "forward": engine.config.forward if engine.lean is not None else "transformers",
         "device": str(engine.device), "compile": engine.compiled.report() if engine.compiled is not None else None,
         "prompts": len(prompts), "max_new_tokens": n, "results": results,

@@ -270,12 +270,17 @@ def test_a_sat_rows_logits_do_not_depend_on_the_other_sat_rows(count_tokenizer, 
         seq = engine.running[0]
         out[fmt] = [engine._forward([seq], [chunk])[0][0] for chunk in
                     ([seq.cur, 5, 32, 33, 34], [seq.cur, 5, 32], [seq.cur, 5])]  # 3, 1 and no SAT rows
-    many, one, plain = out[sat_lora]
+        scale, plan.lora_scale = plan.lora_scale, 0.0  # the same forward with the LoRA adding nothing
+        out[fmt].append(engine._forward([seq], [[seq.cur, 5, 32, 33, 34]])[0][0])
+        plan.lora_scale = scale
+    many, one, plain, skipped = out[sat_lora]
     assert torch.equal(many[:2], plain) and torch.equal(one[:2], plain)
     assert torch.equal(one[2], many[2])  # the first SAT row alone or beside two more
     assert not torch.equal(many[2], many[3])  # (the SAT rows differ: the check has teeth)
     other = out["weights" if sat_lora == "int8" else "int8"][0]
     assert torch.equal(other[:2], many[:2]) and not torch.equal(other[2:], many[2:])
+    # int8 codes move a SAT row's logits little against what the LoRA itself moves them
+    assert (other[2:] - many[2:]).abs().max() < 0.1 * (skipped[2:] - many[2:]).abs().max()
 
 
 PROMPTS = [[1, 2, 3, 4], [8, 10, 12], [20, 21, 22, 23, 24, 1, 2, 3]]
