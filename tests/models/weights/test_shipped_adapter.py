@@ -19,9 +19,10 @@ from models.weights.chat import code_task_messages, encode_chat
 # Set from the measured value on this fixed set (see the README's performance section): a regression in
 # training, the layout or the engine shows up as a drop below it.
 # k=3 on 3 chat-form HumanEval prompts, 64 tokens, fp32, ignore_eos. Fused: measured 0.87 with round 1's adapter,
-# 1.03 with round 2's (Intel Xeon host) and round 3's, 1.08 with round 4's (AMD EPYC Zen 4 host); two-step: 1.25
-# with round 4's (the same host). The margin is for hosts whose library ops round differently.
-ACCEPTED_FLOOR = {"sdsat-fused": 0.95, "sdsat": 1.15,
+# 1.03 with round 2's (Intel Xeon host) and round 3's, 1.08 with round 4's, 1.22 with round 5's (AMD EPYC Zen 4
+# host); two-step: 1.25 with round 4's, 1.15 with round 5's (the same host: these 3 prompts went down while the 12
+# held-out tasks of the manifest went up, 1.39 -> 1.44). The margin is for hosts whose library ops round differently.
+ACCEPTED_FLOOR = {"sdsat-fused": 1.1, "sdsat": 1.05,
                   "mlp": 0.7}  # int4 k=3 on 4 chat-form HumanEval prompts, 64 tokens: measured 0.91 (AMD EPYC host)
 
 
