@@ -489,9 +489,9 @@ def load_serve_config(path: str | None) -> tuple[dict, dict]:
 
 
 def start_service(config: str | None, host: str | None = None, port: int | None = None, address: str | None = None,
-                  object_store_mb: int = 512) -> str:
+                  object_store_mb: int = 512, on_sigterm=None) -> str:
     """Start the service as `sdsat serve` does (a local Ray unless `address` names a cluster, Serve, the app);
-    its base URL."""
+    its base URL. on_sigterm: a SIGTERM handler to set again once Ray has set its own."""
     import ray
     from ray import serve
 
@@ -504,20 +504,33 @@ def start_service(config: str | None, host: str | None = None, port: int | None 
     if not ray.is_initialized():
         ray.init(address=address, object_store_memory=object_store_mb * 2**20 if address in (None, "local") else None,
                  include_dashboard=False, log_to_driver=False)
+        if on_sigterm is not None:  # ray.init's handler dumps a stack and aborts, leaving Serve up
+            import signal
+
+            signal.signal(signal.SIGTERM, on_sigterm)
     serve.start(http_options={"host": host, "port": port, "request_timeout_s": http.get("request_timeout_s")})
     serve.run(build_app(app_config), name="sdsat", route_prefix="/", blocking=False)
     return f"http://{host}:{port}"
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
     import time
 
     import ray
     from ray import serve
 
-    url = start_service(args.config, args.host, args.port, args.address, args.object_store_mb)
-    print(f"SDSAT service ready at {url}  (OpenAI API under /v1; Ctrl-C stops it)", flush=True)
+    # SIGTERM (systemd, Kubernetes, `kill`) stops it as Ctrl-C does, from the start on (set again after ray.init,
+    # whose own handler would dump a stack and abort the process without shutting Serve down)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
+        url = start_service(args.config, args.host, args.port, args.address, args.object_store_mb,
+                            on_sigterm=_interrupt)
+        print(f"SDSAT service ready at {url}  (OpenAI API under /v1; Ctrl-C or SIGTERM stops it)", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
