@@ -1069,80 +1069,126 @@ int sdsat_q8_linear(const float *x, int64_t M, int64_t K, const uint8_t *codes, 
  * tiles [ceil(out / 16)][r][16] (Q4Plan packs them, zero-padded): each weight stream is read once, front to
  * back, and the vector lanes run over A's r outputs and over B's 16 outputs of a tile. Stage A: t[j] is four
  * fmaf chains over k (k % 4 = 0..3, k ascending; four so the FMAs overlap) summed (c0 + c1) + (c2 + c3).
- * Stage B, tile by tile: d[o] one chain over j ascending; then y + d * s. The vector paths (r = 16) and the
- * portable one compute the same operations in the same order: the same bits on every host, and a row's
- * result does not depend on which other rows or tiles a call computes. */
-static void lora_a_portable(const float *x, int64_t K, const int64_t *rows, int64_t n, const void *AT, int bf16,
+ * Stage B, tile by tile: d[o] one chain over j ascending; then y + d * s.
+ * fmt: the weights' format, 0 fp32, 1 bf16, 2 int8 codes with a scale per output (its largest magnitude / 127):
+ * A^T as [r fp32 scales][K][r] codes, B as tiles of [16 fp32 scales][r][16] codes. The chains run over the
+ * codes; then t[j] * sa[j], and y + (d * sb[o]) * s. Half the bytes of bf16: a SAT row's LoRA is a stream of
+ * weights, and the forward around it already reads memory as fast as the host gives it.
+ * The vector paths (r = 16) and the portable one compute the same operations in the same order: the same bits on
+ * every host, and a row's result does not depend on which other rows a call computes. */
+static inline const void *lora_a_weights(const void *AT, int fmt, int64_t r) {  /* past int8's scales */
+    return fmt == 2 ? (const void *)((const float *)AT + r) : AT;
+}
+
+/* B's tile `tile`: its r x 16 weights; *scales its 16 scales (int8) or NULL */
+static inline const void *lora_b_tile(const void *Bt, int fmt, int64_t r, int64_t tile, const float **scales) {
+    if (fmt == 2) {
+        const char *tb = (const char *)Bt + tile * (16 * (int64_t)sizeof(float) + r * 16);
+        *scales = (const float *)tb;
+        return tb + 16 * sizeof(float);
+    }
+    *scales = NULL;
+    return (const char *)Bt + (size_t)(tile * r * 16) * (fmt ? sizeof(uint16_t) : sizeof(float));
+}
+
+static inline float lora_weight(const void *w, int fmt, int64_t i) {
+    return fmt == 2 ? (float)((const int8_t *)w)[i] : weight_at(w, fmt, i);
+}
+
+static void lora_a_portable(const float *x, int64_t K, const int64_t *rows, int64_t n, const void *AT, int fmt,
                             int64_t r, float *t) {
+    const void *a = lora_a_weights(AT, fmt, r);
     for (int64_t i = 0; i < n; i++) {
         float *ti = t + i * r;
         const float *xi = x + rows[i] * K;
         for (int64_t j = 0; j < r; j++) {
             float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            for (int64_t k = 0; k < K; k++) c[k % 4] = fmaf(xi[k], weight_at(AT, bf16, k * r + j), c[k % 4]);
+            for (int64_t k = 0; k < K; k++) c[k % 4] = fmaf(xi[k], lora_weight(a, fmt, k * r + j), c[k % 4]);
             ti[j] = (c[0] + c[1]) + (c[2] + c[3]);
+            if (fmt == 2) ti[j] *= ((const float *)AT)[j];
         }
     }
 }
 
-static void lora_b_portable(float *y, int64_t width, const int64_t *rows, int64_t n, const void *Bt, int bf16,
+static void lora_b_portable(float *y, int64_t width, const int64_t *rows, int64_t n, const void *Bt, int fmt,
                             int64_t r, int64_t col, int64_t out, float s, const float *t) {
     for (int64_t i = 0; i < n; i++) {
         const float *ti = t + i * r;
         for (int64_t o = 0; o < out; o++) {
-            const int64_t tile = o / 16, lane = o % 16;
+            const int64_t lane = o % 16;
+            const float *sb;
+            const void *b = lora_b_tile(Bt, fmt, r, o / 16, &sb);
             float d = 0.0f;
-            for (int64_t j = 0; j < r; j++) d = fmaf(ti[j], weight_at(Bt, bf16, (tile * r + j) * 16 + lane), d);
-            y[rows[i] * width + col + o] += d * s;
+            for (int64_t j = 0; j < r; j++) d = fmaf(ti[j], lora_weight(b, fmt, j * 16 + lane), d);
+            y[rows[i] * width + col + o] += (sb ? d * sb[lane] : d) * s;
         }
     }
 }
 
 #ifdef HAVE_X86
+__attribute__((target("avx512f"))) static inline __m512 lora_load16(const void *w, int fmt, int64_t offset) {
+    if (fmt == 2)
+        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)w + offset))));
+    return load16(w, fmt, offset);
+}
+
 __attribute__((target("avx512f"))) static void lora_a_avx512(const float *x, int64_t K, const int64_t *rows,
-                                                             int64_t n, const void *AT, int bf16, float *t) {
+                                                             int64_t n, const void *AT, int fmt, float *t) {
+    const void *a = lora_a_weights(AT, fmt, 16);
     for (int64_t i0 = 0; i0 < n; i0 += 4) {  /* up to 4 rows share each 16-wide row of A^T */
         const int64_t ni = n - i0 < 4 ? n - i0 : 4;
         __m512 acc[4][4];  /* [row][k % 4]: four independent chains per row, so the FMAs overlap */
         for (int m = 0; m < 4; m++)
             for (int c = 0; c < 4; c++) acc[m][c] = _mm512_setzero_ps();
         for (int64_t k = 0; k < K; k++) {
-            const __m512 w = load16(AT, bf16, k * 16);
+            const __m512 w = lora_load16(a, fmt, k * 16);
             for (int m = 0; m < ni; m++)
                 acc[m][k % 4] = _mm512_fmadd_ps(_mm512_set1_ps(x[rows[i0 + m] * K + k]), w, acc[m][k % 4]);
         }
-        for (int m = 0; m < ni; m++)
-            _mm512_storeu_ps(t + (i0 + m) * 16, _mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]),
-                                                              _mm512_add_ps(acc[m][2], acc[m][3])));
+        for (int m = 0; m < ni; m++) {
+            __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]), _mm512_add_ps(acc[m][2], acc[m][3]));
+            if (fmt == 2) sum = _mm512_mul_ps(sum, _mm512_loadu_ps((const float *)AT));
+            _mm512_storeu_ps(t + (i0 + m) * 16, sum);
+        }
     }
 }
 
 __attribute__((target("avx512f"))) static void lora_b_avx512(float *y, int64_t width, const int64_t *rows,
-                                                             int64_t n, const void *Bt, int bf16, int64_t col,
+                                                             int64_t n, const void *Bt, int fmt, int64_t col,
                                                              int64_t out, float s, const float *t) {
     const __m512 sv = _mm512_set1_ps(s);
-    for (int64_t tile = 0; tile * 16 < out; tile++) {  /* one 16 x 16 tile (512 bytes in bf16) */
+    for (int64_t tile = 0; tile * 16 < out; tile++) {  /* one 16 x 16 tile (512 bytes in bf16) at a time */
         const int64_t nn = out - tile * 16 < 16 ? out - tile * 16 : 16;
         const __mmask16 keep = (__mmask16)((1u << nn) - 1u);
+        const float *sb;
+        const void *b = lora_b_tile(Bt, fmt, 16, tile, &sb);
         for (int64_t i = 0; i < n; i++) {
             __m512 d = _mm512_setzero_ps();
             for (int j = 0; j < 16; j++)
-                d = _mm512_fmadd_ps(_mm512_set1_ps(t[i * 16 + j]), load16(Bt, bf16, (tile * 16 + j) * 16), d);
+                d = _mm512_fmadd_ps(_mm512_set1_ps(t[i * 16 + j]), lora_load16(b, fmt, j * 16), d);
+            if (sb) d = _mm512_mul_ps(d, _mm512_loadu_ps(sb));
             float *yo = y + rows[i] * width + col + tile * 16;
             _mm512_mask_storeu_ps(yo, keep, _mm512_add_ps(_mm512_maskz_loadu_ps(keep, yo), _mm512_mul_ps(d, sv)));
         }
     }
 }
 
+AVX2_TARGET static inline __m256 lora_load8(const void *w, int fmt, int64_t offset) {
+    if (fmt == 2)
+        return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)w + offset))));
+    return load8(w, fmt, offset);
+}
+
 AVX2_TARGET static void lora_a_avx2(const float *x, int64_t K, const int64_t *rows, int64_t n, const void *AT,
-                                    int bf16, float *t) {
+                                    int fmt, float *t) {
+    const void *a = lora_a_weights(AT, fmt, 16);
     for (int64_t i0 = 0; i0 < n; i0 += 2) {  /* lanes 0-7 and 8-15 of lora_a_avx512, 2 rows at a time */
         const int64_t ni = n - i0 < 2 ? n - i0 : 2;
         __m256 lo[2][4], hi[2][4];
         for (int m = 0; m < 2; m++)
             for (int c = 0; c < 4; c++) lo[m][c] = hi[m][c] = _mm256_setzero_ps();
         for (int64_t k = 0; k < K; k++) {
-            const __m256 wl = load8(AT, bf16, k * 16), wh = load8(AT, bf16, k * 16 + 8);
+            const __m256 wl = lora_load8(a, fmt, k * 16), wh = lora_load8(a, fmt, k * 16 + 8);
             for (int m = 0; m < ni; m++) {
                 const __m256 xv = _mm256_set1_ps(x[rows[i0 + m] * K + k]);
                 lo[m][k % 4] = _mm256_fmadd_ps(xv, wl, lo[m][k % 4]);
@@ -1150,187 +1196,43 @@ AVX2_TARGET static void lora_a_avx2(const float *x, int64_t K, const int64_t *ro
             }
         }
         for (int m = 0; m < ni; m++) {
-            _mm256_storeu_ps(t + (i0 + m) * 16, _mm256_add_ps(_mm256_add_ps(lo[m][0], lo[m][1]),
-                                                              _mm256_add_ps(lo[m][2], lo[m][3])));
-            _mm256_storeu_ps(t + (i0 + m) * 16 + 8, _mm256_add_ps(_mm256_add_ps(hi[m][0], hi[m][1]),
-                                                                  _mm256_add_ps(hi[m][2], hi[m][3])));
+            __m256 sl = _mm256_add_ps(_mm256_add_ps(lo[m][0], lo[m][1]), _mm256_add_ps(lo[m][2], lo[m][3]));
+            __m256 sh = _mm256_add_ps(_mm256_add_ps(hi[m][0], hi[m][1]), _mm256_add_ps(hi[m][2], hi[m][3]));
+            if (fmt == 2) {
+                sl = _mm256_mul_ps(sl, _mm256_loadu_ps((const float *)AT));
+                sh = _mm256_mul_ps(sh, _mm256_loadu_ps((const float *)AT + 8));
+            }
+            _mm256_storeu_ps(t + (i0 + m) * 16, sl);
+            _mm256_storeu_ps(t + (i0 + m) * 16 + 8, sh);
         }
     }
 }
 
 AVX2_TARGET static void lora_b_avx2(float *y, int64_t width, const int64_t *rows, int64_t n, const void *Bt,
-                                    int bf16, int64_t col, int64_t out, float s, const float *t) {
+                                    int fmt, int64_t col, int64_t out, float s, const float *t) {
     for (int64_t tile = 0; tile * 16 < out; tile++) {
         const int64_t nn = out - tile * 16 < 16 ? out - tile * 16 : 16;
+        const float *sb;
+        const void *b = lora_b_tile(Bt, fmt, 16, tile, &sb);
         for (int64_t i = 0; i < n; i++) {
             __m256 dl = _mm256_setzero_ps(), dh = _mm256_setzero_ps();
             for (int j = 0; j < 16; j++) {
                 const __m256 tv = _mm256_set1_ps(t[i * 16 + j]);
-                dl = _mm256_fmadd_ps(tv, load8(Bt, bf16, (tile * 16 + j) * 16), dl);
-                dh = _mm256_fmadd_ps(tv, load8(Bt, bf16, (tile * 16 + j) * 16 + 8), dh);
+                dl = _mm256_fmadd_ps(tv, lora_load8(b, fmt, j * 16), dl);
+                dh = _mm256_fmadd_ps(tv, lora_load8(b, fmt, j * 16 + 8), dh);
             }
             float d[16];
             _mm256_storeu_ps(d, dl);
             _mm256_storeu_ps(d + 8, dh);
             float *yo = y + rows[i] * width + col + tile * 16;
-            for (int64_t o = 0; o < nn; o++) yo[o] += d[o] * s;
-        }
-    }
-}
-#endif
-
-/* The same LoRA with int8 weights (format 2; Q4Plan packs them): A^T as [r fp32 scales][K][r] codes, B as tiles
- * of [16 fp32 scales][r][16] codes, a scale per output of A and per output of B (its largest magnitude / 127).
- * Stage A: the four chains over the codes, then t[j] = ((c0 + c1) + (c2 + c3)) * sa[j]. Stage B: d[o] over the
- * codes, then y + (d * sb[o]) * s. Half the bytes of bf16: a SAT row's LoRA is a stream of weights, and the
- * forward around it already reads memory as fast as the host gives it. */
-static inline int64_t q8_tile_bytes(int64_t r) { return 16 * (int64_t)sizeof(float) + r * 16; }
-
-static void lora_a_q8_portable(const float *x, int64_t K, const int64_t *rows, int64_t n, const void *AT, int64_t r,
-                               float *t) {
-    const float *sa = AT;
-    const int8_t *a = (const int8_t *)(sa + r);
-    for (int64_t i = 0; i < n; i++) {
-        const float *xi = x + rows[i] * K;
-        for (int64_t j = 0; j < r; j++) {
-            float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            for (int64_t k = 0; k < K; k++) c[k % 4] = fmaf(xi[k], (float)a[k * r + j], c[k % 4]);
-            t[i * r + j] = ((c[0] + c[1]) + (c[2] + c[3])) * sa[j];
-        }
-    }
-}
-
-static void lora_b_q8_portable(float *y, int64_t width, const int64_t *rows, int64_t n, const void *Bt, int64_t r,
-                               int64_t col, int64_t out, float s, const float *t) {
-    for (int64_t i = 0; i < n; i++)
-        for (int64_t o = 0; o < out; o++) {
-            const char *tb = (const char *)Bt + (o / 16) * q8_tile_bytes(r);
-            const float *sb = (const float *)tb;
-            const int8_t *b = (const int8_t *)(tb + 16 * sizeof(float));
-            float d = 0.0f;
-            for (int64_t j = 0; j < r; j++) d = fmaf(t[i * r + j], (float)b[j * 16 + o % 16], d);
-            y[rows[i] * width + col + o] += (d * sb[o % 16]) * s;
-        }
-}
-
-#ifdef HAVE_X86
-__attribute__((target("avx512f"))) static inline __m512 codes16(const int8_t *p) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
-}
-
-__attribute__((target("avx512f"))) static void lora_a_q8_avx512(const float *x, int64_t K, const int64_t *rows,
-                                                                int64_t n, const void *AT, float *t) {
-    const float *sa = AT;
-    const int8_t *a = (const int8_t *)(sa + 16);
-    for (int64_t i0 = 0; i0 < n; i0 += 4) {
-        const int64_t ni = n - i0 < 4 ? n - i0 : 4;
-        __m512 acc[4][4];
-        for (int m = 0; m < 4; m++)
-            for (int c = 0; c < 4; c++) acc[m][c] = _mm512_setzero_ps();
-        for (int64_t k = 0; k < K; k++) {
-            const __m512 w = codes16(a + k * 16);
-            for (int m = 0; m < ni; m++)
-                acc[m][k % 4] = _mm512_fmadd_ps(_mm512_set1_ps(x[rows[i0 + m] * K + k]), w, acc[m][k % 4]);
-        }
-        for (int m = 0; m < ni; m++)
-            _mm512_storeu_ps(t + (i0 + m) * 16, _mm512_mul_ps(_mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]),
-                                                                            _mm512_add_ps(acc[m][2], acc[m][3])),
-                                                              _mm512_loadu_ps(sa)));
-    }
-}
-
-__attribute__((target("avx512f"))) static void lora_b_q8_avx512(float *y, int64_t width, const int64_t *rows,
-                                                                int64_t n, const void *Bt, int64_t col, int64_t out,
-                                                                float s, const float *t) {
-    const __m512 sv = _mm512_set1_ps(s);
-    for (int64_t tile = 0; tile * 16 < out; tile++) {
-        const char *tb = (const char *)Bt + tile * q8_tile_bytes(16);
-        const __m512 sb = _mm512_loadu_ps((const float *)tb);
-        const int8_t *b = (const int8_t *)(tb + 16 * sizeof(float));
-        const int64_t nn = out - tile * 16 < 16 ? out - tile * 16 : 16;
-        const __mmask16 keep = (__mmask16)((1u << nn) - 1u);
-        for (int64_t i = 0; i < n; i++) {
-            __m512 d = _mm512_setzero_ps();
-            for (int j = 0; j < 16; j++) d = _mm512_fmadd_ps(_mm512_set1_ps(t[i * 16 + j]), codes16(b + j * 16), d);
-            float *yo = y + rows[i] * width + col + tile * 16;
-            _mm512_mask_storeu_ps(yo, keep, _mm512_add_ps(_mm512_maskz_loadu_ps(keep, yo),
-                                                          _mm512_mul_ps(_mm512_mul_ps(d, sb), sv)));
-        }
-    }
-}
-
-AVX2_TARGET static inline __m256 codes8(const int8_t *p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
-}
-
-AVX2_TARGET static void lora_a_q8_avx2(const float *x, int64_t K, const int64_t *rows, int64_t n, const void *AT,
-                                       float *t) {
-    const float *sa = AT;
-    const int8_t *a = (const int8_t *)(sa + 16);
-    for (int64_t i0 = 0; i0 < n; i0 += 2) {  /* lanes 0-7 and 8-15 of lora_a_q8_avx512, 2 rows at a time */
-        const int64_t ni = n - i0 < 2 ? n - i0 : 2;
-        __m256 lo[2][4], hi[2][4];
-        for (int m = 0; m < 2; m++)
-            for (int c = 0; c < 4; c++) lo[m][c] = hi[m][c] = _mm256_setzero_ps();
-        for (int64_t k = 0; k < K; k++) {
-            const __m256 wl = codes8(a + k * 16), wh = codes8(a + k * 16 + 8);
-            for (int m = 0; m < ni; m++) {
-                const __m256 xv = _mm256_set1_ps(x[rows[i0 + m] * K + k]);
-                lo[m][k % 4] = _mm256_fmadd_ps(xv, wl, lo[m][k % 4]);
-                hi[m][k % 4] = _mm256_fmadd_ps(xv, wh, hi[m][k % 4]);
-            }
-        }
-        for (int m = 0; m < ni; m++) {
-            _mm256_storeu_ps(t + (i0 + m) * 16, _mm256_mul_ps(_mm256_add_ps(_mm256_add_ps(lo[m][0], lo[m][1]),
-                                                                            _mm256_add_ps(lo[m][2], lo[m][3])),
-                                                              _mm256_loadu_ps(sa)));
-            _mm256_storeu_ps(t + (i0 + m) * 16 + 8,
-                             _mm256_mul_ps(_mm256_add_ps(_mm256_add_ps(hi[m][0], hi[m][1]),
-                                                         _mm256_add_ps(hi[m][2], hi[m][3])), _mm256_loadu_ps(sa + 8)));
-        }
-    }
-}
-
-AVX2_TARGET static void lora_b_q8_avx2(float *y, int64_t width, const int64_t *rows, int64_t n, const void *Bt,
-                                       int64_t col, int64_t out, float s, const float *t) {
-    for (int64_t tile = 0; tile * 16 < out; tile++) {
-        const char *tb = (const char *)Bt + tile * q8_tile_bytes(16);
-        const float *sb = (const float *)tb;
-        const int8_t *b = (const int8_t *)(tb + 16 * sizeof(float));
-        const int64_t nn = out - tile * 16 < 16 ? out - tile * 16 : 16;
-        for (int64_t i = 0; i < n; i++) {
-            __m256 dl = _mm256_setzero_ps(), dh = _mm256_setzero_ps();
-            for (int j = 0; j < 16; j++) {
-                const __m256 tv = _mm256_set1_ps(t[i * 16 + j]);
-                dl = _mm256_fmadd_ps(tv, codes8(b + j * 16), dl);
-                dh = _mm256_fmadd_ps(tv, codes8(b + j * 16 + 8), dh);
-            }
-            float d[16];
-            _mm256_storeu_ps(d, dl);
-            _mm256_storeu_ps(d + 8, dh);
-            float *yo = y + rows[i] * width + col + tile * 16;
-            for (int64_t o = 0; o < nn; o++) yo[o] += (d[o] * sb[o]) * s;
+            for (int64_t o = 0; o < nn; o++) yo[o] += (sb ? d[o] * sb[o] : d[o]) * s;
         }
     }
 }
 #endif
 
 static void lora_a(const float *x, int64_t K, const int64_t *rows, int64_t n, const void *AT, int fmt, int64_t r,
-                   float *t) {  /* fmt: the weights' format, 0 fp32, 1 bf16, 2 int8 */
-    if (fmt == 2) {
-#ifdef HAVE_X86
-        if (r == 16 && simd_level() == 2) {
-            lora_a_q8_avx512(x, K, rows, n, AT, t);
-            return;
-        }
-        if (r == 16 && simd_level() == 1) {
-            lora_a_q8_avx2(x, K, rows, n, AT, t);
-            return;
-        }
-#endif
-        lora_a_q8_portable(x, K, rows, n, AT, r, t);
-        return;
-    }
+                   float *t) {
 #ifdef HAVE_X86
     if (r == 16 && simd_level() == 2) {
         lora_a_avx512(x, K, rows, n, AT, fmt, t);
@@ -1346,20 +1248,6 @@ static void lora_a(const float *x, int64_t K, const int64_t *rows, int64_t n, co
 
 static void lora_b(float *y, int64_t width, const int64_t *rows, int64_t n, const void *Bt, int fmt, int64_t r,
                    int64_t col, int64_t out, float s, const float *t) {
-    if (fmt == 2) {
-#ifdef HAVE_X86
-        if (r == 16 && simd_level() == 2) {
-            lora_b_q8_avx512(y, width, rows, n, Bt, col, out, s, t);
-            return;
-        }
-        if (r == 16 && simd_level() == 1) {
-            lora_b_q8_avx2(y, width, rows, n, Bt, col, out, s, t);
-            return;
-        }
-#endif
-        lora_b_q8_portable(y, width, rows, n, Bt, r, col, out, s, t);
-        return;
-    }
 #ifdef HAVE_X86
     if (r == 16 && simd_level() == 2) {
         lora_b_avx512(y, width, rows, n, Bt, fmt, col, out, s, t);
