@@ -300,22 +300,25 @@ def quantize_lora_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8), scales
 
 
+def _tiles(b: torch.Tensor) -> torch.Tensor:
+    """B [out, r] as kernels.c's tiles [ceil(out / 16), r, 16], zero rows padding the last."""
+    out, rank = b.shape
+    padded = torch.zeros(-(-out // 16) * 16, rank, dtype=b.dtype)
+    padded[:out] = b
+    return padded.view(-1, 16, rank).transpose(1, 2).contiguous()
+
+
 def _pack_int8(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One part as bytes (kernels.c's format 2): A as [r fp32 scales][K][r] codes; B as tiles of [16 fp32 scales
-    (one per output)][r][16] codes, zero rows padding the last tile."""
-    rank, out = a.shape[0], b.shape[0]
+    (one per output; 1 for padding)][r][16] codes."""
     codes, scales = quantize_lora_int8(a)  # a scale per output of A
     at = torch.cat([scales.view(torch.uint8), codes.t().contiguous().view(torch.uint8).reshape(-1)])
-    tiles = -(-out // 16)
     bc, bs = quantize_lora_int8(b)  # a scale per output of B
-    padded_c = torch.zeros(tiles * 16, rank, dtype=torch.int8)
-    padded_c[:out] = bc
-    padded_s = torch.ones(tiles * 16, dtype=torch.float32)
-    padded_s[:out] = bs
-    blocks = [torch.cat([padded_s[16 * t : 16 * t + 16].view(torch.uint8),
-                         padded_c[16 * t : 16 * t + 16].t().contiguous().view(torch.uint8).reshape(-1)])
-              for t in range(tiles)]
-    return at, torch.cat(blocks)
+    tiles = _tiles(bc)  # [tiles, r, 16]
+    padded = torch.ones(tiles.shape[0] * 16, dtype=torch.float32)
+    padded[: b.shape[0]] = bs
+    bt = torch.cat([padded.view(-1, 16).view(torch.uint8), tiles.view(torch.uint8).reshape(tiles.shape[0], -1)], dim=1)
+    return at, bt.reshape(-1)
 
 
 def pack_lora(lora: list[list[torch.Tensor | None]], int8: bool = False) -> list[list[torch.Tensor | None]]:
@@ -333,10 +336,7 @@ def pack_lora(lora: list[list[torch.Tensor | None]], int8: bool = False) -> list
             if int8:
                 parts += list(_pack_int8(a, b))
                 continue
-            rank, out = a.shape[0], b.shape[0]
-            tiles = torch.zeros(-(-out // 16) * 16, rank, dtype=b.dtype)
-            tiles[:out] = b
-            parts += [a.t().contiguous(), tiles.view(-1, 16, rank).transpose(1, 2).contiguous()]
+            parts += [a.t().contiguous(), _tiles(b)]
     flat = torch.cat([t.reshape(-1) for t in parts if t is not None])  # one block: a single sequential stream
     views, offset = [], 0
     for t in parts:

@@ -33,22 +33,21 @@ ADAPTER = AdapterTrainConfig(k_train=5, rank=16, alpha=32.0, labels="kl", anchor
 # Rounds of training, each on its own fresh data (the next prompts of the same seeded order, so no prompt is
 # seen twice) and started from the previous round's adapter under a fresh, gentler schedule. Round 1 is the
 # first shipped adapter; a later session adds a round and resumes the shipped one (--from-shipped).
+LATER = replace(ADAPTER, lr=1e-3, embedding_lr=2.5e-3, warmup_steps=10, eval_every=40, snapshot_every=80)
+
+
+def later_round(index: int, max_steps: int) -> tuple[dict, AdapterTrainConfig]:
+    """Round `index` (2, 3, ...): the prompts after the earlier rounds' in the seeded order, LATER's schedule."""
+    return (dict(DATA, skip_chat=(index - 1) * DATA["chat"], skip_completion=(index - 1) * DATA["completion"]),
+            replace(LATER, max_steps=max_steps))
+
+
 ROUNDS = [
     (DATA, ADAPTER),
-    (dict(DATA, skip_chat=1024, skip_completion=512),
-     replace(ADAPTER, max_steps=480, lr=1e-3, embedding_lr=2.5e-3, warmup_steps=10, eval_every=40,
-             snapshot_every=80)),
-    (dict(DATA, skip_chat=2048, skip_completion=1024),
-     replace(ADAPTER, max_steps=480, lr=1e-3, embedding_lr=2.5e-3, warmup_steps=10, eval_every=40,
-             snapshot_every=80)),
-    # round 4: a shorter schedule (360 steps), so that its training fit the session beside the tests
-    (dict(DATA, skip_chat=3072, skip_completion=1536),
-     replace(ADAPTER, max_steps=360, lr=1e-3, embedding_lr=2.5e-3, warmup_steps=10, eval_every=40,
-             snapshot_every=80)),
-    # round 5: the next 1,024 chat and 512 completion prompts, round 4's schedule
-    (dict(DATA, skip_chat=4096, skip_completion=2048),
-     replace(ADAPTER, max_steps=360, lr=1e-3, embedding_lr=2.5e-3, warmup_steps=10, eval_every=40,
-             snapshot_every=80)),
+    later_round(2, 480),
+    later_round(3, 480),
+    later_round(4, 360),  # a shorter schedule (360 steps), so that its training fit the session beside the tests
+    later_round(5, 360),
 ]
 # what a manifest says beyond its figures (a later round keeps the shipped manifest's notes instead)
 NOTES = ["the teacher of the KL loss ran in bf16; the service and the held-out check run in fp32"]
